@@ -1,0 +1,3 @@
+from azwi_netproxy.cli import proxy_main
+
+raise SystemExit(proxy_main())

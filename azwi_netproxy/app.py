@@ -1,0 +1,277 @@
+"""The request handler: imds → router → cache → entra, and THE one place errors become answers.
+
+`dispatch` returns a Response when it can answer without I/O (a cache hit, an error, a
+probe) and a coroutine otherwise, so the server answers hits without creating a task.
+Parsing and routing a request target are pure functions of the target, so their result
+is memoised per target: a repeated token URL costs one dict lookup before the cache.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any, Final
+
+from azwi_netproxy import imds
+from azwi_netproxy.cache import TokenCache
+from azwi_netproxy.errors import (
+    BadRequest,
+    IdentityRejected,
+    MethodNotAllowed,
+    NetproxyError,
+    NotFound,
+    PassthroughRefused,
+    UpstreamError,
+)
+from azwi_netproxy.http11 import Request, Response
+from azwi_netproxy.logs import AccessLog
+from azwi_netproxy.metrics import Metrics
+from azwi_netproxy.passthrough import LOOP_DETECTED, LOOP_HEADER, Passthrough
+from azwi_netproxy.router import Router
+from azwi_netproxy.tokens import CacheKey, Token
+
+log = logging.getLogger(__name__)
+
+_TEXT: Final = b"text/plain; charset=utf-8"
+_MEMO_LIMIT: Final = 2048
+_MEMO_TARGET_BYTES: Final = 1024
+AsyncResponse = Coroutine[Any, Any, Response]
+
+
+@dataclass(frozen=True, slots=True)
+class _Target:
+    """What a request target means, independent of method and headers."""
+
+    route: imds.Route
+    path: str
+    query: str
+    key: CacheKey | None = None
+    client_id: str = ""
+    resource_json: str = ""
+    error: NetproxyError | None = None
+
+
+def error_response(exc: NetproxyError) -> Response:
+    """IMDS-shaped JSON for one of our errors; internal ones never show their text."""
+    if not exc.public:
+        return Response(500, imds.render_error("internal_error", "Internal error in azwi-netproxy"))
+    code = exc.entra_error if isinstance(exc, IdentityRejected) else exc.code
+    headers = None
+    if isinstance(exc, UpstreamError) and exc.retry_after_s is not None:
+        headers = [(b"Retry-After", str(exc.retry_after_s).encode())]
+    return Response(exc.status, imds.render_error(code, str(exc)), headers=headers)
+
+
+class TokenApp:
+    def __init__(
+        self,
+        *,
+        router: Router,
+        cache: TokenCache,
+        endpoint_id: str,
+        passthrough: Passthrough | None,
+        metrics: Metrics,
+        access_log: AccessLog,
+        call_soon: Callable[..., Any],
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._router = router
+        self._cache = cache
+        self._endpoint_id = endpoint_id
+        self._passthrough = passthrough
+        self._metrics = metrics
+        self._access = access_log
+        self._call_soon = call_soon
+        self._clock = clock
+        self._targets: dict[bytes, _Target] = {}
+        # Last rendered body per target: (second, token, body); expires_in changes per second.
+        self._bodies: dict[bytes, tuple[int, Token, bytes]] = {}
+        self.ready = True
+
+    # ---- entry point ----
+    def dispatch(self, request: Request) -> Response | AsyncResponse:
+        started = time.monotonic()
+        target = self._targets.get(request.target)
+        if target is None:
+            target = self._understand(request.target)
+        route = target.route
+        if route is imds.Route.TOKEN:
+            return self._token(request, target, started)
+        if route is imds.Route.READY:
+            response = self._ready(request)
+        elif route is imds.Route.NEAR_MISS:
+            response = error_response(
+                NotFound("Not an instance metadata identity endpoint: refused by azwi-netproxy")
+            )
+        else:
+            return self._passthrough_or_refuse(request, target, started)
+        self._finish(request, response, started, route.value, None, None)
+        return response
+
+    # ---- routes ----
+    def _ready(self, request: Request) -> Response:
+        if request.method not in ("GET", "HEAD"):
+            return error_response(MethodNotAllowed("Method not allowed"))
+        if not self.ready:
+            return Response(503, b"shutting down", _TEXT)
+        return Response(200, b"ok", _TEXT)
+
+    def _token(self, request: Request, target: _Target, started: float) -> Response | AsyncResponse:
+        if request.method not in ("GET", "HEAD"):
+            return self._fail(request, MethodNotAllowed(imds.MSG_METHOD), started, target)
+        metadata: bytes | None = None
+        metadata_count = 0
+        forwarded = False
+        for name, value in request.headers:
+            if name == b"metadata":
+                metadata_count += 1
+                metadata = value
+            elif name == b"x-forwarded-for":
+                forwarded = True
+        # SDK credential chains probe without the header: answer at once, no exchange.
+        if metadata_count != 1 or metadata is None or metadata.strip().lower() != b"true":
+            return self._fail(request, BadRequest(imds.MSG_NO_METADATA), started, target)
+        if forwarded:
+            return self._fail(request, BadRequest(imds.MSG_FORWARDED), started, target)
+        if target.error is not None:
+            return self._fail(request, target.error, started, target)
+        key = target.key
+        assert key is not None
+        hit = self._cache.peek(key)
+        if hit is not None:
+            token, outcome = hit
+            response = Response(200, self._body(request.target, target, token))
+            self._finish(request, response, started, "token", target.client_id, outcome.value)
+            return response
+        return self._token_miss(request, target, key, started)
+
+    async def _token_miss(self, request: Request, target: _Target, key: CacheKey, started: float) -> Response:
+        try:
+            token, outcome = await self._cache.get(key)
+        except NetproxyError as exc:
+            return self._fail(request, exc, started, target)
+        except Exception:
+            log.exception("token request failed", extra={"client_id": target.client_id})
+            return self._fail(request, NetproxyError("internal"), started, target)
+        response = Response(200, self._body(request.target, target, token))
+        self._finish(request, response, started, "token", target.client_id, outcome.value)
+        return response
+
+    def _passthrough_or_refuse(
+        self, request: Request, target: _Target, started: float
+    ) -> Response | AsyncResponse:
+        passthrough = self._passthrough
+        if passthrough is not None and passthrough.is_own_loop(request):
+            # Our own pass-through request came back: answer so the sender can report it.
+            response = Response(
+                508,
+                imds.render_error("loop_detected", "pass-through loop"),
+                headers=[(LOOP_HEADER, LOOP_DETECTED)],
+                close=True,
+            )
+            self._finish(request, response, started, "passthrough", None, None)
+            return response
+        if passthrough is None:
+            return self._fail(
+                request,
+                PassthroughRefused("Pass-through to the instance metadata service is disabled in this pod"),
+                started,
+                target,
+            )
+        return self._forward(passthrough, request, target, started)
+
+    async def _forward(
+        self, passthrough: Passthrough, request: Request, target: _Target, started: float
+    ) -> Response:
+        try:
+            response = await passthrough.forward(request, target.path, target.query)
+        except NetproxyError as exc:
+            if isinstance(exc, UpstreamError):
+                log.warning("pass-through failed", extra={"path": target.path, "error": str(exc)})
+            else:
+                log.error("pass-through failed", extra={"path": target.path, "error": str(exc)})
+            return self._fail(request, exc, started, target)
+        except Exception:
+            log.exception("pass-through failed", extra={"path": target.path})
+            return self._fail(request, NetproxyError("internal"), started, target)
+        self._finish(request, response, started, "passthrough", None, None)
+        return response
+
+    # ---- helpers ----
+    def _understand(self, raw_target: bytes) -> _Target:
+        text = raw_target.decode("latin-1")
+        path, query = imds.split_target(text)
+        route = imds.classify(path)
+        result: _Target
+        if route is not imds.Route.TOKEN:
+            result = _Target(route, path, query)
+        else:
+            try:
+                parsed = imds.parse_token_query(query)
+                identity = self._router.resolve(parsed.selector)
+                key = CacheKey(
+                    self._endpoint_id,
+                    identity.tenant_id,
+                    identity.client_id,
+                    imds.scope_for(parsed.resource),
+                )
+                result = _Target(route, path, query, key, identity.client_id, parsed.resource_json)
+            except NetproxyError as exc:
+                result = _Target(route, path, query, error=exc)
+        if len(raw_target) <= _MEMO_TARGET_BYTES:
+            if len(self._targets) >= _MEMO_LIMIT:
+                self._targets.clear()
+            self._targets[raw_target] = result
+        return result
+
+    def _body(self, raw_target: bytes, target: _Target, token: Token) -> bytes:
+        now = int(self._clock())
+        memo = self._bodies.get(raw_target)
+        if memo is not None and memo[0] == now and memo[1] is token:
+            return memo[2]
+        body = imds.render_token(
+            access_token=token.access_token,
+            client_id=target.client_id,
+            resource_json=target.resource_json,
+            expires_on=token.expires_on,
+            ext_expires_on=token.ext_expires_on,
+            not_before=token.issued_at,
+            token_type=token.token_type,
+            now=now,
+        )
+        if len(self._bodies) >= _MEMO_LIMIT:
+            self._bodies.clear()
+        self._bodies[raw_target] = (now, token, body)
+        return body
+
+    def _fail(self, request: Request, exc: NetproxyError, started: float, target: _Target) -> Response:
+        response = error_response(exc)
+        if not exc.public:
+            log.error("internal error", extra={"error": repr(exc)})
+        self._finish(request, response, started, target.route.value, target.client_id or None, None)
+        return response
+
+    def _finish(
+        self,
+        request: Request,
+        response: Response,
+        started: float,
+        route: str,
+        client_id: str | None,
+        cache: str | None,
+    ) -> None:
+        self._metrics.requests[(route, response.status)] += 1
+        if self._access.enabled:
+            now = time.monotonic()
+            self._access.request(
+                self._call_soon,
+                now=self._clock(),
+                method=request.method,
+                target=request.target,
+                status=response.status,
+                duration_ms=(now - started) * 1000.0,
+                client_id=client_id,
+                cache=cache,
+            )

@@ -1,0 +1,300 @@
+"""Configuration values of both programs, checked once, up front.
+
+Rules:
+1. Everything here is pure: the caller hands in the parsed flags, the environment and a
+   file reader. Nothing reads os.environ or argv here.
+2. Every check raises ConfigError naming the flag or variable, so the CLI can print one
+   clear line and exit 2 before anything is changed.
+3. Secrets never live here (tokens are read from files at exchange time) and the CA data
+   is masked in repr.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import urllib.parse
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Final, Literal
+
+from azwi_netproxy.errors import ConfigError
+from azwi_netproxy.identitymap import IdentityMap, parse_identity_map
+
+Backend = Literal["auto", "nftables", "iptables"]
+InitAction = Literal["install", "dry-run", "check", "cleanup"]
+PassthroughPolicy = Literal["all", "none"]
+
+DEFAULT_PROXY_PORT: Final = 8000
+DEFAULT_PROXY_UID: Final = 1501
+DEFAULT_METADATA_IP: Final = "169.254.169.254"
+DEFAULT_METADATA_PORT: Final = 80
+DEFAULT_AUTHORITY_HOST: Final = "https://login.microsoftonline.com/"
+LOG_LEVELS: Final = ("debug", "info", "warning", "error")
+
+
+def parse_port(value: str | int, name: str) -> int:
+    """A TCP port 1..65535.
+
+    Raises:
+        ConfigError: not a number or out of range.
+    """
+    try:
+        port = int(str(value).strip(), 10)
+    except ValueError:
+        raise ConfigError(f"{name}: {value!r} is not a port number") from None
+    if not 1 <= port <= 65535:
+        raise ConfigError(f"{name}: port {port} is out of range 1-65535")
+    return port
+
+
+def parse_uid(value: str | int, name: str) -> int:
+    """A numeric uid (names cannot be resolved in a distroless pod).
+
+    Raises:
+        ConfigError: not a non-negative number.
+    """
+    text = str(value).strip()
+    if not text.isdigit():
+        raise ConfigError(f"{name}: {value!r} is not a numeric uid")
+    uid = int(text)
+    if uid > 2**32 - 2:
+        raise ConfigError(f"{name}: uid {uid} is out of range")
+    return uid
+
+
+def parse_ipv4(value: str, name: str) -> str:
+    """A dotted IPv4 address.
+
+    Raises:
+        ConfigError: not IPv4.
+    """
+    try:
+        return str(ipaddress.IPv4Address(value.strip()))
+    except ValueError:
+        raise ConfigError(f"{name}: {value!r} is not an IPv4 address") from None
+
+
+def _pick(flag: object, environ: Mapping[str, str], env_name: str, default: object) -> object:
+    """Flags override the environment, which overrides the default."""
+    if flag is not None:
+        return flag
+    value = environ.get(env_name)
+    if value is not None and value.strip() != "":
+        return value
+    return default
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class InitConfig:
+    proxy_port: int = DEFAULT_PROXY_PORT
+    proxy_uid: int = DEFAULT_PROXY_UID
+    metadata_ip: str = DEFAULT_METADATA_IP
+    metadata_port: int = DEFAULT_METADATA_PORT
+    backend: Backend = "auto"
+    action: InitAction = "install"
+    # Fail closed: processes other than the proxy reach METADATA_IP only through the proxy.
+    fail_closed: bool = True
+    log_level: str = "info"
+
+
+def load_init(flags: Mapping[str, object], environ: Mapping[str, str]) -> InitConfig:
+    """Build the init's configuration from parsed flags (None = not given) and environment.
+
+    Raises:
+        ConfigError: any bad value, naming it.
+    """
+    backend = str(flags.get("backend") or "auto")
+    if backend not in ("auto", "nftables", "iptables"):
+        raise ConfigError(f"--backend: {backend!r} is not one of auto, nftables, iptables")
+    action = str(flags.get("action") or "install")
+    if action not in ("install", "dry-run", "check", "cleanup"):
+        raise ConfigError(f"unknown action {action!r}")
+    log_level = str(flags.get("log_level") or "info").lower()
+    if log_level not in LOG_LEVELS:
+        raise ConfigError(f"--log-level: {log_level!r} is not one of {', '.join(LOG_LEVELS)}")
+    proxy_port = parse_port(
+        _pick(flags.get("proxy_port"), environ, "PROXY_PORT", DEFAULT_PROXY_PORT),  # type: ignore[arg-type]
+        "PROXY_PORT" if flags.get("proxy_port") is None else "--proxy-port",
+    )
+    proxy_uid = parse_uid(
+        _pick(flags.get("proxy_uid"), environ, "PROXY_UID", DEFAULT_PROXY_UID),  # type: ignore[arg-type]
+        "PROXY_UID" if flags.get("proxy_uid") is None else "--proxy-uid",
+    )
+    metadata_ip = parse_ipv4(
+        str(_pick(flags.get("metadata_ip"), environ, "METADATA_IP", DEFAULT_METADATA_IP)),
+        "METADATA_IP" if flags.get("metadata_ip") is None else "--metadata-ip",
+    )
+    metadata_port = parse_port(
+        _pick(flags.get("metadata_port"), environ, "METADATA_PORT", DEFAULT_METADATA_PORT),  # type: ignore[arg-type]
+        "METADATA_PORT" if flags.get("metadata_port") is None else "--metadata-port",
+    )
+    return InitConfig(
+        proxy_port=proxy_port,
+        proxy_uid=proxy_uid,
+        metadata_ip=metadata_ip,
+        metadata_port=metadata_port,
+        backend=backend,  # type: ignore[arg-type]
+        action=action,  # type: ignore[arg-type]
+        fail_closed=not bool(flags.get("allow_other_metadata_traffic")),
+        log_level=log_level,
+    )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class IdentityBinding:
+    """AKS identity binding: exchanges go to a cluster-local token proxy over its own TLS."""
+
+    token_proxy_url: str
+    sni_name: str | None = None
+    ca_file: str | None = None
+    ca_data: str | None = field(default=None, repr=False)
+
+    def __repr__(self) -> str:
+        ca = "<inline>" if self.ca_data else None
+        return (
+            f"IdentityBinding(token_proxy_url={self.token_proxy_url!r}, "
+            f"sni_name={self.sni_name!r}, ca_file={self.ca_file!r}, ca_data={ca!r})"
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ProxyConfig:
+    proxy_port: int = DEFAULT_PROXY_PORT
+    probe: bool = False
+    log_level: str = "info"
+    tenant_id: str
+    default_client_id: str | None
+    federated_token_file: str
+    authority_host: str = DEFAULT_AUTHORITY_HOST
+    identity_binding: IdentityBinding | None = None
+    identity_map: IdentityMap = field(default_factory=IdentityMap)
+    metadata_ip: str = DEFAULT_METADATA_IP
+    metadata_port: int = DEFAULT_METADATA_PORT
+    passthrough: PassthroughPolicy = "all"
+    metrics_port: int | None = None
+    # Bounds on one exchange with Entra, retries included (azure-identity waits about as long).
+    exchange_timeout_s: float = 10.0
+    exchange_deadline_s: float = 20.0
+    cache_max_entries: int = 1024
+
+
+def _check_https_url(value: str, name: str, *, path_allowed: bool = True) -> str:
+    """The azure-identity rules for an identity-binding URL: https, no userinfo/query/fragment.
+
+    Raises:
+        ConfigError: the URL breaks one of those rules.
+    """
+    parsed = urllib.parse.urlsplit(value.strip())
+    if parsed.scheme.lower() != "https":
+        raise ConfigError(f"{name}: {value!r} must be an https URL")
+    if not parsed.hostname:
+        raise ConfigError(f"{name}: {value!r} has no host")
+    if parsed.username is not None or parsed.password is not None:
+        raise ConfigError(f"{name}: must not contain user info")
+    if parsed.query or parsed.fragment or value.strip().endswith(("?", "#")):
+        raise ConfigError(f"{name}: {value!r} must not contain a query or fragment")
+    try:
+        parsed.port  # noqa: B018 - raises for a bad port
+    except ValueError:
+        raise ConfigError(f"{name}: {value!r} has a bad port") from None
+    if not path_allowed and parsed.path not in ("", "/"):
+        raise ConfigError(f"{name}: {value!r} must not contain a path")
+    return value.strip()
+
+
+def _load_binding(environ: Mapping[str, str]) -> IdentityBinding | None:
+    url = environ.get("AZURE_KUBERNETES_TOKEN_PROXY", "").strip()
+    sni = environ.get("AZURE_KUBERNETES_SNI_NAME", "").strip() or None
+    ca_file = environ.get("AZURE_KUBERNETES_CA_FILE", "").strip() or None
+    ca_data = environ.get("AZURE_KUBERNETES_CA_DATA", "").strip() or None
+    if not url:
+        if sni or ca_file or ca_data:
+            raise ConfigError(
+                "AZURE_KUBERNETES_SNI_NAME, AZURE_KUBERNETES_CA_FILE or AZURE_KUBERNETES_CA_DATA "
+                "is set but AZURE_KUBERNETES_TOKEN_PROXY is not"
+            )
+        return None
+    _check_https_url(url, "AZURE_KUBERNETES_TOKEN_PROXY")
+    if ca_file and ca_data:
+        raise ConfigError("AZURE_KUBERNETES_CA_FILE and AZURE_KUBERNETES_CA_DATA are mutually exclusive")
+    if ca_data and "-----BEGIN CERTIFICATE-----" not in ca_data:
+        raise ConfigError("AZURE_KUBERNETES_CA_DATA: not a PEM certificate")
+    return IdentityBinding(token_proxy_url=url, sni_name=sni, ca_file=ca_file, ca_data=ca_data)
+
+
+def load_proxy(
+    flags: Mapping[str, object],
+    environ: Mapping[str, str],
+    read_text: Callable[[str], str],
+) -> ProxyConfig:
+    """Build the proxy's configuration from parsed flags (None = not given) and environment.
+
+    Raises:
+        ConfigError: any bad value or a malformed identity map, naming it.
+    """
+    log_level = str(flags.get("log_level") or "info").lower()
+    if log_level not in LOG_LEVELS:
+        raise ConfigError(f"--log-level: {log_level!r} is not one of {', '.join(LOG_LEVELS)}")
+    proxy_port = parse_port(flags.get("proxy_port") or DEFAULT_PROXY_PORT, "--proxy-port")  # type: ignore[arg-type]
+    probe = bool(flags.get("probe"))
+    if probe:
+        # The postStart hook runs `/proxy --proxy-port=N --probe` without the sidecar's env.
+        return ProxyConfig(
+            proxy_port=proxy_port,
+            probe=True,
+            log_level=log_level,
+            tenant_id="",
+            default_client_id=None,
+            federated_token_file="",
+        )
+
+    tenant_id = environ.get("AZURE_TENANT_ID", "").strip()
+    if not tenant_id:
+        raise ConfigError("AZURE_TENANT_ID is not set (the workload identity webhook injects it)")
+    token_file = environ.get("AZURE_FEDERATED_TOKEN_FILE", "").strip()
+    if not token_file:
+        raise ConfigError("AZURE_FEDERATED_TOKEN_FILE is not set (the workload identity webhook injects it)")
+    authority = environ.get("AZURE_AUTHORITY_HOST", "").strip() or DEFAULT_AUTHORITY_HOST
+    parsed = urllib.parse.urlsplit(authority)
+    if parsed.scheme not in ("https", "http") or not parsed.hostname:
+        raise ConfigError(f"AZURE_AUTHORITY_HOST: {authority!r} is not an https URL")
+    if parsed.scheme == "http" and parsed.hostname not in ("localhost", "127.0.0.1"):
+        raise ConfigError(f"AZURE_AUTHORITY_HOST: {authority!r} must use https")
+
+    metadata_ip = parse_ipv4(environ.get("METADATA_IP") or DEFAULT_METADATA_IP, "METADATA_IP")
+    metadata_port = parse_port(environ.get("METADATA_PORT") or DEFAULT_METADATA_PORT, "METADATA_PORT")
+
+    passthrough = str(flags.get("passthrough") or environ.get("AZWI_PASSTHROUGH") or "all")
+    if passthrough not in ("all", "none"):
+        raise ConfigError(f"--passthrough: {passthrough!r} is not one of all, none")
+
+    metrics_port: int | None = None
+    if flags.get("metrics_port") is not None:
+        metrics_port = parse_port(flags["metrics_port"], "--metrics-port")  # type: ignore[arg-type]
+        if metrics_port == proxy_port:
+            raise ConfigError("--metrics-port must differ from --proxy-port")
+
+    identity_map = IdentityMap()
+    map_path = environ.get("AZWI_IDENTITY_MAP", "").strip()
+    if map_path:
+        try:
+            text = read_text(map_path)
+        except OSError as exc:
+            raise ConfigError(f"AZWI_IDENTITY_MAP: cannot read {map_path}: {exc.strerror}") from None
+        identity_map = parse_identity_map(text, source=map_path)
+
+    return ProxyConfig(
+        proxy_port=proxy_port,
+        probe=False,
+        log_level=log_level,
+        tenant_id=tenant_id,
+        default_client_id=environ.get("AZURE_CLIENT_ID", "").strip() or None,
+        federated_token_file=token_file,
+        authority_host=authority,
+        identity_binding=_load_binding(environ),
+        identity_map=identity_map,
+        metadata_ip=metadata_ip,
+        metadata_port=metadata_port,
+        passthrough=passthrough,  # type: ignore[arg-type]
+        metrics_port=metrics_port,
+    )

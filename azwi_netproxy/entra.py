@@ -1,0 +1,310 @@
+"""The token exchange: the pod's service account token for an Entra access token.
+
+Owns the outbound HTTP (httpx) to Entra or, in identity-binding mode, to the cluster's
+token proxy. httpx types never leave this module: every failure becomes an UpstreamError
+(transient: retried here with back-off, then 429/503 for the app) or IdentityRejected
+(permanent: the AADSTS code and description reach the app as a 400).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import email.utils
+import json
+import logging
+import random
+import re
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, Final, Protocol
+
+import httpx
+
+from azwi_netproxy import __version__
+from azwi_netproxy.errors import (
+    IdentityRejected,
+    NetproxyError,
+    UpstreamError,
+    UpstreamThrottled,
+    UpstreamUnavailable,
+)
+from azwi_netproxy.tokens import CacheKey, Token
+
+log = logging.getLogger(__name__)
+
+ASSERTION_TYPE: Final = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
+USER_AGENT: Final = f"azwi-netproxy/{__version__}"
+_RETRY_STATUSES: Final = frozenset({408, 429, 500, 502, 503, 504})
+_MAX_ATTEMPTS: Final = 4
+_BACKOFF_BASE_S: Final = 0.4
+_DEFAULT_RETRY_AFTER_S: Final = 5
+_ERROR_CODE: Final = re.compile(r"^[a-z_]{1,64}$")
+_AADSTS: Final = re.compile(r"AADSTS\d+")
+
+
+class Endpoint(Protocol):
+    """Where exchanges go: Entra itself, or the identity-binding token proxy."""
+
+    @property
+    def endpoint_id(self) -> str: ...
+
+    def token_url(self, tenant_id: str) -> str: ...
+
+    def client(self) -> tuple[httpx.AsyncClient, dict[str, Any]]:
+        """The client to use now and the request extensions (e.g. sni_hostname)."""
+        ...
+
+    async def aclose(self) -> None: ...
+
+
+class AuthorityEndpoint:
+    """Entra at AZURE_AUTHORITY_HOST, through one long-lived pooled client."""
+
+    def __init__(self, authority_host: str, *, timeout_s: float) -> None:
+        self._authority = authority_host.rstrip("/")
+        # trust_env honours SSL_CERT_FILE / SSL_CERT_DIR and HTTPS_PROXY, as the Go proxy does.
+        self._client = httpx.AsyncClient(
+            timeout=httpx.Timeout(timeout_s, connect=min(timeout_s, 5.0)),
+            trust_env=True,
+            follow_redirects=False,
+            headers={"User-Agent": USER_AGENT},
+            limits=httpx.Limits(max_connections=32, max_keepalive_connections=8),
+        )
+
+    @property
+    def endpoint_id(self) -> str:
+        return self._authority
+
+    def token_url(self, tenant_id: str) -> str:
+        return f"{self._authority}/{tenant_id}/oauth2/v2.0/token"
+
+    def client(self) -> tuple[httpx.AsyncClient, dict[str, Any]]:
+        return self._client, {}
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+
+@dataclass(frozen=True, slots=True)
+class ExchangePolicy:
+    timeout_s: float = 10.0
+    deadline_s: float = 20.0
+    max_attempts: int = _MAX_ATTEMPTS
+
+
+def _retry_after_s(response: httpx.Response) -> int | None:
+    value = response.headers.get("retry-after")
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return int(value)
+    with contextlib.suppress(TypeError, ValueError):
+        when = email.utils.parsedate_to_datetime(value)
+        return max(int(when.timestamp() - time.time()), 0)
+    return None
+
+
+def _clean(text: str, limit: int = 1000) -> str:
+    return "".join(ch if ch.isprintable() else " " for ch in text)[:limit].strip()
+
+
+def _permanent_error(response: httpx.Response) -> IdentityRejected:
+    try:
+        body = response.json()
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        body = None
+    if isinstance(body, dict):
+        code = str(body.get("error") or "")
+        description = _clean(str(body.get("error_description") or ""))
+        if description:
+            return IdentityRejected(
+                description,
+                entra_error=code if _ERROR_CODE.match(code) else "invalid_request",
+            )
+    return IdentityRejected(f"The token service refused the exchange with HTTP {response.status_code}")
+
+
+def _parse_token(response: httpx.Response, now: int) -> Token:
+    try:
+        body = response.json()
+        access_token = body["access_token"]
+        expires_in = int(body["expires_in"])
+        ext_expires_in = int(body.get("ext_expires_in") or expires_in)
+        refresh_in = body.get("refresh_in")
+        token_type = str(body.get("token_type") or "Bearer")
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError):
+        raise UpstreamError(
+            "The token service answered 200 without a usable token (access_token, expires_in)"
+        ) from None
+    if not isinstance(access_token, str) or not access_token or expires_in <= 0:
+        raise UpstreamError("The token service answered 200 without a usable token")
+    expires_on = now + expires_in
+    if refresh_in is not None and str(refresh_in).isdigit() and int(refresh_in) > 0:
+        refresh_on = now + int(refresh_in)
+    elif expires_in >= 7200:
+        # MSAL's rule for long-lived tokens: renew at half life.
+        refresh_on = now + expires_in // 2
+    else:
+        refresh_on = expires_on - min(600, expires_in // 2)
+    # Renew before clients (5-minute margin) would have to come back for a new one.
+    refresh_on = min(refresh_on, expires_on - 360) if expires_in > 720 else refresh_on
+    return Token(
+        access_token=access_token,
+        token_type=token_type,
+        issued_at=now,
+        expires_on=expires_on,
+        ext_expires_on=now + ext_expires_in,
+        refresh_on=refresh_on,
+    )
+
+
+@contextlib.contextmanager
+def _map_transport_errors(url_for_log: str) -> Iterator[None]:
+    """httpx errors → UpstreamUnavailable (the one place they are translated)."""
+    try:
+        yield
+    except httpx.TimeoutException as exc:
+        raise UpstreamUnavailable(
+            "The token service did not answer in time", retry_after_s=_DEFAULT_RETRY_AFTER_S
+        ) from exc
+    except (httpx.TransportError, OSError) as exc:
+        cause = type(exc.__cause__ or exc).__name__
+        log.debug("token service unreachable", extra={"url": url_for_log, "cause": cause})
+        raise UpstreamUnavailable(
+            f"Cannot reach the token service ({cause})", retry_after_s=_DEFAULT_RETRY_AFTER_S
+        ) from exc
+
+
+class Exchanger:
+    """The cache's fetcher: one exchange (with retries) per call."""
+
+    def __init__(
+        self,
+        endpoint: Endpoint,
+        read_assertion: Callable[[], str],
+        *,
+        policy: ExchangePolicy | None = None,
+        on_result: Callable[[str, float], None] | None = None,
+        clock: Callable[[], float] = time.time,
+        sleep: Callable[[float], Any] = asyncio.sleep,
+    ) -> None:
+        self._endpoint = endpoint
+        self._read_assertion = read_assertion
+        self._policy = policy or ExchangePolicy()
+        self._on_result = on_result
+        self._clock = clock
+        self._sleep = sleep
+
+    @property
+    def endpoint_id(self) -> str:
+        return self._endpoint.endpoint_id
+
+    async def __call__(self, key: CacheKey) -> Token:
+        """Exchange for `key`, retrying transient failures within the deadline.
+
+        Raises:
+            IdentityRejected: Entra refused for good.
+            UpstreamError: transient failures outlasted the retries or the deadline.
+        """
+        started = time.monotonic()
+        outcome = "error"
+        try:
+            token = await self._exchange(key, started)
+            outcome = "success"
+            return token
+        except IdentityRejected:
+            outcome = "rejected"
+            raise
+        except UpstreamThrottled:
+            outcome = "throttled"
+            raise
+        except UpstreamError:
+            outcome = "unavailable"
+            raise
+        finally:
+            if self._on_result is not None:
+                self._on_result(outcome, time.monotonic() - started)
+
+    async def _exchange(self, key: CacheKey, started: float) -> Token:
+        policy = self._policy
+        url = self._endpoint.token_url(key.tenant_id)
+        last: UpstreamError | None = None
+        for attempt in range(policy.max_attempts):
+            try:
+                # Re-read at every exchange: the kubelet rotates the projected token.
+                assertion = self._read_assertion()
+                return await self._attempt(url, key, assertion)
+            except UpstreamError as exc:
+                last = exc
+            if attempt + 1 == policy.max_attempts:
+                break
+            delay = _BACKOFF_BASE_S * (2**attempt) * (0.75 + random.random() / 2)  # noqa: S311
+            if last.retry_after_s is not None and isinstance(last, UpstreamThrottled):
+                delay = max(delay, float(last.retry_after_s))
+            remaining = policy.deadline_s - (time.monotonic() - started)
+            if delay >= remaining:
+                break
+            log.info(
+                "retrying token exchange",
+                extra={"client_id": key.client_id, "attempt": attempt + 2, "reason": str(last)},
+            )
+            await self._sleep(delay)
+        assert last is not None
+        raise last
+
+    async def _attempt(self, url: str, key: CacheKey, assertion: str) -> Token:
+        client, extensions = self._endpoint.client()
+        form = {
+            "grant_type": "client_credentials",
+            "client_id": key.client_id,
+            "scope": key.scope,
+            "client_assertion_type": ASSERTION_TYPE,
+            "client_assertion": assertion,
+        }
+        with _map_transport_errors(url):
+            response = await client.post(url, data=form, extensions=extensions)
+        status = response.status_code
+        if status == 200:
+            return _parse_token(response, int(self._clock()))
+        if status == 429:
+            raise UpstreamThrottled(
+                "The token service is throttling requests (HTTP 429)",
+                retry_after_s=_retry_after_s(response) or _DEFAULT_RETRY_AFTER_S,
+            )
+        if status in _RETRY_STATUSES or status >= 500:
+            raise UpstreamUnavailable(
+                f"The token service failed with HTTP {status}",
+                retry_after_s=_retry_after_s(response) or _DEFAULT_RETRY_AFTER_S,
+            )
+        raise _permanent_error(response)
+
+
+def read_assertion_file(path: str) -> Callable[[], str]:
+    """A reader for the projected service account token.
+
+    Raises (when called):
+        UpstreamUnavailable: the file is missing, unreadable or empty (the kubelet may be
+            mid-rotation or the volume not yet mounted: worth a retry, not a 400).
+    """
+
+    def read() -> str:
+        try:
+            with open(path, encoding="utf-8") as handle:
+                text = handle.read().strip()
+        except OSError as exc:
+            raise UpstreamUnavailable(
+                f"Cannot read the service account token file {path}: {exc.strerror}",
+                retry_after_s=1,
+            ) from None
+        if not text:
+            raise UpstreamUnavailable(f"The service account token file {path} is empty", retry_after_s=1)
+        return text
+
+    return read
+
+
+def is_transient(exc: NetproxyError) -> bool:
+    return isinstance(exc, UpstreamError)

@@ -1,0 +1,216 @@
+"""Sans-IO HTTP/1.1 for the server: bytes in, Request objects out; Response objects in, bytes out.
+
+Rules:
+1. No sockets, no event loop: `RequestReader.feed()` takes what arrived and returns the
+   requests it completed; the server owns the transport and the timers.
+2. httptools callbacks stay trivial (append, set a flag). httptools wraps anything raised
+   in a callback in HttpParserCallbackError; our limit checks record why before raising so
+   the caller can answer 431/414/413 instead of a bare 400.
+3. Any parse error is final for the connection: the server answers once and closes.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from email.utils import formatdate
+from http import HTTPStatus
+from typing import Final
+
+import httptools
+
+MAX_TARGET_BYTES: Final = 8 * 1024
+MAX_HEADER_BYTES: Final = 16 * 1024
+MAX_HEADER_COUNT: Final = 100
+MAX_BODY_BYTES: Final = 64 * 1024
+
+
+class ProtocolError(Exception):
+    """The client broke HTTP/1.1 or one of our limits; answer `status` and close."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+
+
+@dataclass(slots=True)
+class Request:
+    method: str
+    target: bytes
+    http_version: str
+    # Names lower-cased, values as sent; order kept for pass-through.
+    headers: list[tuple[bytes, bytes]] = field(default_factory=list)
+    body: bytes = b""
+    keep_alive: bool = True
+
+    def header_values(self, name: bytes) -> list[bytes]:
+        return [value for key, value in self.headers if key == name]
+
+
+class RequestReader:
+    """Feeds bytes to httptools and collects complete requests in arrival order."""
+
+    __slots__ = (
+        "_body",
+        "_completed",
+        "_header_bytes",
+        "_headers",
+        "_last_name",
+        "_limit_error",
+        "_parser",
+        "_target",
+        "reading_request",
+    )
+
+    def __init__(self) -> None:
+        self._parser = httptools.HttpRequestParser(self)
+        self._completed: list[Request] = []
+        self._target = b""
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._header_bytes = 0
+        self._body: list[bytes] = []
+        self._last_name = b""
+        self._limit_error: ProtocolError | None = None
+        # True from the first byte of a request until it is complete: the server runs
+        # the header-read timeout exactly while this holds (slow bodies are cut too).
+        self.reading_request = False
+
+    def feed(self, data: bytes) -> list[Request]:
+        """Parse `data`; return the requests it completed (possibly none).
+
+        Raises:
+            ProtocolError: malformed input or a limit exceeded.
+        """
+        if not self.reading_request and data:
+            self.reading_request = True
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserCallbackError as exc:
+            if self._limit_error is not None:
+                raise self._limit_error from None
+            raise ProtocolError(400, "bad request") from exc
+        except httptools.HttpParserInvalidMethodError:
+            raise ProtocolError(400, "invalid method") from None
+        except httptools.HttpParserUpgrade:
+            raise ProtocolError(400, "protocol upgrade is not supported") from None
+        except httptools.HttpParserError:
+            raise ProtocolError(400, "malformed request") from None
+        if self._limit_error is not None:
+            raise self._limit_error
+        done, self._completed = self._completed, []
+        return done
+
+    def _fail(self, status: int, reason: str) -> None:
+        self._limit_error = ProtocolError(status, reason)
+        raise self._limit_error
+
+    # ---- httptools callbacks ----
+    def on_message_begin(self) -> None:
+        self.reading_request = True
+        self._target = b""
+        self._headers = []
+        self._header_bytes = 0
+        self._body = []
+
+    def on_url(self, url: bytes) -> None:
+        self._target += url
+        if len(self._target) > MAX_TARGET_BYTES:
+            self._fail(414, "request target too long")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._header_bytes += len(name) + len(value)
+        if self._header_bytes > MAX_HEADER_BYTES or len(self._headers) >= MAX_HEADER_COUNT:
+            self._fail(431, "request headers too large")
+        self._headers.append((name.lower(), value))
+
+    def on_body(self, body: bytes) -> None:
+        self._body.append(body)
+        if sum(map(len, self._body)) > MAX_BODY_BYTES:
+            self._fail(413, "request body too large")
+
+    def on_message_complete(self) -> None:
+        parser = self._parser
+        self._completed.append(
+            Request(
+                method=parser.get_method().decode("ascii", "replace"),
+                target=self._target,
+                http_version=parser.get_http_version(),
+                headers=self._headers,
+                body=b"".join(self._body),
+                keep_alive=parser.should_keep_alive(),
+            )
+        )
+        self.reading_request = False
+
+
+@dataclass(slots=True)
+class Response:
+    status: int
+    body: bytes = b""
+    content_type: bytes = b"application/json; charset=utf-8"
+    headers: list[tuple[bytes, bytes]] | None = None
+    # Close the connection after this response (parse errors, shutdown).
+    close: bool = False
+
+
+_REASONS: Final = {status.value: status.phrase.encode("ascii") for status in HTTPStatus}
+_STATUS_LINES: dict[int, bytes] = {}
+SERVER_HEADER: Final = b"azwi-netproxy"
+
+
+class DateHeader:
+    """The Date header value, formatted at most once a second (it is on every response)."""
+
+    __slots__ = ("_second", "_value")
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._value = b""
+
+    def value(self, now: float | None = None) -> bytes:
+        now = time.time() if now is None else now
+        second = int(now)
+        if second != self._second:
+            self._second = second
+            self._value = formatdate(second, usegmt=True).encode("ascii")
+        return self._value
+
+
+def _status_line(status: int) -> bytes:
+    line = _STATUS_LINES.get(status)
+    if line is None:
+        reason = _REASONS.get(status, b"Unknown")
+        line = b"HTTP/1.1 %d %s\r\n" % (status, reason)
+        _STATUS_LINES[status] = line
+    return line
+
+
+def serialize(
+    response: Response,
+    *,
+    date: bytes,
+    head: bool,
+    keep_alive: bool,
+    http10_keep_alive: bool = False,
+) -> bytes:
+    """Render a response; for HEAD the body is left out but its length is kept."""
+    parts = [
+        _status_line(response.status),
+        b"Content-Type: ",
+        response.content_type,
+        b"\r\nContent-Length: %d\r\nDate: " % len(response.body),
+        date,
+        b"\r\nServer: " + SERVER_HEADER + b"\r\n",
+    ]
+    if response.headers:
+        for name, value in response.headers:
+            parts.append(name + b": " + value + b"\r\n")
+    if not keep_alive:
+        parts.append(b"Connection: close\r\n")
+    elif http10_keep_alive:
+        # HTTP/1.0 closes by default; say that this connection stays open.
+        parts.append(b"Connection: keep-alive\r\n")
+    parts.append(b"\r\n")
+    if not head:
+        parts.append(response.body)
+    return b"".join(parts)

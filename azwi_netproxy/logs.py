@@ -1,0 +1,153 @@
+"""One JSON object a line on stderr, in the upstream proxy's shape.
+
+    {"level":"info","timestamp":"2025-10-06T21:53:35.850460Z","logger":"proxy",
+     "caller":"app.py:88","message":"successfully acquired token","method":"GET",...}
+
+Messages are fixed strings; values go in `extra=`. This is the only module that installs
+handlers. Tokens never reach it: callers pass client IDs, paths and statuses, never
+assertions or access tokens (the URI logged is the request's, which carries neither).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import os
+import sys
+from typing import IO, Any, Final
+
+_STD_ATTRS: Final = frozenset(
+    vars(logging.LogRecord("", 0, "", 0, "", None, None)).keys() | {"message", "asctime", "taskName"}
+)
+_LEVELS: Final = {
+    logging.DEBUG: "debug",
+    logging.INFO: "info",
+    logging.WARNING: "warn",
+    logging.ERROR: "error",
+    logging.CRITICAL: "fatal",
+}
+
+
+def rfc3339(epoch_s: float) -> str:
+    """RFC 3339 with microseconds in UTC, as the upstream logger writes it."""
+    return dt.datetime.fromtimestamp(epoch_s, dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+class JsonFormatter(logging.Formatter):
+    def __init__(self, logger_name: str) -> None:
+        super().__init__()
+        self._logger_name = logger_name
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "level": _LEVELS.get(record.levelno, record.levelname.lower()),
+            "timestamp": rfc3339(record.created),
+            "logger": self._logger_name,
+            "caller": f"{record.module}.py:{record.lineno}",
+            "message": record.getMessage(),
+        }
+        for key, value in vars(record).items():
+            if key not in _STD_ATTRS and not key.startswith("_"):
+                entry[key] = value
+        if record.exc_info:
+            entry["error"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str, separators=(",", ":"))
+
+
+def configure(level: str, *, logger_name: str, stream: IO[str] | None = None) -> None:
+    """Send every azwi_netproxy log record to `stream` (stderr) as JSON at `level`."""
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(JsonFormatter(logger_name))
+    root = logging.getLogger("azwi_netproxy")
+    root.handlers[:] = [handler]
+    root.setLevel({"warning": logging.WARNING}.get(level, getattr(logging, level.upper(), 20)))
+    root.propagate = False
+    # httpx/httpcore log full URLs and headers at debug; keep them out of our stream.
+    for noisy in ("httpx", "httpcore", "asyncio"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+class AccessLog:
+    """One line per request, built by hand and written once per event-loop turn.
+
+    Going through logging.Logger costs several microseconds per record (record object,
+    handler lock, json.dumps of a dict); at tens of thousands of answers a second that is
+    the larger part of a cache hit. The line has the same shape as JsonFormatter's.
+    """
+
+    __slots__ = ("_enabled", "_fd", "_flush_scheduled", "_lines", "_prefix", "_second", "_uri_json")
+
+    def __init__(self, *, enabled: bool, fd: int = 2) -> None:
+        self._enabled = enabled
+        self._fd = fd
+        self._lines: list[bytes] = []
+        self._flush_scheduled = False
+        self._second = -1
+        self._prefix = ""
+        # Request targets repeat (the same few token URLs); escape each once.
+        self._uri_json: dict[bytes, str] = {}
+
+    @property
+    def enabled(self) -> bool:
+        return self._enabled
+
+    def _timestamp(self, now: float) -> str:
+        second = int(now)
+        if second != self._second:
+            self._second = second
+            self._prefix = dt.datetime.fromtimestamp(second, dt.UTC).strftime("%Y-%m-%dT%H:%M:%S")
+        return f"{self._prefix}.{int((now - second) * 1_000_000):06d}Z"
+
+    def _uri(self, target: bytes) -> str:
+        cached = self._uri_json.get(target)
+        if cached is None:
+            cached = json.dumps(target.decode("latin-1"))
+            if len(self._uri_json) > 1024:
+                self._uri_json.clear()
+            self._uri_json[target] = cached
+        return cached
+
+    def request(
+        self,
+        loop_call_soon: Any,
+        *,
+        now: float,
+        method: str,
+        target: bytes,
+        status: int,
+        duration_ms: float,
+        client_id: str | None,
+        cache: str | None,
+    ) -> None:
+        if not self._enabled:
+            return
+        message = "successfully acquired token" if status == 200 and cache else "request"
+        line = (
+            f'{{"level":"info","timestamp":"{self._timestamp(now)}","logger":"proxy",'
+            f'"caller":"server.py:access","message":"{message}","method":{json.dumps(method)},'
+            f'"uri":{self._uri(target)},"status":{status},"duration_ms":{duration_ms:.3f}'
+        )
+        if client_id is not None:
+            line += f',"client_id":{json.dumps(client_id)}'
+        if cache is not None:
+            line += f',"cache":"{cache}"'
+        self._lines.append((line + "}\n").encode())
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            loop_call_soon(self.flush)
+
+    def flush(self) -> None:
+        self._flush_scheduled = False
+        if not self._lines:
+            return
+        data = b"".join(self._lines)
+        self._lines.clear()
+        try:
+            while data:
+                written = os.write(self._fd, data)
+                data = data[written:]
+        except BlockingIOError:
+            pass  # a full, non-blocking stderr pipe: drop the rest rather than stall the loop
+        except OSError:
+            self._enabled = False

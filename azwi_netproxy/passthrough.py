@@ -1,0 +1,130 @@
+"""Pass-through of non-token paths to the node's real IMDS, as the upstream proxy does.
+
+The destination is fixed (METADATA_IP:METADATA_PORT): the request's Host, absolute-form
+target or headers can never steer it elsewhere. Hop-by-hop headers and X-Forwarded-For
+are dropped both ways. The proxy's own connection is exempt from the NAT redirect only
+while it runs as PROXY_UID; if it is not (a pod-level runAsUser, say), the request comes
+back to this very server. A per-process nonce header catches that: the server answers it
+with 508 at once, and this module turns the 508 into a clear PassthroughLoop error.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from typing import Final
+
+import httpx
+
+from azwi_netproxy.errors import PassthroughLoop, UpstreamUnavailable
+from azwi_netproxy.http11 import Request, Response
+
+log = logging.getLogger(__name__)
+
+LOOP_HEADER: Final = b"x-azwi-netproxy-loop"
+LOOP_DETECTED: Final = b"detected"
+_HOP_BY_HOP: Final = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"te",
+        b"trailer",
+        b"trailers",
+        b"transfer-encoding",
+        b"upgrade",
+        b"proxy-connection",
+        b"x-forwarded-for",
+        b"host",
+        b"content-length",
+        LOOP_HEADER,
+    }
+)
+_MAX_RESPONSE_BYTES: Final = 1024 * 1024
+
+
+def _connection_tokens(headers: list[tuple[bytes, bytes]]) -> set[bytes]:
+    """Header names listed in Connection are hop-by-hop too (RFC 9110, section 7.6.1)."""
+    named: set[bytes] = set()
+    for name, value in headers:
+        if name == b"connection":
+            named.update(token.strip().lower() for token in value.split(b","))
+    return named
+
+
+def forwardable(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    extra = _connection_tokens(headers)
+    return [(n, v) for n, v in headers if n.lower() not in _HOP_BY_HOP and n.lower() not in extra]
+
+
+class Passthrough:
+    """Forwards one request at a time to the fixed IMDS address."""
+
+    def __init__(self, metadata_ip: str, metadata_port: int, *, run_as_uid: int) -> None:
+        self.nonce = secrets.token_hex(16).encode()
+        self._ip = metadata_ip
+        self._port = metadata_port
+        self._uid = run_as_uid
+        # No env proxies: the destination is the link-local IMDS, never a proxy.
+        self._client = httpx.AsyncClient(
+            trust_env=False,
+            timeout=httpx.Timeout(10.0, connect=3.0),
+            follow_redirects=False,
+            limits=httpx.Limits(max_connections=16, max_keepalive_connections=4),
+        )
+
+    def is_own_loop(self, request: Request) -> bool:
+        return any(n == LOOP_HEADER and v == self.nonce for n, v in request.headers)
+
+    async def forward(self, request: Request, path: str, query: str) -> Response:
+        """Send `request` to IMDS with `path` and `query`, return its answer.
+
+        Raises:
+            PassthroughLoop: the request came back to this proxy.
+            UpstreamUnavailable: IMDS cannot be reached or answered too much.
+        """
+        raw_path = path.encode("latin-1", "replace") + (
+            b"?" + query.encode("latin-1", "replace") if query else b""
+        )
+        url = httpx.URL(scheme="http", host=self._ip, port=self._port, raw_path=raw_path)
+        headers = forwardable(request.headers)
+        headers.append((LOOP_HEADER, self.nonce))
+        outbound = self._client.build_request(
+            request.method, url, headers=headers, content=request.body or None
+        )
+        try:
+            response = await self._client.send(outbound, stream=True)
+            try:
+                body = bytearray()
+                async for chunk in response.aiter_raw():
+                    body += chunk
+                    if len(body) > _MAX_RESPONSE_BYTES:
+                        raise UpstreamUnavailable("The instance metadata answer is too large")
+            finally:
+                await response.aclose()
+        except httpx.HTTPError as exc:
+            raise UpstreamUnavailable(
+                f"Cannot reach the instance metadata service at {self._ip}:{self._port} "
+                f"({type(exc).__name__})",
+                retry_after_s=5,
+            ) from exc
+        if response.status_code == 508 and response.headers.get("x-azwi-netproxy-loop") == "detected":
+            raise PassthroughLoop(
+                f"Pass-through loop: this proxy's own request to {self._ip}:{self._port} was "
+                f"redirected back to it. It runs as uid {self._uid}, which the init's rules do "
+                "not exempt: run the proxy as PROXY_UID (a pod-level runAsUser may override "
+                "the sidecar's user)"
+            )
+        out_headers = forwardable([(k.lower(), v) for k, v in response.headers.raw])
+        content_type = b"application/octet-stream"
+        rest: list[tuple[bytes, bytes]] = []
+        for name, value in out_headers:
+            if name == b"content-type":
+                content_type = value
+            elif name not in (b"date", b"server"):
+                rest.append((name, value))
+        return Response(response.status_code, bytes(body), content_type, rest or None)
+
+    async def aclose(self) -> None:
+        await self._client.aclose()

@@ -1,0 +1,168 @@
+"""Assemble and run the proxy: event loop, listeners, signals, start-up checks, shutdown.
+
+The I/O wiring lives here so that cli.py stays argument handling and app.py stays
+request handling.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import time
+from typing import Final
+
+import uvloop
+
+from azwi_netproxy import __version__
+from azwi_netproxy.app import TokenApp
+from azwi_netproxy.cache import TokenCache
+from azwi_netproxy.config import ProxyConfig
+from azwi_netproxy.entra import (
+    AuthorityEndpoint,
+    Endpoint,
+    ExchangePolicy,
+    Exchanger,
+    read_assertion_file,
+)
+from azwi_netproxy.errors import PassthroughLoop, UpstreamError
+from azwi_netproxy.http11 import Request, Response
+from azwi_netproxy.logs import AccessLog
+from azwi_netproxy.metrics import Metrics
+from azwi_netproxy.passthrough import Passthrough
+from azwi_netproxy.router import Router
+from azwi_netproxy.server import HttpServer
+
+log = logging.getLogger(__name__)
+
+LISTEN_HOST: Final = "127.0.0.1"  # never another address: other pods must not reach us
+
+
+class MetricsApp:
+    """GET /metrics on the metrics port; nothing else."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def dispatch(self, request: Request) -> Response:
+        if request.target.split(b"?")[0] != b"/metrics":
+            return Response(404, b"not found", b"text/plain; charset=utf-8")
+        body, content_type = self._metrics.render()
+        return Response(200, body, content_type)
+
+
+def make_endpoint(cfg: ProxyConfig) -> Endpoint:
+    if cfg.identity_binding is not None:
+        from azwi_netproxy.tlsreload import BindingEndpoint
+
+        return BindingEndpoint(cfg.identity_binding, timeout_s=cfg.exchange_timeout_s)
+    return AuthorityEndpoint(cfg.authority_host, timeout_s=cfg.exchange_timeout_s)
+
+
+async def check_passthrough_loop(passthrough: Passthrough) -> None:
+    """Start-up check: does our own request to IMDS come back to us?"""
+    request = Request(
+        method="GET",
+        target=b"/metadata/versions",
+        http_version="1.1",
+        headers=[(b"metadata", b"true")],
+    )
+    try:
+        await asyncio.wait_for(passthrough.forward(request, "/metadata/versions", ""), 5.0)
+    except PassthroughLoop as exc:
+        log.error("pass-through loop detected at start-up", extra={"error": str(exc)})
+    except (UpstreamError, TimeoutError) as exc:
+        log.info("instance metadata service not reachable at start-up", extra={"error": str(exc)})
+
+
+async def serve(cfg: ProxyConfig, started: float) -> int:
+    loop = asyncio.get_running_loop()
+    metrics = Metrics()
+    endpoint = make_endpoint(cfg)
+    exchanger = Exchanger(
+        endpoint,
+        read_assertion_file(cfg.federated_token_file),
+        policy=ExchangePolicy(timeout_s=cfg.exchange_timeout_s, deadline_s=cfg.exchange_deadline_s),
+        on_result=metrics.count_exchange,
+    )
+    cache = TokenCache(exchanger, max_entries=cfg.cache_max_entries, on_event=metrics.count_cache)
+    metrics.earliest_expiry = cache.earliest_expiry
+    metrics.cached_tokens = lambda: len(cache)
+    passthrough = (
+        Passthrough(cfg.metadata_ip, cfg.metadata_port, run_as_uid=os.getuid())
+        if cfg.passthrough == "all"
+        else None
+    )
+    router = Router(
+        default_client_id=cfg.default_client_id,
+        tenant_id=cfg.tenant_id,
+        identity_map=cfg.identity_map,
+    )
+    access_log = AccessLog(enabled=logging.getLogger("azwi_netproxy").isEnabledFor(logging.INFO))
+    app = TokenApp(
+        router=router,
+        cache=cache,
+        endpoint_id=exchanger.endpoint_id,
+        passthrough=passthrough,
+        metrics=metrics,
+        access_log=access_log,
+        call_soon=loop.call_soon,
+    )
+    server = HttpServer(app)
+    port = await server.start(LISTEN_HOST, cfg.proxy_port)
+    metrics_server: HttpServer | None = None
+    if cfg.metrics_port is not None:
+        metrics_server = HttpServer(MetricsApp(metrics))
+        # Prometheus scrapes from outside the pod; metrics carry no tokens or client secrets.
+        await metrics_server.start("0.0.0.0", cfg.metrics_port)
+    log.info(
+        "starting the proxy server",
+        extra={
+            "version": __version__,
+            "port": port,
+            "metrics_port": cfg.metrics_port,
+            "startup_ms": round((time.monotonic() - started) * 1000, 1),
+            "default_client_id": cfg.default_client_id,
+            "mapped_identities": len(cfg.identity_map.identities),
+            "only_listed": cfg.identity_map.only_listed,
+            "identity_binding": cfg.identity_binding is not None,
+            "token_endpoint": exchanger.endpoint_id,
+            "passthrough": cfg.passthrough,
+        },
+    )
+    background: set[asyncio.Task[None]] = set()
+    if passthrough is not None:
+        task = loop.create_task(check_passthrough_loop(passthrough))
+        background.add(task)
+        task.add_done_callback(background.discard)
+
+    stop = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await stop.wait()
+
+    log.info("shutting down", extra={"grace_s": server.state.limits.shutdown_grace_s})
+    app.ready = False
+    await server.shutdown()
+    if metrics_server is not None:
+        await metrics_server.shutdown()
+    for task in list(background):
+        task.cancel()
+    await cache.aclose()
+    await endpoint.aclose()
+    if passthrough is not None:
+        await passthrough.aclose()
+    access_log.flush()
+    log.info("stopped")
+    return 0
+
+
+def run_proxy(cfg: ProxyConfig) -> int:
+    started = time.monotonic()
+    try:
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            return runner.run(serve(cfg, started))
+    except OSError as exc:
+        log.error("cannot listen", extra={"port": cfg.proxy_port, "error": str(exc)})
+        return 1

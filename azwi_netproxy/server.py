@@ -1,0 +1,306 @@
+"""HTTP/1.1 server on asyncio protocols: bytes ↔ http11, keep-alive, pipelining, timeouts, shutdown.
+
+Per connection: a RequestReader, a queue of parsed requests answered strictly in order,
+at most one of them in flight (a cache miss or a pass-through). Timeouts are deadlines
+swept once a second rather than timer handles re-armed on every request: a cache hit
+then costs no timer work at all.
+
+Connection states and their deadline:
+    idle (new connection)      header_timeout_s   (nothing sent yet: slowloris guard)
+    idle (after a response)    keepalive_timeout_s
+    reading a request          header_timeout_s from its first byte, until it is complete
+    answering                  none (the app bounds its own work)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
+from typing import Any, Final, Protocol, cast
+
+from azwi_netproxy.http11 import (
+    DateHeader,
+    ProtocolError,
+    Request,
+    RequestReader,
+    Response,
+    serialize,
+)
+
+log = logging.getLogger(__name__)
+
+_MAX_PIPELINE: Final = 32
+
+
+class Handler(Protocol):
+    def dispatch(self, request: Request) -> Response | Coroutine[Any, Any, Response]: ...
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ServerLimits:
+    header_timeout_s: float = 5.0
+    keepalive_timeout_s: float = 60.0
+    max_connections: int = 1024
+    shutdown_grace_s: float = 5.0
+
+
+@dataclass(slots=True)
+class ServerState:
+    limits: ServerLimits
+    connections: set[HttpProtocol] = field(default_factory=set)
+    tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    date: DateHeader = field(default_factory=DateHeader)
+    shutting_down: bool = False
+    rejected_connections: int = 0
+
+
+class HttpProtocol(asyncio.Protocol):
+    __slots__ = (
+        "_app",
+        "_busy",
+        "_closed",
+        "_loop",
+        "_queue",
+        "_read_paused",
+        "_reader",
+        "_state",
+        "_transport",
+        "_write_paused",
+        "deadline",
+    )
+
+    def __init__(self, app: Handler, state: ServerState, loop: asyncio.AbstractEventLoop) -> None:
+        self._app = app
+        self._state = state
+        self._loop = loop
+        self._reader = RequestReader()
+        self._queue: deque[Request | ProtocolError] = deque()
+        self._busy = False
+        self._closed = False
+        self._read_paused = False
+        self._write_paused = False
+        self._transport: asyncio.Transport | None = None
+        self.deadline: float | None = None
+
+    # ---- connection lifecycle ----
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not asyncio.Transport subclasses: cast, do not assert.
+        self._transport = cast(asyncio.Transport, transport)
+        state = self._state
+        if state.shutting_down or len(state.connections) >= state.limits.max_connections:
+            state.rejected_connections += 1
+            self._closed = True
+            self._transport.abort()
+            return
+        state.connections.add(self)
+        self.deadline = self._loop.time() + state.limits.header_timeout_s
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closed = True
+        self._state.connections.discard(self)
+        self._queue.clear()
+
+    # ---- input ----
+    def data_received(self, data: bytes) -> None:
+        if self._closed:
+            return
+        reader = self._reader
+        was_reading = reader.reading_request
+        try:
+            requests = reader.feed(data)
+        except ProtocolError as exc:
+            self._protocol_error(exc)
+            return
+        if reader.reading_request:
+            if not was_reading or requests:
+                # A new request began in this chunk: its header clock starts now.
+                self.deadline = self._loop.time() + self._state.limits.header_timeout_s
+        elif not self._busy and not self._queue:
+            self.deadline = None
+        if requests:
+            if not self._busy and not self._queue and len(requests) == 1:
+                self._answer(requests[0])
+            else:
+                self._queue.extend(requests)
+                self._drain_queue()
+            if len(self._queue) > _MAX_PIPELINE and not self._read_paused and self._transport:
+                self._read_paused = True
+                self._transport.pause_reading()
+
+    def _drain_queue(self) -> None:
+        queue = self._queue
+        while queue and not self._busy and not self._closed and not self._write_paused:
+            item = queue.popleft()
+            if isinstance(item, ProtocolError):
+                self._send_protocol_error(item)
+                return
+            self._answer(item)
+        if (
+            self._read_paused
+            and not self._write_paused
+            and len(queue) <= _MAX_PIPELINE // 2
+            and not self._closed
+            and not any(isinstance(item, ProtocolError) for item in queue)
+        ):
+            self._read_paused = False
+            if self._transport is not None:
+                self._transport.resume_reading()
+
+    def _answer(self, request: Request) -> None:
+        result = self._app.dispatch(request)
+        if isinstance(result, Response):
+            self._send(request, result)
+            return
+        self._busy = True
+        self.deadline = None
+        task = self._loop.create_task(self._answer_later(request, result))
+        self._state.tasks.add(task)
+        task.add_done_callback(self._state.tasks.discard)
+
+    async def _answer_later(self, request: Request, pending: Coroutine[Any, Any, Response]) -> None:
+        try:
+            response = await pending
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("unhandled error while answering")
+            response = Response(500, b'{"error":"internal_error","error_description":"Internal error"}')
+        self._busy = False
+        if self._closed:
+            return
+        self._send(request, response)
+        self._drain_queue()
+
+    # ---- output ----
+    def _send(self, request: Request, response: Response) -> None:
+        transport = self._transport
+        if transport is None or self._closed:
+            return
+        keep_alive = request.keep_alive and not response.close and not self._state.shutting_down
+        transport.write(
+            serialize(
+                response,
+                date=self._state.date.value(),
+                head=request.method == "HEAD",
+                keep_alive=keep_alive,
+                http10_keep_alive=keep_alive and request.http_version == "1.0",
+            )
+        )
+        if not keep_alive:
+            self._close()
+            return
+        if not self._busy and not self._queue and not self._reader.reading_request:
+            self.deadline = self._loop.time() + self._state.limits.keepalive_timeout_s
+
+    def _protocol_error(self, exc: ProtocolError) -> None:
+        """Answer the requests parsed before the bad one first, then the error, then close."""
+        if self._transport is not None and not self._read_paused:
+            self._read_paused = True
+            self._transport.pause_reading()
+        if self._busy or self._queue:
+            self._queue.append(exc)
+            return
+        self._send_protocol_error(exc)
+
+    def _send_protocol_error(self, exc: ProtocolError) -> None:
+        body = b'{"error":"invalid_request","error_description":"%s"}' % str(exc).encode()
+        if self._transport is not None and not self._closed:
+            self._transport.write(
+                serialize(
+                    Response(exc.status, body, close=True),
+                    date=self._state.date.value(),
+                    head=False,
+                    keep_alive=False,
+                )
+            )
+        self._close()
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+        if not self._read_paused and self._transport is not None:
+            self._read_paused = True
+            self._transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        self._drain_queue()
+
+    def _close(self) -> None:
+        if not self._closed and self._transport is not None:
+            self._closed = True
+            self._transport.close()
+        self._state.connections.discard(self)
+
+    # ---- called by the server ----
+    def expire(self) -> None:
+        """The deadline passed: a slow or idle client. Close without an answer, as Go does."""
+        self._close()
+
+    def shutdown(self) -> None:
+        """Close now if idle; otherwise finish the request in flight and close after it."""
+        if not self._busy and not self._queue and not self._reader.reading_request:
+            self._close()
+
+    @property
+    def idle(self) -> bool:
+        return not self._busy and not self._queue
+
+
+class HttpServer:
+    """Owns the listening socket, the deadline sweeper and the shutdown order."""
+
+    def __init__(self, app: Handler, limits: ServerLimits | None = None) -> None:
+        self._app = app
+        self.state = ServerState(limits=limits or ServerLimits())
+        self._server: asyncio.Server | None = None
+        self._sweeper: asyncio.Task[None] | None = None
+
+    async def start(self, host: str, port: int) -> int:
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: HttpProtocol(self._app, self.state, loop),
+            host=host,
+            port=port,
+            reuse_address=True,
+            backlog=1024,
+        )
+        self._sweeper = loop.create_task(self._sweep())
+        sockets = self._server.sockets
+        return int(sockets[0].getsockname()[1]) if sockets else port
+
+    async def _sweep(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(1.0)
+            now = loop.time()
+            for connection in list(self.state.connections):
+                if connection.deadline is not None and now >= connection.deadline:
+                    connection.expire()
+
+    async def shutdown(self, on_stopped_accepting: Callable[[], None] | None = None) -> None:
+        """Stop accepting, let in-flight answers finish (bounded), then close everything."""
+        state = self.state
+        state.shutting_down = True
+        if self._server is not None:
+            self._server.close()
+        if on_stopped_accepting is not None:
+            on_stopped_accepting()
+        for connection in list(state.connections):
+            connection.shutdown()
+        deadline = time.monotonic() + state.limits.shutdown_grace_s
+        while (state.tasks or any(not c.idle for c in state.connections)) and (time.monotonic() < deadline):
+            await asyncio.sleep(0.02)
+            for connection in list(state.connections):
+                connection.shutdown()
+        for connection in list(state.connections):
+            connection.expire()
+        for task in list(state.tasks):
+            task.cancel()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        if self._server is not None:
+            await self._server.wait_closed()

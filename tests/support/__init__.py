@@ -1,0 +1,1 @@
+"""Test support: fakes (real servers), process and namespace helpers."""
