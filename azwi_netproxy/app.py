@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass
 from typing import Any, Final
 
 from azwi_netproxy import imds
@@ -40,17 +39,42 @@ _MEMO_TARGET_BYTES: Final = 1024
 AsyncResponse = Coroutine[Any, Any, Response]
 
 
-@dataclass(frozen=True, slots=True)
 class _Target:
-    """What a request target means, independent of method and headers."""
+    """What a request target means, independent of method and headers.
 
-    route: imds.Route
-    path: str
-    query: str
-    key: CacheKey | None = None
-    client_id: str = ""
-    resource_json: str = ""
-    error: NetproxyError | None = None
+    Also holds the last 200 answer for it (per second and token), so cache hits within
+    one second reuse one Response (and the server its serialised bytes).
+    """
+
+    __slots__ = (
+        "client_id",
+        "error",
+        "key",
+        "memo",
+        "path",
+        "query",
+        "resource_json",
+        "route",
+    )
+
+    def __init__(
+        self,
+        route: imds.Route,
+        path: str,
+        query: str,
+        key: CacheKey | None = None,
+        client_id: str = "",
+        resource_json: str = "",
+        error: NetproxyError | None = None,
+    ) -> None:
+        self.route = route
+        self.path = path
+        self.query = query
+        self.key = key
+        self.client_id = client_id
+        self.resource_json = resource_json
+        self.error = error
+        self.memo: tuple[int, Token, Response] | None = None
 
 
 def error_response(exc: NetproxyError) -> Response:
@@ -82,23 +106,35 @@ class TokenApp:
         self._endpoint_id = endpoint_id
         self._passthrough = passthrough
         self._metrics = metrics
+        self._requests = metrics.requests
         self._access = access_log
         self._call_soon = call_soon
         self._clock = clock
         self._targets: dict[bytes, _Target] = {}
-        # Last rendered body per target: (second, token, body); expires_in changes per second.
-        self._bodies: dict[bytes, tuple[int, Token, bytes]] = {}
         self.ready = True
 
     # ---- entry point ----
     def dispatch(self, request: Request) -> Response | AsyncResponse:
         started = time.monotonic()
-        target = self._targets.get(request.target)
-        if target is None:
-            target = self._understand(request.target)
+        verdict = request.verdict
+        if verdict is None:
+            verdict = request.verdict = self._judge(request)
+        target: _Target
+        refusal: NetproxyError | None
+        target, refusal = verdict  # type: ignore[misc]  # the tuple _judge returns
         route = target.route
         if route is imds.Route.TOKEN:
-            return self._token(request, target, started)
+            if refusal is not None:
+                return self._fail(request, refusal, started, target)
+            key: CacheKey = target.key  # type: ignore[assignment]  # set for TOKEN targets
+            hit = self._cache.peek(key)
+            if hit is None:
+                return self._token_miss(request, target, key, started)
+            token, outcome = hit
+            response = self._token_response(target, token)
+            # CacheOutcome is a StrEnum: the member is its own string, no .value lookup.
+            self._finish(request, response, started, "token", target.client_id, outcome)
+            return response
         if route is imds.Route.READY:
             response = self._ready(request)
         elif route is imds.Route.NEAR_MISS:
@@ -110,17 +146,15 @@ class TokenApp:
         self._finish(request, response, started, route.value, None, None)
         return response
 
-    # ---- routes ----
-    def _ready(self, request: Request) -> Response:
+    def _judge(self, request: Request) -> tuple[_Target, NetproxyError | None]:
+        """Everything about a request that depends only on its bytes, decided once."""
+        target = self._targets.get(request.target)
+        if target is None:
+            target = self._understand(request.target)
+        if target.route is not imds.Route.TOKEN:
+            return target, None
         if request.method not in ("GET", "HEAD"):
-            return error_response(MethodNotAllowed("Method not allowed"))
-        if not self.ready:
-            return Response(503, b"shutting down", _TEXT)
-        return Response(200, b"ok", _TEXT)
-
-    def _token(self, request: Request, target: _Target, started: float) -> Response | AsyncResponse:
-        if request.method not in ("GET", "HEAD"):
-            return self._fail(request, MethodNotAllowed(imds.MSG_METHOD), started, target)
+            return target, MethodNotAllowed(imds.MSG_METHOD)
         metadata: bytes | None = None
         metadata_count = 0
         forwarded = False
@@ -132,20 +166,18 @@ class TokenApp:
                 forwarded = True
         # SDK credential chains probe without the header: answer at once, no exchange.
         if metadata_count != 1 or metadata is None or metadata.strip().lower() != b"true":
-            return self._fail(request, BadRequest(imds.MSG_NO_METADATA), started, target)
+            return target, BadRequest(imds.MSG_NO_METADATA)
         if forwarded:
-            return self._fail(request, BadRequest(imds.MSG_FORWARDED), started, target)
-        if target.error is not None:
-            return self._fail(request, target.error, started, target)
-        key = target.key
-        assert key is not None
-        hit = self._cache.peek(key)
-        if hit is not None:
-            token, outcome = hit
-            response = Response(200, self._body(request.target, target, token))
-            self._finish(request, response, started, "token", target.client_id, outcome.value)
-            return response
-        return self._token_miss(request, target, key, started)
+            return target, BadRequest(imds.MSG_FORWARDED)
+        return target, target.error
+
+    # ---- routes ----
+    def _ready(self, request: Request) -> Response:
+        if request.method not in ("GET", "HEAD"):
+            return error_response(MethodNotAllowed("Method not allowed"))
+        if not self.ready:
+            return Response(503, b"shutting down", _TEXT)
+        return Response(200, b"ok", _TEXT)
 
     async def _token_miss(self, request: Request, target: _Target, key: CacheKey, started: float) -> Response:
         try:
@@ -155,7 +187,7 @@ class TokenApp:
         except Exception:
             log.exception("token request failed", extra={"client_id": target.client_id})
             return self._fail(request, NetproxyError("internal"), started, target)
-        response = Response(200, self._body(request.target, target, token))
+        response = self._token_response(target, token)
         self._finish(request, response, started, "token", target.client_id, outcome.value)
         return response
 
@@ -226,9 +258,9 @@ class TokenApp:
             self._targets[raw_target] = result
         return result
 
-    def _body(self, raw_target: bytes, target: _Target, token: Token) -> bytes:
+    def _token_response(self, target: _Target, token: Token) -> Response:
         now = int(self._clock())
-        memo = self._bodies.get(raw_target)
+        memo = target.memo
         if memo is not None and memo[0] == now and memo[1] is token:
             return memo[2]
         body = imds.render_token(
@@ -241,10 +273,9 @@ class TokenApp:
             token_type=token.token_type,
             now=now,
         )
-        if len(self._bodies) >= _MEMO_LIMIT:
-            self._bodies.clear()
-        self._bodies[raw_target] = (now, token, body)
-        return body
+        response = Response(200, body)
+        target.memo = (now, token, response)
+        return response
 
     def _fail(self, request: Request, exc: NetproxyError, started: float, target: _Target) -> Response:
         response = error_response(exc)
@@ -262,16 +293,16 @@ class TokenApp:
         client_id: str | None,
         cache: str | None,
     ) -> None:
-        self._metrics.requests[(route, response.status)] += 1
-        if self._access.enabled:
-            now = time.monotonic()
-            self._access.request(
+        self._requests[(route, response.status)] += 1
+        access = self._access
+        if access.enabled:
+            access.request(
                 self._call_soon,
-                now=self._clock(),
-                method=request.method,
-                target=request.target,
-                status=response.status,
-                duration_ms=(now - started) * 1000.0,
-                client_id=client_id,
-                cache=cache,
+                self._clock(),
+                request.method,
+                request.target,
+                response.status,
+                (time.monotonic() - started) * 1000.0,
+                client_id,
+                cache,
             )

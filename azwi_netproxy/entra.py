@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import email.utils
 import json
 import logging
 import random
@@ -18,9 +17,7 @@ import re
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Final, Protocol
-
-import httpx
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from azwi_netproxy import __version__
 from azwi_netproxy.errors import (
@@ -31,6 +28,11 @@ from azwi_netproxy.errors import (
     UpstreamUnavailable,
 )
 from azwi_netproxy.tokens import CacheKey, Token
+
+if TYPE_CHECKING:
+    # httpx is imported when the first client is built, after the server listens: its
+    # import is a large share of start-up time and /readyz must answer quickly.
+    import httpx
 
 log = logging.getLogger(__name__)
 
@@ -64,14 +66,8 @@ class AuthorityEndpoint:
 
     def __init__(self, authority_host: str, *, timeout_s: float) -> None:
         self._authority = authority_host.rstrip("/")
-        # trust_env honours SSL_CERT_FILE / SSL_CERT_DIR and HTTPS_PROXY, as the Go proxy does.
-        self._client = httpx.AsyncClient(
-            timeout=httpx.Timeout(timeout_s, connect=min(timeout_s, 5.0)),
-            trust_env=True,
-            follow_redirects=False,
-            headers={"User-Agent": USER_AGENT},
-            limits=httpx.Limits(max_connections=32, max_keepalive_connections=8),
-        )
+        self._timeout_s = timeout_s
+        self._client: httpx.AsyncClient | None = None
 
     @property
     def endpoint_id(self) -> str:
@@ -81,10 +77,22 @@ class AuthorityEndpoint:
         return f"{self._authority}/{tenant_id}/oauth2/v2.0/token"
 
     def client(self) -> tuple[httpx.AsyncClient, dict[str, Any]]:
+        if self._client is None:
+            import httpx
+
+            # trust_env honours SSL_CERT_FILE / SSL_CERT_DIR and HTTPS_PROXY, as the Go proxy does.
+            self._client = httpx.AsyncClient(
+                timeout=httpx.Timeout(self._timeout_s, connect=min(self._timeout_s, 5.0)),
+                trust_env=True,
+                follow_redirects=False,
+                headers={"User-Agent": USER_AGENT},
+                limits=httpx.Limits(max_connections=32, max_keepalive_connections=8),
+            )
         return self._client, {}
 
     async def aclose(self) -> None:
-        await self._client.aclose()
+        if self._client is not None:
+            await self._client.aclose()
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +109,8 @@ def _retry_after_s(response: httpx.Response) -> int | None:
     value = value.strip()
     if value.isdigit():
         return int(value)
+    import email.utils
+
     with contextlib.suppress(TypeError, ValueError):
         when = email.utils.parsedate_to_datetime(value)
         return max(int(when.timestamp() - time.time()), 0)
@@ -164,6 +174,8 @@ def _parse_token(response: httpx.Response, now: int) -> Token:
 @contextlib.contextmanager
 def _map_transport_errors(url_for_log: str) -> Iterator[None]:
     """httpx errors → UpstreamUnavailable (the one place they are translated)."""
+    import httpx
+
     try:
         yield
     except httpx.TimeoutException as exc:

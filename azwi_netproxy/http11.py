@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from email.utils import formatdate
 from http import HTTPStatus
 from typing import Final
 
@@ -21,8 +20,15 @@ import httptools
 
 MAX_TARGET_BYTES: Final = 8 * 1024
 MAX_HEADER_BYTES: Final = 16 * 1024
-MAX_HEADER_COUNT: Final = 100
 MAX_BODY_BYTES: Final = 64 * 1024
+# Per-header bookkeeping cost counted against MAX_HEADER_BYTES, so the byte limit also
+# bounds the number of headers (at most 16 KiB / 64 = 256 empty ones).
+_HEADER_OVERHEAD: Final = 64
+# Requests repeat byte for byte (an SDK asks for the same token URL with the same
+# headers); parsing is a pure function of the bytes at a message boundary, so a chunk
+# that was exactly one complete request maps to its parsed Request. Bounded.
+MEMO_REQUEST_BYTES: Final = 2048
+MEMO_ENTRIES: Final = 256
 
 
 class ProtocolError(Exception):
@@ -42,6 +48,9 @@ class Request:
     headers: list[tuple[bytes, bytes]] = field(default_factory=list)
     body: bytes = b""
     keep_alive: bool = True
+    # The handler's verdict on this request, kept with it: a memoised Request that comes
+    # back is judged once. Requests are never mutated otherwise.
+    verdict: object = None
 
     def header_values(self, name: bytes) -> list[bytes]:
         return [value for key, value in self.headers if key == name]
@@ -57,12 +66,14 @@ class RequestReader:
         "_headers",
         "_last_name",
         "_limit_error",
+        "_memo",
         "_parser",
         "_target",
         "reading_request",
     )
 
-    def __init__(self) -> None:
+    def __init__(self, memo: dict[bytes, Request] | None = None) -> None:
+        self._memo = memo
         self._parser = httptools.HttpRequestParser(self)
         self._completed: list[Request] = []
         self._target = b""
@@ -81,7 +92,13 @@ class RequestReader:
         Raises:
             ProtocolError: malformed input or a limit exceeded.
         """
-        if not self.reading_request and data:
+        at_boundary = not self.reading_request
+        memo = self._memo
+        if at_boundary and memo is not None:
+            known = memo.get(data)
+            if known is not None:
+                return [known]
+        if at_boundary and data:
             self.reading_request = True
         try:
             self._parser.feed_data(data)
@@ -98,6 +115,16 @@ class RequestReader:
         if self._limit_error is not None:
             raise self._limit_error
         done, self._completed = self._completed, []
+        if (
+            memo is not None
+            and at_boundary
+            and len(done) == 1
+            and not self.reading_request
+            and len(data) <= MEMO_REQUEST_BYTES
+        ):
+            if len(memo) >= MEMO_ENTRIES:
+                memo.clear()
+            memo[data] = done[0]
         return done
 
     def _fail(self, status: int, reason: str) -> None:
@@ -118,8 +145,8 @@ class RequestReader:
             self._fail(414, "request target too long")
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._header_bytes += len(name) + len(value)
-        if self._header_bytes > MAX_HEADER_BYTES or len(self._headers) >= MAX_HEADER_COUNT:
+        self._header_bytes += len(name) + len(value) + _HEADER_OVERHEAD
+        if self._header_bytes > MAX_HEADER_BYTES:
             self._fail(431, "request headers too large")
         self._headers.append((name.lower(), value))
 
@@ -151,6 +178,10 @@ class Response:
     headers: list[tuple[bytes, bytes]] | None = None
     # Close the connection after this response (parse errors, shutdown).
     close: bool = False
+    # The serialised bytes and what they were serialised for (date second, keep-alive,
+    # HEAD): a reused Response (a cache hit within the same second) is not rendered twice.
+    wire: bytes | None = None
+    wire_for: tuple[int, bool, bool, bool] | None = None
 
 
 _REASONS: Final = {status.value: status.phrase.encode("ascii") for status in HTTPStatus}
@@ -161,18 +192,19 @@ SERVER_HEADER: Final = b"azwi-netproxy"
 class DateHeader:
     """The Date header value, formatted at most once a second (it is on every response)."""
 
-    __slots__ = ("_second", "_value")
+    __slots__ = ("_value", "second")
 
     def __init__(self) -> None:
-        self._second = -1
+        self.second = -1
         self._value = b""
 
     def value(self, now: float | None = None) -> bytes:
         now = time.time() if now is None else now
         second = int(now)
-        if second != self._second:
-            self._second = second
-            self._value = formatdate(second, usegmt=True).encode("ascii")
+        if second != self.second:
+            self.second = second
+            # RFC 9110 IMF-fixdate; %a/%b are English in the C locale we never change.
+            self._value = time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(second)).encode()
         return self._value
 
 

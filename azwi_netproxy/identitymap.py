@@ -10,8 +10,6 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-import yaml
-
 from azwi_netproxy.errors import ConfigError
 
 _GUID: Final = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
@@ -49,6 +47,8 @@ def parse_identity_map(text: str, *, source: str = "identity map") -> IdentityMa
     Raises:
         ConfigError: malformed document, unknown keys, bad GUIDs or duplicates.
     """
+    import yaml  # only pods with a map pay for PyYAML's import at start-up
+
     try:
         doc = yaml.safe_load(text)
     except yaml.YAMLError as exc:

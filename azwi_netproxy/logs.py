@@ -81,12 +81,12 @@ class AccessLog:
     def __init__(self, *, enabled: bool, fd: int = 2) -> None:
         self._enabled = enabled
         self._fd = fd
-        self._lines: list[bytes] = []
+        self._lines: list[str] = []
         self._flush_scheduled = False
         self._second = -1
         self._prefix = ""
-        # Request targets repeat (the same few token URLs); escape each once.
-        self._uri_json: dict[bytes, str] = {}
+        # Requests repeat (the same few token URLs); escape each once.
+        self._uri_json: dict[tuple[str, bytes, int, str | None, str | None], tuple[str, str]] = {}
 
     @property
     def enabled(self) -> bool:
@@ -99,19 +99,32 @@ class AccessLog:
             self._prefix = dt.datetime.fromtimestamp(second, dt.UTC).strftime("%Y-%m-%dT%H:%M:%S")
         return f"{self._prefix}.{int((now - second) * 1_000_000):06d}Z"
 
-    def _uri(self, target: bytes) -> str:
-        cached = self._uri_json.get(target)
-        if cached is None:
-            cached = json.dumps(target.decode("latin-1"))
-            if len(self._uri_json) > 1024:
+    def _fields(
+        self, method: str, target: bytes, status: int, client_id: str | None, cache: str | None
+    ) -> tuple[str, str]:
+        """The constant parts of a line around the duration, escaped once per distinct request."""
+        key = (method, target, status, client_id, cache)
+        fields = self._uri_json.get(key)
+        if fields is None:
+            message = "successfully acquired token" if status == 200 and cache else "request"
+            head = (
+                f'"caller":"server.py:access","message":"{message}","method":{json.dumps(method)},'
+                f'"uri":{json.dumps(target.decode("latin-1"))},"status":{status},"duration_ms":'
+            )
+            tail = ""
+            if client_id is not None:
+                tail += f',"client_id":{json.dumps(client_id)}'
+            if cache is not None:
+                tail += f',"cache":{json.dumps(cache)}'
+            fields = (head, tail + "}\n")
+            if len(self._uri_json) > 2048:
                 self._uri_json.clear()
-            self._uri_json[target] = cached
-        return cached
+            self._uri_json[key] = fields
+        return fields
 
     def request(
         self,
         loop_call_soon: Any,
-        *,
         now: float,
         method: str,
         target: bytes,
@@ -122,17 +135,11 @@ class AccessLog:
     ) -> None:
         if not self._enabled:
             return
-        message = "successfully acquired token" if status == 200 and cache else "request"
-        line = (
+        head, tail = self._fields(method, target, status, client_id, cache)
+        self._lines.append(
             f'{{"level":"info","timestamp":"{self._timestamp(now)}","logger":"proxy",'
-            f'"caller":"server.py:access","message":"{message}","method":{json.dumps(method)},'
-            f'"uri":{self._uri(target)},"status":{status},"duration_ms":{duration_ms:.3f}'
+            f"{head}{duration_ms:.3f}{tail}"
         )
-        if client_id is not None:
-            line += f',"client_id":{json.dumps(client_id)}'
-        if cache is not None:
-            line += f',"cache":"{cache}"'
-        self._lines.append((line + "}\n").encode())
         if not self._flush_scheduled:
             self._flush_scheduled = True
             loop_call_soon(self.flush)
@@ -141,7 +148,7 @@ class AccessLog:
         self._flush_scheduled = False
         if not self._lines:
             return
-        data = b"".join(self._lines)
+        data = "".join(self._lines).encode()
         self._lines.clear()
         try:
             while data:

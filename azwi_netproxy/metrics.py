@@ -1,23 +1,26 @@
 """Prometheus metrics, counted in plain integers on the hot path and exported at scrape time.
 
-prometheus-client's own Counter takes a lock per increment; a token answer costs about
-ten microseconds in all, so the request path only bumps dict entries here and a custom
-collector turns them into metric families when Prometheus scrapes.
+prometheus-client's own Counter takes a lock per increment, and a cache hit costs only a
+few microseconds in all, so the request path bumps dict entries here and a collector turns
+them into metric families when Prometheus scrapes. prometheus-client itself is imported
+on the first scrape only: pods without --metrics-port never load it, which keeps start-up
+fast and memory small.
 """
 
 from __future__ import annotations
 
+import bisect
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
-from typing import Final
+from typing import TYPE_CHECKING, Any, Final
 
-from prometheus_client import CollectorRegistry, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
-from prometheus_client.process_collector import ProcessCollector
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.core import Metric
 
 NAMESPACE: Final = "azwi_netproxy"
+EXCHANGE_BUCKETS_S: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0)
 
 
 class Metrics:
@@ -25,18 +28,12 @@ class Metrics:
         self.requests: defaultdict[tuple[str, int], int] = defaultdict(int)
         self.exchanges: defaultdict[str, int] = defaultdict(int)
         self.cache_events: defaultdict[str, int] = defaultdict(int)
-        self.registry = CollectorRegistry(auto_describe=False)
-        self.exchange_seconds = Histogram(
-            "exchange_duration_seconds",
-            "Latency of token exchanges with Entra (or the identity-binding proxy), retries included",
-            namespace=NAMESPACE,
-            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30),
-            registry=self.registry,
-        )
+        # Histogram of exchange latency: one counter per bucket (+Inf last), and the sum.
+        self.exchange_buckets = [0] * (len(EXCHANGE_BUCKETS_S) + 1)
+        self.exchange_seconds_sum = 0.0
         self.earliest_expiry: Callable[[], float | None] = lambda: None
         self.cached_tokens: Callable[[], int] = lambda: 0
-        self.registry.register(_Collector(self))
-        ProcessCollector(namespace=NAMESPACE, registry=self.registry)
+        self._registry: CollectorRegistry | None = None
 
     def count_request(self, route: str, status: int) -> None:
         self.requests[(route, status)] += 1
@@ -46,10 +43,22 @@ class Metrics:
 
     def count_exchange(self, outcome: str, seconds: float) -> None:
         self.exchanges[outcome] += 1
-        self.exchange_seconds.observe(seconds)
+        self.exchange_buckets[bisect.bisect_left(EXCHANGE_BUCKETS_S, seconds)] += 1
+        self.exchange_seconds_sum += seconds
 
     def render(self) -> tuple[bytes, bytes]:
-        return generate_latest(self.registry), CONTENT_TYPE_LATEST.encode()
+        """The exposition text and its content type."""
+        from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+        if self._registry is None:
+            from prometheus_client import CollectorRegistry
+            from prometheus_client.process_collector import ProcessCollector
+
+            registry = CollectorRegistry(auto_describe=False)
+            registry.register(_Collector(self))
+            ProcessCollector(namespace=NAMESPACE, registry=registry)
+            self._registry = registry
+        return generate_latest(self._registry), CONTENT_TYPE_LATEST.encode()
 
 
 class _Collector:
@@ -57,30 +66,48 @@ class _Collector:
         self._m = metrics
 
     def collect(self) -> Iterator[Metric]:
+        from prometheus_client.core import (
+            CounterMetricFamily,
+            GaugeMetricFamily,
+            HistogramMetricFamily,
+        )
+
+        m = self._m
         requests = CounterMetricFamily(
             f"{NAMESPACE}_requests", "Requests answered, by route and status", labels=["route", "status"]
         )
-        for (route, status), count in sorted(self._m.requests.items()):
+        for (route, status), count in sorted(m.requests.items()):
             requests.add_metric([route, str(status)], count)
         yield requests
         exchanges = CounterMetricFamily(
             f"{NAMESPACE}_exchanges", "Token exchanges, by outcome", labels=["outcome"]
         )
-        for outcome, count in sorted(self._m.exchanges.items()):
+        for outcome, count in sorted(m.exchanges.items()):
             exchanges.add_metric([outcome], count)
         yield exchanges
         cache = CounterMetricFamily(
             f"{NAMESPACE}_cache_events",
-            "Token cache events: hit, miss, refresh (background), stale, evict, refresh_failed",
+            "Token cache events: hit, miss, refresh, stale, evict, refresh_failed",
             labels=["event"],
         )
-        for event, count in sorted(self._m.cache_events.items()):
+        for event, count in sorted(m.cache_events.items()):
             cache.add_metric([event], count)
         yield cache
+        cumulative: list[tuple[str, float]] = []
+        running = 0
+        for bound, count in zip((*map(str, EXCHANGE_BUCKETS_S), "+Inf"), m.exchange_buckets, strict=True):
+            running += count
+            cumulative.append((bound, running))
+        histogram = HistogramMetricFamily(
+            f"{NAMESPACE}_exchange_duration_seconds",
+            "Latency of token exchanges (retries included)",
+        )
+        histogram.add_metric([], cumulative, sum_value=m.exchange_seconds_sum)
+        yield histogram
         size = GaugeMetricFamily(f"{NAMESPACE}_cached_tokens", "Tokens in the cache")
-        size.add_metric([], self._m.cached_tokens())
+        size.add_metric([], m.cached_tokens())
         yield size
-        earliest = self._m.earliest_expiry()
+        earliest = m.earliest_expiry()
         expiry = GaugeMetricFamily(
             f"{NAMESPACE}_earliest_token_expiry_seconds",
             "Seconds until the earliest cached token expires (absent when the cache is empty)",
@@ -88,3 +115,6 @@ class _Collector:
         if earliest is not None:
             expiry.add_metric([], max(earliest - time.time(), 0.0))
         yield expiry
+
+    def describe(self) -> list[Any]:
+        return []

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import logging
 import secrets
-from typing import Final
-
-import httpx
+from typing import TYPE_CHECKING, Final
 
 from azwi_netproxy.errors import PassthroughLoop, UpstreamUnavailable
 from azwi_netproxy.http11 import Request, Response
+
+if TYPE_CHECKING:
+    import httpx
 
 log = logging.getLogger(__name__)
 
@@ -66,13 +67,20 @@ class Passthrough:
         self._ip = metadata_ip
         self._port = metadata_port
         self._uid = run_as_uid
-        # No env proxies: the destination is the link-local IMDS, never a proxy.
-        self._client = httpx.AsyncClient(
-            trust_env=False,
-            timeout=httpx.Timeout(10.0, connect=3.0),
-            follow_redirects=False,
-            limits=httpx.Limits(max_connections=16, max_keepalive_connections=4),
-        )
+        self._client: httpx.AsyncClient | None = None
+
+    def _http(self) -> httpx.AsyncClient:
+        if self._client is None:
+            import httpx
+
+            # No env proxies: the destination is the link-local IMDS, never a proxy.
+            self._client = httpx.AsyncClient(
+                trust_env=False,
+                timeout=httpx.Timeout(10.0, connect=3.0),
+                follow_redirects=False,
+                limits=httpx.Limits(max_connections=16, max_keepalive_connections=4),
+            )
+        return self._client
 
     def is_own_loop(self, request: Request) -> bool:
         return any(n == LOOP_HEADER and v == self.nonce for n, v in request.headers)
@@ -84,17 +92,18 @@ class Passthrough:
             PassthroughLoop: the request came back to this proxy.
             UpstreamUnavailable: IMDS cannot be reached or answered too much.
         """
+        import httpx
+
+        client = self._http()
         raw_path = path.encode("latin-1", "replace") + (
             b"?" + query.encode("latin-1", "replace") if query else b""
         )
         url = httpx.URL(scheme="http", host=self._ip, port=self._port, raw_path=raw_path)
         headers = forwardable(request.headers)
         headers.append((LOOP_HEADER, self.nonce))
-        outbound = self._client.build_request(
-            request.method, url, headers=headers, content=request.body or None
-        )
+        outbound = client.build_request(request.method, url, headers=headers, content=request.body or None)
         try:
-            response = await self._client.send(outbound, stream=True)
+            response = await client.send(outbound, stream=True)
             try:
                 body = bytearray()
                 async for chunk in response.aiter_raw():
@@ -127,4 +136,5 @@ class Passthrough:
         return Response(response.status_code, bytes(body), content_type, rest or None)
 
     async def aclose(self) -> None:
-        await self._client.aclose()
+        if self._client is not None:
+            await self._client.aclose()

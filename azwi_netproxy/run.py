@@ -7,6 +7,7 @@ request handling.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -50,6 +51,13 @@ class MetricsApp:
             return Response(404, b"not found", b"text/plain; charset=utf-8")
         body, content_type = self._metrics.render()
         return Response(200, body, content_type)
+
+
+def _warm_imports() -> None:
+    import httpx  # noqa: F401
+
+    with contextlib.suppress(ImportError):
+        import anyio  # noqa: F401  (httpcore imports it at the first connection)
 
 
 def make_endpoint(cfg: ProxyConfig) -> Endpoint:
@@ -131,6 +139,8 @@ async def serve(cfg: ProxyConfig, started: float) -> int:
             "passthrough": cfg.passthrough,
         },
     )
+    # Import httpx now that /readyz answers, so the first exchange does not pay for it.
+    loop.call_later(0.05, _warm_imports)
     background: set[asyncio.Task[None]] = set()
     if passthrough is not None:
         task = loop.create_task(check_passthrough_loop(passthrough))

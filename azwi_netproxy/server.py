@@ -54,6 +54,7 @@ class ServerState:
     connections: set[HttpProtocol] = field(default_factory=set)
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
     date: DateHeader = field(default_factory=DateHeader)
+    request_memo: dict[bytes, Request] = field(default_factory=dict)
     shutting_down: bool = False
     rejected_connections: int = 0
 
@@ -77,7 +78,7 @@ class HttpProtocol(asyncio.Protocol):
         self._app = app
         self._state = state
         self._loop = loop
-        self._reader = RequestReader()
+        self._reader = RequestReader(state.request_memo)
         self._queue: deque[Request | ProtocolError] = deque()
         self._busy = False
         self._closed = False
@@ -180,16 +181,24 @@ class HttpProtocol(asyncio.Protocol):
         transport = self._transport
         if transport is None or self._closed:
             return
-        keep_alive = request.keep_alive and not response.close and not self._state.shutting_down
-        transport.write(
-            serialize(
+        state = self._state
+        keep_alive = request.keep_alive and not response.close and not state.shutting_down
+        head = request.method == "HEAD"
+        date = state.date.value()
+        http10_keep_alive = keep_alive and request.http_version == "1.0"
+        wire_for = (state.date.second, keep_alive, head, http10_keep_alive)
+        if response.wire_for == wire_for and response.wire is not None:
+            wire = response.wire
+        else:
+            wire = serialize(
                 response,
-                date=self._state.date.value(),
-                head=request.method == "HEAD",
+                date=date,
+                head=head,
                 keep_alive=keep_alive,
-                http10_keep_alive=keep_alive and request.http_version == "1.0",
+                http10_keep_alive=http10_keep_alive,
             )
-        )
+            response.wire, response.wire_for = wire, wire_for
+        transport.write(wire)
         if not keep_alive:
             self._close()
             return

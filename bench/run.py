@@ -1,0 +1,355 @@
+"""Benchmark of the real proxy against a floor server, with the issue's targets checked.
+
+Usage (as root, from the repository; bench/run.sh installs wrk and the venv first):
+    python bench/run.py [--duration 8] [--quick]
+
+The proxy runs as a separate process against a local HTTPS stand-in token service, pinned
+to one core; wrk runs on the other. Every figure of the proxy is reported next to the
+floor server's (a minimal uvloop + httptools server with a fixed body of the same size,
+bench/floor_server.py) measured in the same run, so ratios hold on a noisy machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import http.client
+import json
+import os
+import re
+import resource
+import shutil
+import socket
+import ssl
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+TENANT = "72f988bf-86f1-41af-91ab-2d7cd011db47"
+CLIENT = "11111111-1111-1111-1111-111111111111"
+TOKEN_PATH = "/metadata/identity/oauth2/token?api-version=2018-02-01&resource=https://management.azure.com/"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+CPUS = os.cpu_count() or 1
+SERVER_CPU = "1" if CPUS > 1 else "0"
+LOAD_CPU = "0"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def cpu_ticks(pid: int) -> int:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])  # utime + stime
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def wait_ready(port: int, path: str = "/readyz", timeout_s: float = 10.0) -> float:
+    """Seconds until `path` answers 200, polling every millisecond."""
+    started = time.monotonic()
+    while time.monotonic() - started < timeout_s:
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
+            conn.request("GET", path)
+            if conn.getresponse().status == 200:
+                conn.close()
+                return time.monotonic() - started
+            conn.close()
+        except OSError:
+            time.sleep(0.001)
+    raise RuntimeError(f"nothing answered on 127.0.0.1:{port}{path}")
+
+
+def pinned(cpu: str, argv: list[str]) -> list[str]:
+    return ["taskset", "-c", cpu, *argv] if shutil.which("taskset") else argv
+
+
+@dataclass
+class WrkResult:
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    requests: int
+    errors: int
+
+
+def _ms(text: str) -> float:
+    match = re.match(r"([\d.]+)(us|ms|s)", text)
+    if not match:
+        return float("nan")
+    value, unit = float(match.group(1)), match.group(2)
+    return value / 1000 if unit == "us" else value * 1000 if unit == "s" else value
+
+
+def wrk(url: str, connections: int, duration_s: float, *, close: bool = False, script: str | None = None) -> WrkResult:
+    argv = ["wrk", "-t1", f"-c{connections}", f"-d{int(duration_s)}s", "--latency", "-H", "Metadata: true"]
+    if close:
+        argv += ["-H", "Connection: close"]
+    if script:
+        argv += ["-s", script]
+    out = subprocess.run(pinned(LOAD_CPU, [*argv, url]), capture_output=True, text=True, check=True).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    requests = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
+    distribution = out.split("Latency Distribution", 1)[-1]
+    p50 = _ms(re.search(r"^\s+50%\s+(\S+)", distribution, re.M).group(1))  # type: ignore[union-attr]
+    p99 = _ms(re.search(r"^\s+99%\s+(\S+)", distribution, re.M).group(1))  # type: ignore[union-attr]
+    errors = 0
+    for pattern in (r"Non-2xx or 3xx responses: (\d+)", r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)"):
+        match = re.search(pattern, out)
+        if match:
+            errors += sum(int(g) for g in match.groups())
+    return WrkResult(rps, p50, p99, requests, errors)
+
+
+def measured(pid: int, run: callable) -> tuple[WrkResult, float]:  # type: ignore[valid-type]
+    before = cpu_ticks(pid)
+    result = run()
+    ticks = cpu_ticks(pid) - before
+    return result, ticks / CLK_TCK * 1e6 / max(result.requests, 1)
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.tmp = Path(tempfile.mkdtemp(prefix="azwi-bench-"))
+        os.chmod(self.tmp, 0o755)
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.rows: list[tuple[str, str, str, str]] = []
+        self.checks: list[tuple[str, bool, str]] = []
+
+    def start(self, argv: list[str], env: dict[str, str] | None = None, log: str = "proc.log") -> subprocess.Popen[bytes]:
+        handle = open(self.tmp / log, "wb")  # noqa: SIM115 - closed with the process
+        proc = subprocess.Popen(argv, env=env, stdout=handle, stderr=handle, cwd="/")
+        self.procs.append(proc)
+        return proc
+
+    def stop(self, proc: subprocess.Popen[bytes]) -> None:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+    def close(self) -> None:
+        for proc in self.procs:
+            self.stop(proc)
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    # ---- set-up ----
+    def token_service(self) -> tuple[str, int]:
+        import trustme
+
+        ca = trustme.CA()
+        cert = ca.issue_cert("127.0.0.1", "localhost")
+        cert.private_key_and_cert_chain_pem.write_to_path(str(self.tmp / "server.pem"))
+        ca.cert_pem.write_to_path(str(self.tmp / "ca.pem"))
+        os.chmod(self.tmp / "ca.pem", 0o644)
+        port = free_port()
+        self.start(pinned(LOAD_CPU, [sys.executable, str(HERE / "token_service.py"), str(port), str(self.tmp / "server.pem"), str(self.tmp / "server.pem")]), log="sts.log")
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.01)
+        return str(self.tmp / "ca.pem"), port
+
+    def start_proxy(self, ca_file: str, sts_port: int, port: int, *, log_level: str = "info") -> tuple[subprocess.Popen[bytes], float]:
+        token_file = self.tmp / "sa-token"
+        token_file.write_text("eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJzeXN0ZW06c2VydmljZWFjY291bnQ6ZGVmYXVsdDpiZW5jaCJ9.c2ln")
+        os.chmod(token_file, 0o644)
+        env = {
+            "PATH": "/usr/bin:/bin",
+            "AZURE_TENANT_ID": TENANT,
+            "AZURE_CLIENT_ID": CLIENT,
+            "AZURE_FEDERATED_TOKEN_FILE": str(token_file),
+            "AZURE_AUTHORITY_HOST": f"https://127.0.0.1:{sts_port}/",
+            "SSL_CERT_FILE": ca_file,
+            "METADATA_IP": "127.0.0.1",
+            "METADATA_PORT": str(free_port()),
+            "AZWI_PASSTHROUGH": "none",
+        }
+        argv = [sys.executable, "-m", "azwi_netproxy", f"--proxy-port={port}", f"--log-level={log_level}"]
+        if os.geteuid() == 0 and shutil.which("setpriv"):
+            argv = ["setpriv", "--reuid=1501", "--regid=1501", "--clear-groups", *argv]
+        started = time.monotonic()
+        proc = self.start(pinned(SERVER_CPU, argv), env=env, log="proxy.log")
+        ready = started + wait_ready(port) - started
+        return proc, ready
+
+    # ---- figures ----
+    def add(self, name: str, proxy: str, floor: str, ratio: str) -> None:
+        self.rows.append((name, proxy, floor, ratio))
+
+    def check(self, name: str, ok: bool, detail: str) -> None:
+        self.checks.append((name, ok, detail))
+
+    def run(self) -> int:
+        duration = self.args.duration
+        ca_file, sts_port = self.token_service()
+        port = free_port()
+        proxy, ready_s = self.start_proxy(ca_file, sts_port, port)
+        url = f"http://127.0.0.1:{port}{TOKEN_PATH}"
+        conn = http.client.HTTPConnection("127.0.0.1", port)
+        conn.request("GET", TOKEN_PATH, headers={"Metadata": "true"})
+        warm = conn.getresponse()
+        body = warm.read()
+        assert warm.status == 200, body
+        conn.close()
+        wrk(url, 16, 2)  # warm-up
+        rss_warm = rss_mb(proxy.pid)
+
+        floor_port = free_port()
+        floor = self.start(pinned(SERVER_CPU, [sys.executable, str(HERE / "floor_server.py"), str(floor_port)]), log="floor.log")
+        floor_ready = wait_ready(floor_port, "/")
+        floor_url = f"http://127.0.0.1:{floor_port}{TOKEN_PATH}"
+        wrk(floor_url, 16, 2)
+
+        results: dict[str, tuple[WrkResult, float, WrkResult, float]] = {}
+        for label, connections, close in (("keep-alive c=1", 1, False), ("keep-alive c=16", 16, False), ("keep-alive c=64", 64, False), ("new connection per request c=16", 16, True)):
+            p, p_cpu = measured(proxy.pid, lambda c=connections, k=close: wrk(url, c, duration, close=k))
+            f, f_cpu = measured(floor.pid, lambda c=connections, k=close: wrk(floor_url, c, duration, close=k))
+            results[label] = (p, p_cpu, f, f_cpu)
+            self.add(f"{label}: requests/s", f"{p.rps:,.0f}", f"{f.rps:,.0f}", f"{p.rps / f.rps:.2f}x")
+            self.add(f"{label}: p50 / p99 ms", f"{p.p50_ms:.3f} / {p.p99_ms:.3f}", f"{f.p50_ms:.3f} / {f.p99_ms:.3f}", "")
+            self.add(f"{label}: server CPU us/request", f"{p_cpu:.1f}", f"{f_cpu:.1f}", f"{p_cpu / max(f_cpu, 1e-9):.2f}x")
+            if p.errors:
+                self.check(f"{label}: no errors", False, f"{p.errors} errors")
+        self.stop(floor)
+        self.add("body bytes", str(len(body)), "", "")
+        self.add("RSS after warm-up MB", f"{rss_warm:.1f}", "", "")
+        self.add("exec to first 200 on /readyz ms", f"{ready_s * 1000:.0f}", f"{floor_ready * 1000:.0f}", "")
+
+        ka16 = results["keep-alive c=16"]
+        self.check("cache hit c=16 >= 0.8x floor", ka16[0].rps >= 0.8 * ka16[2].rps, f"{ka16[0].rps / ka16[2].rps:.2f}x")
+        self.check("server CPU <= 12 us/request (c=16)", ka16[1] <= 12, f"{ka16[1]:.1f} us")
+        self.check("p99 < 1 ms (c=16)", ka16[0].p99_ms < 1, f"{ka16[0].p99_ms:.3f} ms")
+        nc = results["new connection per request c=16"]
+        self.check("new connection per request >= 20k/s", nc[0].rps >= 20000, f"{nc[0].rps:,.0f}/s")
+        self.check("RSS after warm-up <= 30 MB", rss_warm <= 30, f"{rss_warm:.1f} MB")
+        self.check("exec to first 200 on /readyz < 200 ms", ready_s < 0.2, f"{ready_s * 1000:.0f} ms")
+
+        self.cold_path(port, sts_port, ca_file)
+        self.single_flight(port, sts_port, ca_file)
+        if not self.args.quick:
+            self.many_keys(proxy.pid, port)
+        self.report()
+        return 0 if all(ok for _, ok, _ in self.checks) else 1
+
+    def cold_path(self, port: int, sts_port: int, ca_file: str) -> None:
+        """Latency of a cache miss at the app, minus the token service's own latency."""
+        context = ssl.create_default_context(cafile=ca_file)
+        direct = http.client.HTTPSConnection("127.0.0.1", sts_port, context=context)
+        form = "grant_type=client_credentials&client_id=x&scope=s&client_assertion_type=t&client_assertion=a"
+        sts_times, app_times = [], []
+        via = http.client.HTTPConnection("127.0.0.1", port)
+        for i in range(300):
+            started = time.perf_counter()
+            direct.request("POST", f"/{TENANT}/oauth2/v2.0/token", body=form, headers={"Content-Type": "application/x-www-form-urlencoded"})
+            direct.getresponse().read()
+            sts_times.append(time.perf_counter() - started)
+            started = time.perf_counter()
+            via.request("GET", TOKEN_PATH.replace("management.azure.com/", f"cold-{i}.example/"), headers={"Metadata": "true"})
+            response = via.getresponse()
+            response.read()
+            app_times.append(time.perf_counter() - started)
+            assert response.status == 200
+        sts, app = statistics.median(sts_times) * 1000, statistics.median(app_times) * 1000
+        self.add("cold path: app latency / token service latency ms (median)", f"{app:.3f}", f"{sts:.3f}", f"+{app - sts:.3f} ms")
+        self.check("cold path adds < 2 ms", app - sts < 2, f"+{app - sts:.3f} ms")
+
+    def single_flight(self, port: int, sts_port: int, ca_file: str) -> None:
+        def exchanges() -> int:
+            conn = http.client.HTTPSConnection("127.0.0.1", sts_port, context=ssl.create_default_context(cafile=ca_file))
+            conn.request("GET", "/_stats")
+            return int(json.loads(conn.getresponse().read())["exchanges"])
+
+        async def one(path: str) -> int:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\nMetadata: true\r\nConnection: close\r\n\r\n".encode())
+            data = await reader.read()
+            writer.close()
+            return int(data.split(b" ", 2)[1])
+
+        async def burst() -> list[int]:
+            path = TOKEN_PATH.replace("management.azure.com/", "single-flight.example/")
+            return await asyncio.gather(*(one(path) for _ in range(1000)))
+
+        before = exchanges()
+        statuses = asyncio.run(burst())
+        made = exchanges() - before
+        ok = sum(1 for s in statuses if s == 200)
+        self.add("1000 concurrent misses of one key: exchanges (200s)", f"{made} ({ok})", "", "")
+        self.check("1000 concurrent misses make one exchange", made == 1 and ok == 1000, f"{made} exchanges, {ok} ok")
+
+    def many_keys(self, pid: int, port: int) -> None:
+        """RSS growth over a million requests spread across 1000 (client, resource) keys."""
+        paths = [
+            f"/metadata/identity/oauth2/token?api-version=2018-02-01&resource=https://r{r}.example/&client_id=0000{c:04d}-0000-0000-0000-000000000000"
+            for c in range(10)
+            for r in range(100)
+        ]
+        script = self.tmp / "keys.lua"
+        script.write_text(
+            "local paths = {" + ",".join(json.dumps(p) for p in paths) + "}\n"
+            "local i = 0\n"
+            "request = function()\n  i = i % #paths + 1\n"
+            '  return wrk.format("GET", paths[i], {["Metadata"] = "true"})\nend\n'
+        )
+        url = f"http://127.0.0.1:{port}/"
+        wrk(url, 16, 3, script=str(script))  # every key fetched once, then cached
+        before = rss_mb(pid)
+        total, runs = 0, 0
+        while total < 1_000_000 and runs < 20:
+            result = wrk(url, 16, 10, script=str(script))
+            total += result.requests
+            runs += 1
+        after = rss_mb(pid)
+        self.add("RSS before / after 1M requests over 1000 keys MB", f"{before:.1f} / {after:.1f}", "", f"+{after - before:.2f} MB")
+        self.check("RSS growth < 2 MB over 1M requests, 1000 keys", after - before < 2, f"+{after - before:.2f} MB ({total:,} requests)")
+
+    def report(self) -> None:
+        width = max(len(r[0]) for r in self.rows)
+        print(f"\n{'figure':<{width}}  {'proxy':>22}  {'floor':>22}  ratio")
+        for name, proxy, floor, ratio in self.rows:
+            print(f"{name:<{width}}  {proxy:>22}  {floor:>22}  {ratio}")
+        print("\ntargets:")
+        for name, ok, detail in self.checks:
+            print(f"  [{'PASS' if ok else 'FAIL'}] {name}: {detail}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--duration", type=float, default=8.0, help="seconds per wrk run")
+    parser.add_argument("--quick", action="store_true", help="skip the million-request memory run")
+    args = parser.parse_args()
+    if shutil.which("wrk") is None:
+        print("bench: wrk is not installed (bench/run.sh installs it)", file=sys.stderr)
+        return 2
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(max(soft, 8192), hard), hard))
+    bench = Bench(args)
+    try:
+        return bench.run()
+    finally:
+        bench.close()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Install what the tests, the demo and the benchmark need on a fresh Debian machine (as root):
+# Debian packages, then a virtual environment built from Debian's /usr/bin/python3 in a path
+# every uid can read (the proxy runs as uid 1501 and clients as uid 1000 in the tests), with
+# this package (not editable: the checkout may be unreadable for those uids) and its test extras.
+set -euo pipefail
+umask 022
+
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${AZWI_VENV:-/opt/azwi-netproxy/test-venv}"
+APT_PACKAGES=(
+    iptables nftables iproute2 util-linux procps curl openssl ca-certificates
+    python3 python3-venv python3-dev gcc libc6-dev
+)
+
+if [[ $(id -u) -ne 0 ]]; then
+    echo "bootstrap: run as root (it installs Debian packages and creates network namespaces)" >&2
+    exit 2
+fi
+
+missing=()
+for package in "${APT_PACKAGES[@]}" "$@"; do
+    dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" || missing+=("$package")
+done
+if ((${#missing[@]})); then
+    echo "bootstrap: installing ${missing[*]}" >&2
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+if [[ ! -x "$VENV/bin/python" ]] || ! "$VENV/bin/python" -c 'import sys; sys.exit(sys.base_prefix != "/usr")'; then
+    rm -rf "$VENV"
+    mkdir -p "$(dirname "$VENV")"
+    /usr/bin/python3 -m venv "$VENV"
+    "$VENV/bin/pip" install -q --upgrade pip setuptools wheel
+fi
+"$VENV/bin/pip" install -q --upgrade "$REPO[test]"
+# Reinstall our package itself every time so the venv holds exactly this checkout.
+"$VENV/bin/pip" install -q --no-deps --force-reinstall "$REPO"
+chmod -R a+rX "$VENV"
+echo "$VENV"

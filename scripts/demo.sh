@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# The whole flow in a throwaway sandbox of network namespaces: no Azure, no cluster needed.
+set -euo pipefail
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="$("$REPO/scripts/bootstrap.sh" | tail -n 1)"
+exec "$VENV/bin/azwi-netproxy-demo" "$@"
