@@ -1,0 +1,667 @@
+"""Check Kubernetes manifests that run azwi-netproxy, as the cluster and our programs would see them.
+
+Owns: loading YAML documents; simulating what upstream's workload identity webhook
+(pkg/webhook/webhook.go) does to a pod (env, token volume, and, with the
+`inject-proxy-sidecar` annotation, the `azwi-proxy-init` and `azwi-proxy` containers, in
+its native-sidecar and classic forms); and `validate_manifest_docs`, which returns every
+problem found: structure, security contexts, container order, port and uid agreement
+between the init and the proxy, and whether our own programs accept the containers' args
+and environment (the init runs `--dry-run` as a subprocess, the proxy's flags and env go
+through `cli.proxy_parser` and `config.load_proxy`, identity maps through the ConfigMap
+they are mounted from).
+
+Used by tests/test_deploy.py for deploy/ and by the migration tool's tests for what it
+writes. Must not know: which files a caller loads or what a particular manifest is for
+(a caller adds its own checks on top).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import os
+import posixpath
+import re
+import subprocess
+import sys
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+import yaml
+
+from azwi_netproxy import cli, config
+from azwi_netproxy.errors import ConfigError
+
+# ---- upstream's names (pkg/webhook/consts.go) ----
+USE_LABEL: Final = "azure.workload.identity/use"
+CLIENT_ID_ANNOTATION: Final = "azure.workload.identity/client-id"
+TENANT_ID_ANNOTATION: Final = "azure.workload.identity/tenant-id"
+INJECT_ANNOTATION: Final = "azure.workload.identity/inject-proxy-sidecar"
+PORT_ANNOTATION: Final = "azure.workload.identity/proxy-sidecar-port"
+SKIP_CONTAINERS_ANNOTATION: Final = "azure.workload.identity/skip-containers"
+IDENTITY_BINDING_ANNOTATION: Final = "azure.workload.identity/use-identity-binding"
+INIT_NAME: Final = "azwi-proxy-init"
+PROXY_NAME: Final = "azwi-proxy"
+TOKEN_VOLUME: Final = "azure-identity-token"
+TOKEN_MOUNT_PATH: Final = "/var/run/secrets/azure/tokens"
+TOKEN_FILE: Final = f"{TOKEN_MOUNT_PATH}/{TOKEN_VOLUME}"
+AUDIENCE: Final = "api://AzureADTokenExchange"
+DEFAULT_PORT: Final = 8000
+IMAGE_UID: Final = 1501  # USER of our proxy image (and of upstream's)
+
+GUID: Final = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
+KNOWN_KINDS: Final = {
+    "ServiceAccount": "v1",
+    "ConfigMap": "v1",
+    "Secret": "v1",
+    "Pod": "v1",
+    "Namespace": "v1",
+    "Service": "v1",
+    "Deployment": "apps/v1",
+    "StatefulSet": "apps/v1",
+    "DaemonSet": "apps/v1",
+    "ReplicaSet": "apps/v1",
+    "Job": "batch/v1",
+    "CronJob": "batch/v1",
+}
+
+
+@dataclass(frozen=True)
+class WebhookSettings:
+    """What the simulated webhook injects; images and tenant are the cluster's settings."""
+
+    tenant_id: str = "00000000-0000-0000-0000-0000000000aa"
+    authority_host: str = "https://login.microsoftonline.com/"
+    proxy_image: str = "mcr.microsoft.com/oss/azure/workload-identity/proxy:v1.5.1"
+    proxy_init_image: str = "mcr.microsoft.com/oss/azure/workload-identity/proxy-init:v1.5.1"
+    log_level: str = "info"
+    # AKS injects these for identity binding; the values only need the right shape here.
+    binding_env: Mapping[str, str] = field(default_factory=lambda: {
+        "AZURE_KUBERNETES_TOKEN_PROXY": "https://kubernetes.default.svc",
+        "AZURE_KUBERNETES_SNI_NAME": "ib.aks.example",
+        "AZURE_KUBERNETES_CA_FILE": f"{TOKEN_MOUNT_PATH}/ca.crt",
+    })
+
+
+def load_documents(paths: Iterable[Path]) -> list[dict[str, Any]]:
+    """Every non-empty YAML document of the files, each tagged with `_source` (file:index)."""
+    docs: list[dict[str, Any]] = []
+    for path in paths:
+        for index, doc in enumerate(yaml.safe_load_all(path.read_text("utf-8"))):
+            if doc is None:
+                continue
+            if not isinstance(doc, dict):
+                raise ValueError(f"{path}: document {index} is not a mapping")
+            docs.append({**doc, "_source": f"{path.name}#{index}"})
+    return docs
+
+
+def where(doc: Mapping[str, Any]) -> str:
+    meta = doc.get("metadata") or {}
+    return f"{doc.get('_source', '?')} {doc.get('kind', '?')}/{meta.get('name', '?')}"
+
+
+def pod_template(doc: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The pod template (metadata + spec) of a workload, or None for other kinds."""
+    kind = doc.get("kind")
+    spec = doc.get("spec") or {}
+    if kind == "Pod":
+        return {"metadata": doc.get("metadata") or {}, "spec": spec}
+    if kind in ("Deployment", "StatefulSet", "DaemonSet", "ReplicaSet", "Job"):
+        template = spec.get("template")
+        return template if isinstance(template, dict) else None
+    if kind == "CronJob":
+        template = ((spec.get("jobTemplate") or {}).get("spec") or {}).get("template")
+        return template if isinstance(template, dict) else None
+    return None
+
+
+def namespace_of(doc: Mapping[str, Any]) -> str:
+    return str((doc.get("metadata") or {}).get("namespace") or "default")
+
+
+# ---- the webhook, as upstream's pkg/webhook/webhook.go mutates a pod ----
+
+
+def _has(containers: list[dict[str, Any]], name: str) -> bool:
+    return any(c.get("name") == name for c in containers)
+
+
+def simulate_webhook(
+    template: Mapping[str, Any],
+    service_account: Mapping[str, Any] | None,
+    settings: WebhookSettings,
+    *,
+    native_sidecar: bool,
+) -> dict[str, Any]:
+    """The pod template after upstream's webhook (it only sees pods labelled `use: "true"`).
+
+    `native_sidecar` is the webhook's choice on Kubernetes >= 1.32: the sidecar goes to the
+    front of the init containers with restartPolicy Always; before, to the front of the
+    containers. Its init container is appended after the pod's own. Env and the token mount
+    go to every container, never overriding what a container already sets.
+    """
+    pod = copy.deepcopy(dict(template))
+    meta = pod.setdefault("metadata", {}) or {}
+    labels = meta.get("labels") or {}
+    if str(labels.get(USE_LABEL)) != "true":
+        return pod
+    annotations = meta.get("annotations") or {}
+    spec = pod.setdefault("spec", {})
+    inits: list[dict[str, Any]] = list(spec.get("initContainers") or [])
+    containers: list[dict[str, Any]] = list(spec.get("containers") or [])
+    if INJECT_ANNOTATION in annotations:
+        port = int(str(annotations.get(PORT_ANNOTATION, DEFAULT_PORT)), 10)
+        if not _has(inits, INIT_NAME):
+            inits.append({
+                "name": INIT_NAME,
+                "image": settings.proxy_init_image,
+                "imagePullPolicy": "IfNotPresent",
+                "securityContext": {
+                    "capabilities": {"add": ["NET_ADMIN"], "drop": ["ALL"]},
+                    "privileged": True,
+                    "runAsNonRoot": False,
+                    "runAsUser": 0,
+                },
+                "env": [{"name": "PROXY_PORT", "value": str(port)}],
+            })
+        sidecar: dict[str, Any] = {
+            "name": PROXY_NAME,
+            "image": settings.proxy_image,
+            "imagePullPolicy": "IfNotPresent",
+            "args": [f"--proxy-port={port}", f"--log-level={settings.log_level}"],
+            "ports": [{"containerPort": port}],
+            "lifecycle": {"postStart": {"exec": {"command": [
+                "/proxy", f"--proxy-port={port}", "--probe", f"--log-level={settings.log_level}",
+            ]}}},
+            "securityContext": {
+                "allowPrivilegeEscalation": False,
+                "capabilities": {"drop": ["ALL"]},
+                "privileged": False,
+                "readOnlyRootFilesystem": True,
+                "runAsNonRoot": True,
+            },
+        }
+        if native_sidecar:
+            if not _has(inits, PROXY_NAME):
+                inits.insert(0, {**sidecar, "restartPolicy": "Always"})
+        elif not _has(containers, PROXY_NAME):
+            containers.insert(0, sidecar)
+
+    sa_annotations = (service_account or {}).get("metadata", {}).get("annotations") or {}
+    client_id = str(sa_annotations.get(CLIENT_ID_ANNOTATION, ""))
+    tenant_id = str(sa_annotations.get(TENANT_ID_ANNOTATION, settings.tenant_id))
+    desired = [
+        ("AZURE_CLIENT_ID", client_id),
+        ("AZURE_TENANT_ID", tenant_id),
+        ("AZURE_FEDERATED_TOKEN_FILE", TOKEN_FILE),
+        ("AZURE_AUTHORITY_HOST", settings.authority_host),
+    ]
+    if str(annotations.get(IDENTITY_BINDING_ANNOTATION)) == "true":
+        desired += list(settings.binding_env.items())
+    skip = {s.strip() for s in str(annotations.get(SKIP_CONTAINERS_ANNOTATION, "")).split(";") if s.strip()}
+    for container in [*inits, *containers]:
+        if container.get("name") in skip:
+            continue
+        env = list(container.get("env") or [])
+        present = {e.get("name") for e in env}
+        env += [{"name": n, "value": v} for n, v in desired if n not in present and v]
+        container["env"] = env
+        mounts = list(container.get("volumeMounts") or [])
+        if not any(m.get("name") == TOKEN_VOLUME for m in mounts):
+            mounts.append({"name": TOKEN_VOLUME, "mountPath": TOKEN_MOUNT_PATH, "readOnly": True})
+        container["volumeMounts"] = mounts
+    volumes = list(spec.get("volumes") or [])
+    has_token = any(
+        (src.get("serviceAccountToken") or {}).get("path") == TOKEN_VOLUME
+        for v in volumes for src in ((v.get("projected") or {}).get("sources") or [])
+    )
+    if not has_token:
+        volumes.append({"name": TOKEN_VOLUME, "projected": {"sources": [{"serviceAccountToken": {
+            "path": TOKEN_VOLUME, "expirationSeconds": 3600, "audience": AUDIENCE}}]}})
+    spec["initContainers"], spec["containers"], spec["volumes"] = inits, containers, volumes
+    return pod
+
+
+# ---- validation ----
+
+
+def image_repository(image: str) -> str:
+    """`registry/path/name` of an image reference, without tag or digest."""
+    name = image.split("@", maxsplit=1)[0]
+    head, _, last = name.rpartition("/")
+    last = last.split(":", maxsplit=1)[0]
+    return f"{head}/{last}" if head else last
+
+
+def image_tag(image: str) -> str | None:
+    last = image.split("@", maxsplit=1)[0].rpartition("/")[2]
+    return last.split(":", maxsplit=1)[1] if ":" in last else None
+
+
+def role(container: Mapping[str, Any]) -> str | None:
+    """'init' or 'proxy' for our containers (by upstream's names or by image), else None.
+
+    By image only under our or upstream's repository path: other meshes ship a `proxy-init` too.
+    """
+    name = container.get("name")
+    repository = image_repository(str(container.get("image", "")))
+    ours = "azwi-netproxy" in repository or "workload-identity" in repository
+    if name == INIT_NAME or (ours and repository.endswith("/proxy-init")):
+        return "init"
+    if name == PROXY_NAME or (ours and repository.endswith("/proxy")):
+        return "proxy"
+    return None
+
+
+class _Docs:
+    def __init__(self, docs: list[dict[str, Any]]) -> None:
+        self.docs = docs
+        self.by_kind: dict[tuple[str, str, str], dict[str, Any]] = {}
+        for doc in docs:
+            meta = doc.get("metadata") or {}
+            if isinstance(meta, dict) and meta.get("name"):
+                self.by_kind[(str(doc.get("kind")), namespace_of(doc), str(meta["name"]))] = doc
+
+    def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+        return self.by_kind.get((kind, namespace, name))
+
+
+@dataclass
+class _Pod:
+    label: str
+    namespace: str
+    spec: dict[str, Any]
+    docs: _Docs
+    problems: list[str]
+
+    def problem(self, text: str) -> None:
+        self.problems.append(f"{self.label}: {text}")
+
+    def containers(self) -> Iterator[tuple[str, int, dict[str, Any]]]:
+        for section in ("initContainers", "containers"):
+            for index, container in enumerate(self.spec.get(section) or []):
+                yield section, index, container
+
+    def env_of(self, container: Mapping[str, Any]) -> dict[str, str]:
+        """The container's environment, with ConfigMap references resolved from the documents."""
+        env: dict[str, str] = {}
+        for source in container.get("envFrom") or []:
+            ref = source.get("configMapRef")
+            if ref:
+                cm = self.docs.get("ConfigMap", self.namespace, str(ref.get("name")))
+                if cm is None:
+                    if not ref.get("optional"):
+                        self.problem(f"{container.get('name')}: envFrom ConfigMap {ref.get('name')} is not defined")
+                    continue
+                prefix = str(source.get("prefix", ""))
+                env.update({prefix + str(k): str(v) for k, v in (cm.get("data") or {}).items()})
+        for item in container.get("env") or []:
+            name = str(item.get("name"))
+            if "value" in item:
+                env[name] = str(item.get("value") if item.get("value") is not None else "")
+                continue
+            ref = (item.get("valueFrom") or {}).get("configMapKeyRef")
+            if ref:
+                cm = self.docs.get("ConfigMap", self.namespace, str(ref.get("name")))
+                data = (cm or {}).get("data") or {}
+                if str(ref.get("key")) in data:
+                    env[name] = str(data[str(ref.get("key"))])
+                elif not ref.get("optional"):
+                    self.problem(f"{container.get('name')}: env {name} refers to a missing ConfigMap key")
+            else:
+                env[name] = f"<{name} from the cluster>"
+        return env
+
+    def volume(self, name: str) -> dict[str, Any] | None:
+        for volume in self.spec.get("volumes") or []:
+            if volume.get("name") == name:
+                return dict(volume)
+        return None
+
+    def mounted_file(self, container: Mapping[str, Any], path: str) -> tuple[dict[str, Any], str] | None:
+        """(volume, path inside it) that holds `path` in this container, longest mount first."""
+        mounts = sorted(container.get("volumeMounts") or [], key=lambda m: -len(str(m.get("mountPath", ""))))
+        for mount in mounts:
+            base = str(mount.get("mountPath", "")).rstrip("/")
+            if path.startswith(base + "/"):
+                volume = self.volume(str(mount.get("name")))
+                if volume is None:
+                    return None
+                inner = path[len(base) + 1:]
+                if mount.get("subPath"):
+                    inner = posixpath.join(str(mount["subPath"]), inner)
+                return volume, inner
+        return None
+
+    def read_file(self, container: Mapping[str, Any], path: str) -> str:
+        """The text a container would read at `path`, from a ConfigMap volume in the documents."""
+        found = self.mounted_file(container, path)
+        if found is None:
+            raise FileNotFoundError(2, "No such file or directory (no volume mounted there)", path)
+        volume, inner = found
+        ref = volume.get("configMap")
+        if not ref:
+            raise FileNotFoundError(2, f"volume {volume.get('name')} is not a ConfigMap in these manifests", path)
+        cm = self.docs.get("ConfigMap", self.namespace, str(ref.get("name")))
+        if cm is None:
+            raise FileNotFoundError(2, f"ConfigMap {ref.get('name')} is not defined", path)
+        key = inner
+        for item in ref.get("items") or []:
+            if item.get("path") == inner:
+                key = str(item.get("key"))
+        data = cm.get("data") or {}
+        if key not in data:
+            raise FileNotFoundError(2, f"ConfigMap {ref.get('name')} has no key {key}", path)
+        return str(data[key])
+
+
+def _strings_only(mapping: Any, what: str, problems: list[str]) -> None:
+    if mapping is None:
+        return
+    if not isinstance(mapping, dict):
+        problems.append(f"{what} must be a mapping")
+        return
+    for key, value in mapping.items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            problems.append(f"{what}: {key!r}: {value!r} must be a string (quote it)")
+
+
+def _caps(container: Mapping[str, Any], which: str) -> set[str]:
+    caps = ((container.get("securityContext") or {}).get("capabilities") or {}).get(which) or []
+    return {str(c).upper().removeprefix("CAP_") for c in caps}
+
+
+def _parse_proxy_argv(argv: list[str]) -> tuple[dict[str, Any] | None, str]:
+    """Our proxy's flags, parsed as the program parses them: (flags, '') or (None, error line)."""
+    stderr = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()):
+            args = cli.proxy_parser().parse_args(argv)
+    except SystemExit:
+        return None, stderr.getvalue().strip() or "rejected"
+    return vars(args), ""
+
+
+def _exec_commands(container: Mapping[str, Any]) -> Iterator[tuple[str, list[str] | None, bool]]:
+    """(what, exec command or None for an httpGet/tcpSocket handler, is a probe) of hooks and probes."""
+    post_start = ((container.get("lifecycle") or {}).get("postStart")) or None
+    if post_start:
+        yield "lifecycle.postStart", (post_start.get("exec") or {}).get("command"), False
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        handler = container.get(probe)
+        if handler:
+            yield probe, (handler.get("exec") or {}).get("command"), True
+
+
+class InitRunner:
+    """Runs `azwi-netproxy-init --dry-run` once per distinct (args, env); `results` keeps what it saw."""
+
+    def __init__(self) -> None:
+        self.results: dict[tuple[tuple[str, ...], tuple[tuple[str, str], ...]], subprocess.CompletedProcess[str]] = {}
+
+    def dry_run(self, args: list[str], env: Mapping[str, str]) -> tuple[int, str]:
+        key = (tuple(args), tuple(sorted(env.items())))
+        if key not in self.results:
+            run_env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C.UTF-8", **env}
+            self.results[key] = subprocess.run(
+                [sys.executable, "-m", "azwi_netproxy.init", "--dry-run", *args],
+                capture_output=True, text=True, env=run_env, timeout=60, check=False, cwd="/",
+            )
+        done = self.results[key]
+        return done.returncode, (done.stderr or done.stdout).strip()[-500:]
+
+
+def _check_init(pod: _Pod, index: int, container: dict[str, Any], runner: InitRunner | None) -> config.InitConfig | None:
+    name = container.get("name")
+    inits = pod.spec.get("initContainers") or []
+    for earlier in inits[:index]:
+        if role(earlier) is None:
+            pod.problem(f"init container {earlier.get('name')} runs before {name}, without the redirect; "
+                        f"put {name} first")
+    if container.get("restartPolicy"):
+        pod.problem(f"{name}: an init container that installs rules must not have a restartPolicy")
+    if container.get("command") not in (None, ["/init/azwi-netproxy-init"], ["azwi-netproxy-init"]):
+        pod.problem(f"{name}: command {container.get('command')} replaces the image's entrypoint")
+    sc = container.get("securityContext") or {}
+    if sc.get("runAsUser") != 0:
+        pod.problem(f"{name}: securityContext.runAsUser must be 0 (it installs NAT rules)")
+    if sc.get("runAsNonRoot") is True:
+        pod.problem(f"{name}: runAsNonRoot true cannot start a root init container")
+    added = _caps(container, "add")
+    if "NET_ADMIN" not in added:
+        pod.problem(f"{name}: capabilities.add needs NET_ADMIN")
+    if "NET_RAW" not in added and sc.get("privileged") is not True:
+        pod.problem(f"{name}: capabilities.add needs NET_RAW too (the iptables backend opens a raw socket)")
+    if "ALL" not in _caps(container, "drop"):
+        pod.problem(f"{name}: capabilities.drop should be [ALL]")
+    env = pod.env_of(container)
+    args = [str(a) for a in container.get("args") or []]
+    stderr = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()):
+            flags = vars(cli.init_parser().parse_args(args))
+    except SystemExit:
+        pod.problem(f"{name}: args {args} rejected: {stderr.getvalue().strip()}")
+        return None
+    try:
+        cfg = config.load_init(flags, env)
+    except ConfigError as exc:
+        pod.problem(f"{name}: azwi-netproxy-init rejects its environment: {exc}")
+        return None
+    if runner is not None:
+        code, output = runner.dry_run(args, env)
+        if code != 0:
+            pod.problem(f"{name}: azwi-netproxy-init --dry-run exited {code}: {output}")
+    return cfg
+
+
+def _check_proxy(
+    pod: _Pod,
+    section: str,
+    index: int,
+    container: dict[str, Any],
+    *,
+    has_init: bool,
+    init_cfg: config.InitConfig | None,
+) -> None:
+    name = container.get("name")
+    if section == "initContainers":
+        if container.get("restartPolicy") != "Always":
+            pod.problem(f"{name}: as an init container the proxy needs restartPolicy: Always (native sidecar), "
+                        "or the pod never starts")
+        waits = {what for what, _, _ in _exec_commands(container)} & {"startupProbe", "lifecycle.postStart"}
+        if not waits:
+            pod.problem(f"{name}: a native sidecar needs a startupProbe or postStart probe, or the next "
+                        "container starts before the proxy listens")
+    else:
+        if container.get("restartPolicy"):
+            pod.problem(f"{name}: restartPolicy belongs to native sidecars in initContainers only")
+        if index != 0 or not any(what == "lifecycle.postStart" for what, _, _ in _exec_commands(container)):
+            pod.problem(f"{name}: a classic sidecar goes first among the containers with the postStart "
+                        "probe, so the apps start after the proxy listens")
+    if container.get("command") not in (None, ["/proxy"], ["azwi-netproxy"]):
+        pod.problem(f"{name}: command {container.get('command')} replaces the image's entrypoint")
+
+    pod_sc = pod.spec.get("securityContext") or {}
+    sc = container.get("securityContext") or {}
+    for key, want in (("runAsNonRoot", True), ("readOnlyRootFilesystem", True), ("allowPrivilegeEscalation", False)):
+        if sc.get(key, pod_sc.get(key) if key == "runAsNonRoot" else None) is not want:
+            pod.problem(f"{name}: securityContext.{key} must be {str(want).lower()}")
+    if sc.get("privileged") is True or _caps(container, "add"):
+        pod.problem(f"{name}: the proxy needs no privilege and no capabilities")
+    if "ALL" not in _caps(container, "drop"):
+        pod.problem(f"{name}: capabilities.drop should be [ALL]")
+    uid = sc.get("runAsUser", pod_sc.get("runAsUser", IMAGE_UID))
+    if init_cfg is not None and uid != init_cfg.proxy_uid:
+        pod.problem(f"{name}: runs as uid {uid} but the init exempts PROXY_UID {init_cfg.proxy_uid}: "
+                    "its own IMDS pass-through would loop back to itself")
+
+    args = [str(a) for a in container.get("args") or []]
+    flags, error = _parse_proxy_argv(args)
+    if flags is None:
+        pod.problem(f"{name}: args {args} rejected: {error}")
+        return
+    env = pod.env_of(container)
+    if flags.get("probe"):
+        pod.problem(f"{name}: --probe in the container's args makes it exit instead of serving")
+    try:
+        cfg = config.load_proxy(flags, env, lambda path: pod.read_file(container, path))
+    except ConfigError as exc:
+        pod.problem(f"{name}: azwi-netproxy rejects its environment: {exc}")
+        return
+    if init_cfg is not None and cfg.proxy_port != init_cfg.proxy_port:
+        pod.problem(f"{name}: listens on {cfg.proxy_port} but the init redirects to {init_cfg.proxy_port}")
+
+    token = cfg.federated_token_file
+    found = pod.mounted_file(container, token)
+    sources = ((found[0].get("projected") or {}).get("sources") or []) if found else []
+    projected = [s["serviceAccountToken"] for s in sources if s.get("serviceAccountToken")]
+    if not found or not any(p.get("path") == found[1] for p in projected):
+        pod.problem(f"{name}: AZURE_FEDERATED_TOKEN_FILE {token} is not a projected service account token "
+                    "mounted in this container")
+    elif not any(p.get("audience") == AUDIENCE for p in projected if p.get("path") == found[1]):
+        pod.problem(f"{name}: the projected token's audience must be {AUDIENCE}")
+
+    for what, command, _ in _exec_commands(container):
+        if command is None:
+            pod.problem(f"{name}: {what} must exec `/proxy --probe`: the proxy listens on 127.0.0.1 only, "
+                        "where the kubelet's httpGet/tcpSocket cannot reach it")
+            continue
+        if not command or command[0] != "/proxy":
+            pod.problem(f"{name}: {what} runs {command}; use ['/proxy', '--proxy-port=N', '--probe']")
+            continue
+        hook_flags, error = _parse_proxy_argv([str(c) for c in command[1:]])
+        if hook_flags is None:
+            pod.problem(f"{name}: {what} {command} rejected: {error}")
+            continue
+        try:
+            hook_cfg = config.load_proxy(hook_flags, {}, lambda path: "")
+        except ConfigError as exc:
+            pod.problem(f"{name}: {what} {command} rejected: {exc}")
+            continue
+        if not hook_cfg.probe or hook_cfg.proxy_port != cfg.proxy_port:
+            pod.problem(f"{name}: {what} must be `/proxy --proxy-port={cfg.proxy_port} --probe`")
+
+    if not has_init:
+        # Without the redirect only clients that honour AZURE_POD_IDENTITY_AUTHORITY_HOST find the
+        # proxy. Init containers are left alone: a classic sidecar is not running yet for them.
+        hosts = {f"http://127.0.0.1:{cfg.proxy_port}", f"http://localhost:{cfg.proxy_port}"}
+        for other_section, _, other in pod.containers():
+            if role(other) is not None or other_section == "initContainers":
+                continue
+            value = pod.env_of(other).get("AZURE_POD_IDENTITY_AUTHORITY_HOST", "").rstrip("/")
+            if value not in hosts:
+                pod.problem(f"{other.get('name')}: without the init's redirect it needs "
+                            f"AZURE_POD_IDENTITY_AUTHORITY_HOST=http://127.0.0.1:{cfg.proxy_port}")
+
+
+def _check_pod(pod: _Pod, runner: InitRunner | None) -> None:
+    ours = [(section, index, c, role(c)) for section, index, c in pod.containers() if role(c)]
+    names = [c.get("name") for _, _, c in pod.containers()]
+    for name in {n for n in names if names.count(n) > 1}:
+        pod.problem(f"container name {name} is used twice")
+    inits = [(s, i, c) for s, i, c, r in ours if r == "init"]
+    proxies = [(s, i, c) for s, i, c, r in ours if r == "proxy"]
+    for section, _, container, what in ours:
+        expected = INIT_NAME if what == "init" else PROXY_NAME
+        if container.get("name") != expected:
+            pod.problem(f"{container.get('name')}: name our {what} container {expected}, as upstream does, "
+                        "so the webhook never injects a second one")
+        if what == "init" and section != "initContainers":
+            pod.problem(f"{container.get('name')}: the rules must be installed by an init container")
+    if not ours:
+        return
+    if pod.spec.get("hostNetwork"):
+        pod.problem("hostNetwork: the init would change the node's rules; the proxy cannot run here")
+    if len(inits) > 1 or len(proxies) > 1:
+        pod.problem(f"{len(inits)} init and {len(proxies)} proxy containers: exactly one of each, "
+                    "or one proxy alone")
+    if not proxies:
+        pod.problem("the init redirects IMDS traffic to a proxy this pod does not run")
+    init_cfg = _check_init(pod, inits[0][1], inits[0][2], runner) if inits else None
+    if proxies:
+        section, index, container = proxies[0]
+        _check_proxy(pod, section, index, container, has_init=bool(inits), init_cfg=init_cfg)
+
+
+def validate_manifest_docs(
+    docs: list[dict[str, Any]],
+    *,
+    settings: WebhookSettings | None = None,
+    run_init: bool = True,
+    init_runner: InitRunner | None = None,
+) -> list[str]:
+    """Every problem found in these documents (one cluster's manifests, loaded together).
+
+    Pods labelled for the webhook are checked as the webhook would leave them, in both its
+    native-sidecar (Kubernetes >= 1.32) and classic forms.
+    """
+    settings = settings or WebhookSettings()
+    problems: list[str] = []
+    index = _Docs(docs)
+    runner = (init_runner or InitRunner()) if run_init else None
+    for doc in docs:
+        label = where(doc)
+        kind = doc.get("kind")
+        if not doc.get("apiVersion") or not kind:
+            problems.append(f"{label}: apiVersion and kind are required")
+            continue
+        if kind in KNOWN_KINDS and doc["apiVersion"] != KNOWN_KINDS[str(kind)]:
+            problems.append(f"{label}: {kind} is {KNOWN_KINDS[str(kind)]}, not {doc['apiVersion']}")
+        meta = doc.get("metadata")
+        if not isinstance(meta, dict) or not meta.get("name"):
+            problems.append(f"{label}: metadata.name is required")
+            continue
+        _strings_only(meta.get("labels"), f"{label}: metadata.labels", problems)
+        _strings_only(meta.get("annotations"), f"{label}: metadata.annotations", problems)
+        if kind == "ServiceAccount":
+            for key in (CLIENT_ID_ANNOTATION, TENANT_ID_ANNOTATION):
+                value = (meta.get("annotations") or {}).get(key)
+                if value is not None and not GUID.match(str(value)):
+                    problems.append(f"{label}: {key} {value!r} is not a GUID")
+        if kind == "ConfigMap":
+            _strings_only(doc.get("data"), f"{label}: data", problems)
+        template = pod_template(doc)
+        if template is None:
+            if kind in ("Deployment", "StatefulSet", "DaemonSet", "ReplicaSet", "Job", "CronJob", "Pod"):
+                problems.append(f"{label}: no pod template")
+            continue
+        tmeta = template.get("metadata") or {}
+        _strings_only(tmeta.get("labels"), f"{label}: template labels", problems)
+        _strings_only(tmeta.get("annotations"), f"{label}: template annotations", problems)
+        selector = ((doc.get("spec") or {}).get("selector") or {}).get("matchLabels")
+        if kind in ("Deployment", "StatefulSet", "DaemonSet", "ReplicaSet") and (
+            not selector or any((tmeta.get("labels") or {}).get(k) != v for k, v in selector.items())
+        ):
+            problems.append(f"{label}: spec.selector.matchLabels must match the template's labels")
+        spec = template.get("spec") or {}
+        if not spec.get("containers"):
+            problems.append(f"{label}: the pod has no containers")
+            continue
+        namespace = namespace_of(doc)
+        sa_name = str(spec.get("serviceAccountName") or "default")
+        service_account = index.get("ServiceAccount", namespace, sa_name)
+        annotations = tmeta.get("annotations") or {}
+        labels = tmeta.get("labels") or {}
+        if INJECT_ANNOTATION in annotations:
+            port = str(annotations.get(PORT_ANNOTATION, DEFAULT_PORT))
+            if not port.isdigit() or not 1 <= int(port) <= 65535:
+                problems.append(f"{label}: {PORT_ANNOTATION} {port!r} is not a port")
+                continue
+            if str(labels.get(USE_LABEL)) != "true":
+                problems.append(f"{label}: {INJECT_ANNOTATION} does nothing without the label {USE_LABEL}: \"true\"")
+        if str(labels.get(USE_LABEL)) == "true":
+            if service_account is None and any(d.get("kind") == "ServiceAccount" for d in docs):
+                problems.append(f"{label}: service account {sa_name} is not among these manifests")
+            for native in (True, False):
+                mutated = simulate_webhook(template, service_account, settings, native_sidecar=native)
+                mode = "webhook, native sidecar" if native else "webhook, classic sidecar"
+                _check_pod(_Pod(f"{label} ({mode})", namespace, mutated["spec"], index, problems), runner)
+        else:
+            _check_pod(_Pod(label, namespace, spec, index, problems), runner)
+    # A ConfigMap reference used by several containers is reported once.
+    return list(dict.fromkeys(problems))
