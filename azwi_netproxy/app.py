@@ -137,6 +137,8 @@ class TokenApp:
             return response
         if route is imds.Route.READY:
             response = self._ready(request)
+        elif route is imds.Route.INVALID:
+            response = error_response(BadRequest("Invalid request target"))
         elif route is imds.Route.NEAR_MISS:
             response = error_response(
                 NotFound("Not an instance metadata identity endpoint: refused by azwi-netproxy")

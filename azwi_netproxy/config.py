@@ -12,6 +12,7 @@ Rules:
 from __future__ import annotations
 
 import ipaddress
+import re
 import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ DEFAULT_METADATA_IP: Final = "169.254.169.254"
 DEFAULT_METADATA_PORT: Final = 80
 DEFAULT_AUTHORITY_HOST: Final = "https://login.microsoftonline.com/"
 LOG_LEVELS: Final = ("debug", "info", "warning", "error")
+_GUID: Final = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
 
 
 def parse_port(value: str | int, name: str) -> int:
@@ -281,14 +283,20 @@ def load_proxy(
             text = read_text(map_path)
         except OSError as exc:
             raise ConfigError(f"AZWI_IDENTITY_MAP: cannot read {map_path}: {exc.strerror}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"AZWI_IDENTITY_MAP: {map_path} is not UTF-8 text") from None
         identity_map = parse_identity_map(text, source=map_path)
+
+    default_client_id = environ.get("AZURE_CLIENT_ID", "").strip() or None
+    if default_client_id is not None and not _GUID.match(default_client_id):
+        raise ConfigError(f"AZURE_CLIENT_ID: {default_client_id!r} is not a client ID (a GUID)")
 
     return ProxyConfig(
         proxy_port=proxy_port,
         probe=False,
         log_level=log_level,
         tenant_id=tenant_id,
-        default_client_id=environ.get("AZURE_CLIENT_ID", "").strip() or None,
+        default_client_id=default_client_id,
         federated_token_file=token_file,
         authority_host=authority,
         identity_binding=_load_binding(environ),

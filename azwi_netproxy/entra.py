@@ -43,7 +43,6 @@ _MAX_ATTEMPTS: Final = 4
 _BACKOFF_BASE_S: Final = 0.4
 _DEFAULT_RETRY_AFTER_S: Final = 5
 _ERROR_CODE: Final = re.compile(r"^[a-z_]{1,64}$")
-_AADSTS: Final = re.compile(r"AADSTS\d+")
 
 
 class Endpoint(Protocol):
@@ -145,7 +144,7 @@ def _parse_token(response: httpx.Response, now: int) -> Token:
         ext_expires_in = int(body.get("ext_expires_in") or expires_in)
         refresh_in = body.get("refresh_in")
         token_type = str(body.get("token_type") or "Bearer")
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError):
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError, OverflowError):
         raise UpstreamError(
             "The token service answered 200 without a usable token (access_token, expires_in)"
         ) from None
@@ -248,14 +247,15 @@ class Exchanger:
             try:
                 # Re-read at every exchange: the kubelet rotates the projected token.
                 assertion = self._read_assertion()
-                return await self._attempt(url, key, assertion)
+                remaining = policy.deadline_s - (time.monotonic() - started)
+                return await self._attempt(url, key, assertion, max(min(policy.timeout_s, remaining), 0.1))
             except UpstreamError as exc:
                 last = exc
             if attempt + 1 == policy.max_attempts:
                 break
             delay = _BACKOFF_BASE_S * (2**attempt) * (0.75 + random.random() / 2)  # noqa: S311
-            if last.retry_after_s is not None and isinstance(last, UpstreamThrottled):
-                delay = max(delay, float(last.retry_after_s))
+            if last.server_retry_after_s is not None:
+                delay = max(delay, float(last.server_retry_after_s))
             remaining = policy.deadline_s - (time.monotonic() - started)
             if delay >= remaining:
                 break
@@ -267,7 +267,7 @@ class Exchanger:
         assert last is not None
         raise last
 
-    async def _attempt(self, url: str, key: CacheKey, assertion: str) -> Token:
+    async def _attempt(self, url: str, key: CacheKey, assertion: str, timeout_s: float) -> Token:
         client, extensions = self._endpoint.client()
         form = {
             "grant_type": "client_credentials",
@@ -277,19 +277,18 @@ class Exchanger:
             "client_assertion": assertion,
         }
         with _map_transport_errors(url):
-            response = await client.post(url, data=form, extensions=extensions)
+            response = await client.post(url, data=form, extensions=extensions, timeout=timeout_s)
         status = response.status_code
         if status == 200:
             return _parse_token(response, int(self._clock()))
-        if status == 429:
-            raise UpstreamThrottled(
-                "The token service is throttling requests (HTTP 429)",
-                retry_after_s=_retry_after_s(response) or _DEFAULT_RETRY_AFTER_S,
-            )
-        if status in _RETRY_STATUSES or status >= 500:
-            raise UpstreamUnavailable(
-                f"The token service failed with HTTP {status}",
-                retry_after_s=_retry_after_s(response) or _DEFAULT_RETRY_AFTER_S,
+        if status == 429 or status in _RETRY_STATUSES or status >= 500:
+            asked = _retry_after_s(response)
+            kind = UpstreamThrottled if status == 429 else UpstreamUnavailable
+            what = "is throttling requests" if status == 429 else "failed"
+            raise kind(
+                f"The token service {what} (HTTP {status})",
+                retry_after_s=asked or _DEFAULT_RETRY_AFTER_S,
+                server_retry_after_s=asked,
             )
         raise _permanent_error(response)
 

@@ -68,9 +68,18 @@ class UpstreamError(NetproxyError):
 
     status, code, public = 502, "upstream_error", True
 
-    def __init__(self, message: str, *, retry_after_s: int | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        retry_after_s: int | None = None,
+        server_retry_after_s: int | None = None,
+    ) -> None:
         super().__init__(message)
+        # What the app is told to wait (Retry-After of our answer).
         self.retry_after_s = retry_after_s
+        # What the upstream itself asked for: our own retries wait at least this long.
+        self.server_retry_after_s = server_retry_after_s
 
 
 class UpstreamThrottled(UpstreamError):

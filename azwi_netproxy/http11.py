@@ -37,6 +37,8 @@ class ProtocolError(Exception):
     def __init__(self, status: int, reason: str) -> None:
         super().__init__(reason)
         self.status = status
+        # Requests completed in the same chunk before the bad one: answered first.
+        self.completed: list[Request] = []
 
 
 @dataclass(slots=True)
@@ -102,18 +104,16 @@ class RequestReader:
             self.reading_request = True
         try:
             self._parser.feed_data(data)
-        except httptools.HttpParserCallbackError as exc:
-            if self._limit_error is not None:
-                raise self._limit_error from None
-            raise ProtocolError(400, "bad request") from exc
+        except httptools.HttpParserCallbackError:
+            raise self._failed(self._limit_error or ProtocolError(400, "bad request")) from None
         except httptools.HttpParserInvalidMethodError:
-            raise ProtocolError(400, "invalid method") from None
+            raise self._failed(ProtocolError(400, "invalid method")) from None
         except httptools.HttpParserUpgrade:
-            raise ProtocolError(400, "protocol upgrade is not supported") from None
+            raise self._failed(ProtocolError(400, "protocol upgrade is not supported")) from None
         except httptools.HttpParserError:
-            raise ProtocolError(400, "malformed request") from None
+            raise self._failed(ProtocolError(400, "malformed request")) from None
         if self._limit_error is not None:
-            raise self._limit_error
+            raise self._failed(self._limit_error)
         done, self._completed = self._completed, []
         if (
             memo is not None
@@ -126,6 +126,10 @@ class RequestReader:
                 memo.clear()
             memo[data] = done[0]
         return done
+
+    def _failed(self, error: ProtocolError) -> ProtocolError:
+        error.completed, self._completed = self._completed, []
+        return error
 
     def _fail(self, status: int, reason: str) -> None:
         self._limit_error = ProtocolError(status, reason)

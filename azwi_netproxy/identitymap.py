@@ -6,6 +6,7 @@ line that names the file and the entry at fault.
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -47,14 +48,24 @@ def parse_identity_map(text: str, *, source: str = "identity map") -> IdentityMa
     Raises:
         ConfigError: malformed document, unknown keys, bad GUIDs or duplicates.
     """
-    import yaml  # only pods with a map pay for PyYAML's import at start-up
+    doc: Any
+    if text.lstrip().startswith("{"):
+        # JSON first: it allows tab indentation, which YAML does not.
+        try:
+            doc = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(
+                f"AZWI_IDENTITY_MAP {source}: not valid JSON at line {exc.lineno}: {exc.msg}"
+            ) from None
+    else:
+        import yaml  # only pods with a map pay for PyYAML's import at start-up
 
-    try:
-        doc = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        at = f" at line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"AZWI_IDENTITY_MAP {source}: not valid YAML or JSON{at}") from None
+        try:
+            doc = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            at = f" at line {mark.line + 1}" if mark is not None else ""
+            raise ConfigError(f"AZWI_IDENTITY_MAP {source}: not valid YAML or JSON{at}") from None
     if not isinstance(doc, dict):
         raise ConfigError(f"AZWI_IDENTITY_MAP {source}: expected a mapping with 'identities'")
     unknown = set(doc) - _KNOWN_TOP
@@ -63,7 +74,9 @@ def parse_identity_map(text: str, *, source: str = "identity map") -> IdentityMa
     only_listed = doc.get("onlyListed", False)
     if not isinstance(only_listed, bool):
         raise ConfigError(f"AZWI_IDENTITY_MAP {source}: onlyListed must be true or false")
-    entries = doc.get("identities") or []
+    entries = doc.get("identities")
+    if entries is None:
+        entries = []
     if not isinstance(entries, list):
         raise ConfigError(f"AZWI_IDENTITY_MAP {source}: identities must be a list")
 

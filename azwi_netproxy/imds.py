@@ -16,6 +16,7 @@ from __future__ import annotations
 import enum
 import json
 import posixpath
+import re
 import urllib.parse
 from typing import Final, NamedTuple
 
@@ -26,6 +27,9 @@ READY_PATHS: Final = frozenset({"/readyz", "/healthz"})
 # Query parameters that select an identity (IMDS's names; principal_id is IMDS's alias of object_id).
 SELECTORS: Final = ("client_id", "object_id", "principal_id", "msi_res_id", "mi_res_id")
 _MAX_QUERY_FIELDS: Final = 32
+_ABSOLUTE_FORM: Final = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+# A "%" not followed by two hex digits: Go's url.ParseQuery (upstream) rejects those.
+_BAD_ESCAPE: Final = re.compile(r"%(?![0-9A-Fa-f]{2})")
 
 MSG_NO_METADATA: Final = "Required metadata header not specified"
 MSG_FORWARDED: Final = "Request contains X-Forwarded-For header, which is not allowed"
@@ -36,6 +40,7 @@ MSG_METHOD: Final = "Method not allowed: the token endpoint answers GET"
 
 
 class Route(enum.Enum):
+    INVALID = "invalid"  # "*" or authority-form targets: nothing here answers those
     TOKEN = "token"
     READY = "ready"
     NEAR_MISS = "near_miss"
@@ -52,13 +57,17 @@ class TokenRequest(NamedTuple):
 
 
 def split_target(target: str) -> tuple[str, str]:
-    """Path and query of an origin-form or absolute-form request target."""
-    if target.startswith(("http://", "https://")):
+    """Path and query of an origin-form or absolute-form request target.
+
+    Absolute form (`GET HTTP://other-host/x`; schemes are case-insensitive, RFC 3986
+    section 3.1) keeps only its path and query: the host named there is never used.
+    """
+    target = target.partition("#")[0]
+    if _ABSOLUTE_FORM.match(target):
         parts = urllib.parse.urlsplit(target)
         return parts.path or "/", parts.query
     path, _, query = target.partition("?")
-    path = path.partition("#")[0]
-    return path, query.partition("#")[0]
+    return path, query
 
 
 def _normalised(path: str) -> str:
@@ -77,6 +86,8 @@ def _normalised(path: str) -> str:
 
 def classify(path: str) -> Route:
     """Which handler a request path belongs to."""
+    if not path.startswith("/"):
+        return Route.INVALID
     # IMDS matches "/metadata" case-insensitively and the rest exactly (upstream does too).
     if path[:9].lower() == "/metadata" and path[9:] in TOKEN_PATH_TAIL:
         return Route.TOKEN
@@ -94,6 +105,8 @@ def parse_token_query(query: str) -> TokenRequest:
     Raises:
         BadRequest: undecodable, duplicated or missing parameters, several selectors.
     """
+    if _BAD_ESCAPE.search(query):
+        raise BadRequest("The query string has an invalid percent-encoding")
     try:
         pairs = urllib.parse.parse_qsl(
             query, keep_blank_values=True, errors="strict", max_num_fields=_MAX_QUERY_FIELDS

@@ -14,7 +14,7 @@ import logging
 import secrets
 from typing import TYPE_CHECKING, Final
 
-from azwi_netproxy.errors import PassthroughLoop, UpstreamUnavailable
+from azwi_netproxy.errors import BadRequest, PassthroughLoop, UpstreamUnavailable
 from azwi_netproxy.http11 import Request, Response
 
 if TYPE_CHECKING:
@@ -98,7 +98,10 @@ class Passthrough:
         raw_path = path.encode("latin-1", "replace") + (
             b"?" + query.encode("latin-1", "replace") if query else b""
         )
-        url = httpx.URL(scheme="http", host=self._ip, port=self._port, raw_path=raw_path)
+        try:
+            url = httpx.URL(scheme="http", host=self._ip, port=self._port, raw_path=raw_path)
+        except httpx.InvalidURL:
+            raise BadRequest("The request target cannot be passed through") from None
         headers = forwardable(request.headers)
         headers.append((LOOP_HEADER, self.nonce))
         outbound = client.build_request(request.method, url, headers=headers, content=request.body or None)

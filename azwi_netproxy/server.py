@@ -64,6 +64,7 @@ class HttpProtocol(asyncio.Protocol):
         "_app",
         "_busy",
         "_closed",
+        "_in_flight",
         "_loop",
         "_queue",
         "_read_paused",
@@ -85,6 +86,7 @@ class HttpProtocol(asyncio.Protocol):
         self._read_paused = False
         self._write_paused = False
         self._transport: asyncio.Transport | None = None
+        self._in_flight: asyncio.Task[None] | None = None
         self.deadline: float | None = None
 
     # ---- connection lifecycle ----
@@ -104,6 +106,10 @@ class HttpProtocol(asyncio.Protocol):
         self._closed = True
         self._state.connections.discard(self)
         self._queue.clear()
+        # Nobody is left to read the answer. A shared token fetch is shielded by the cache
+        # and goes on for the other waiters.
+        if self._in_flight is not None:
+            self._in_flight.cancel()
 
     # ---- input ----
     def data_received(self, data: bytes) -> None:
@@ -116,11 +122,13 @@ class HttpProtocol(asyncio.Protocol):
         except ProtocolError as exc:
             self._protocol_error(exc)
             return
-        if reader.reading_request:
+        if self._busy or self._queue:
+            pass  # answering: no deadline; the header clock starts when the answer is out
+        elif reader.reading_request:
             if not was_reading or requests:
                 # A new request began in this chunk: its header clock starts now.
                 self.deadline = self._loop.time() + self._state.limits.header_timeout_s
-        elif not self._busy and not self._queue:
+        else:
             self.deadline = None
         if requests:
             if not self._busy and not self._queue and len(requests) == 1:
@@ -159,6 +167,7 @@ class HttpProtocol(asyncio.Protocol):
         self._busy = True
         self.deadline = None
         task = self._loop.create_task(self._answer_later(request, result))
+        self._in_flight = task
         self._state.tasks.add(task)
         task.add_done_callback(self._state.tasks.discard)
 
@@ -171,6 +180,7 @@ class HttpProtocol(asyncio.Protocol):
             log.exception("unhandled error while answering")
             response = Response(500, b'{"error":"internal_error","error_description":"Internal error"}')
         self._busy = False
+        self._in_flight = None
         if self._closed:
             return
         self._send(request, response)
@@ -202,16 +212,20 @@ class HttpProtocol(asyncio.Protocol):
         if not keep_alive:
             self._close()
             return
-        if not self._busy and not self._queue and not self._reader.reading_request:
-            self.deadline = self._loop.time() + self._state.limits.keepalive_timeout_s
+        if not self._busy and not self._queue:
+            limits = self._state.limits
+            idle_s = limits.header_timeout_s if self._reader.reading_request else limits.keepalive_timeout_s
+            self.deadline = self._loop.time() + idle_s
 
     def _protocol_error(self, exc: ProtocolError) -> None:
         """Answer the requests parsed before the bad one first, then the error, then close."""
         if self._transport is not None and not self._read_paused:
             self._read_paused = True
             self._transport.pause_reading()
-        if self._busy or self._queue:
+        if exc.completed or self._busy or self._queue:
+            self._queue.extend(exc.completed)
             self._queue.append(exc)
+            self._drain_queue()
             return
         self._send_protocol_error(exc)
 

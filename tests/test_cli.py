@@ -1,0 +1,324 @@
+"""Command lines: exit codes, one stderr line per bad value, --version, --probe.
+
+Name: test_cli
+Scope: in-process calls of cli.proxy_main / cli.init_main with a monkeypatched environment.
+Depends: azwi_netproxy.cli; a stdlib HTTP server on 127.0.0.1:0 for --probe. Nothing here
+    installs rules or starts the proxy: run_proxy and logs.configure are replaced by
+    recorders where a test gets past the checks.
+"""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+import pytest
+
+from azwi_netproxy import __version__, cli, logs, probe, run
+from azwi_netproxy.config import ProxyConfig
+
+TENANT = "00000000-0000-0000-0000-00000000000a"
+PEM = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----"
+
+
+def _exit_code(main: Callable[[Sequence[str]], int], argv: list[str]) -> int:
+    """The process exit code: argparse exits through SystemExit, our checks return it."""
+    try:
+        return main(argv)
+    except SystemExit as exc:
+        return int(exc.code or 0)
+
+
+@pytest.fixture
+def proxy_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> pytest.MonkeyPatch:
+    """Name: proxy_env. Scope: function. A valid proxy environment; tests break one value."""
+    token = tmp_path / "token"
+    token.write_text("sa-token")
+    monkeypatch.setenv("AZURE_TENANT_ID", TENANT)
+    monkeypatch.setenv("AZURE_FEDERATED_TOKEN_FILE", str(token))
+    return monkeypatch
+
+
+@pytest.fixture
+def started(monkeypatch: pytest.MonkeyPatch) -> list[ProxyConfig]:
+    """Name: started. Scope: function. Records configs that would have started the proxy."""
+    configs: list[ProxyConfig] = []
+
+    def fake_run(cfg: ProxyConfig) -> int:
+        configs.append(cfg)
+        return 0
+
+    monkeypatch.setattr(run, "run_proxy", fake_run)
+    monkeypatch.setattr(logs, "configure", lambda *a, **k: None)
+    return configs
+
+
+def _one_error_line(err: str, prog: str) -> str:
+    assert err.endswith("\n")
+    assert err.count("\n") == 1, err
+    assert err.startswith(f"{prog}: error: "), err
+    return err
+
+
+# ---- proxy ------------------------------------------------------------------------------
+
+
+def test_proxy_valid_environment_starts(proxy_env: pytest.MonkeyPatch, started: list[ProxyConfig]) -> None:
+    proxy_env.setenv("AZWI_PASSTHROUGH", "none")
+    assert cli.proxy_main(["--proxy-port=9100", "--passthrough", "all"]) == 0
+    [cfg] = started
+    assert (cfg.proxy_port, cfg.tenant_id, cfg.passthrough) == (9100, TENANT, "all")
+
+
+PROXY_BAD = [
+    ([], {"AZURE_TENANT_ID": None}, "AZURE_TENANT_ID is not set", "missing-tenant"),
+    ([], {"AZURE_FEDERATED_TOKEN_FILE": None}, "AZURE_FEDERATED_TOKEN_FILE is not set", "missing-token-file"),
+    (["--proxy-port", "0"], {}, "--proxy-port: port 0", "port-0"),
+    (["--proxy-port", "65536"], {}, "--proxy-port: port 65536", "port-65536"),
+    (["--proxy-port=abc"], {}, "--proxy-port: 'abc'", "port-abc"),
+    (["--log-level", "chatty"], {}, "--log-level", "log-level"),
+    (["--passthrough", "some"], {}, "argument --passthrough: invalid choice", "passthrough-choice"),
+    (["--no-such-flag"], {}, "unrecognized arguments: --no-such-flag", "unknown-flag"),
+    ([], {"AZURE_AUTHORITY_HOST": "not a url"}, "AZURE_AUTHORITY_HOST", "authority-not-url"),
+    ([], {"AZURE_AUTHORITY_HOST": "http://login.microsoftonline.com/"}, "must use https", "authority-http"),
+    ([], {"AZURE_KUBERNETES_TOKEN_PROXY": "http://p"}, "must be an https URL", "binding-http"),
+    ([], {"AZURE_KUBERNETES_TOKEN_PROXY": "https://u:p@p"}, "user info", "binding-userinfo"),
+    ([], {"AZURE_KUBERNETES_TOKEN_PROXY": "https://p/?q=1"}, "query or fragment", "binding-query"),
+    ([], {"AZURE_KUBERNETES_TOKEN_PROXY": "https://p/#f"}, "query or fragment", "binding-fragment"),
+    (
+        [],
+        {"AZURE_KUBERNETES_TOKEN_PROXY": "https://p", "AZURE_KUBERNETES_CA_FILE": "/ca", "AZURE_KUBERNETES_CA_DATA": PEM},
+        "mutually exclusive",
+        "binding-ca-file-and-data",
+    ),
+    ([], {"AZURE_KUBERNETES_SNI_NAME": "sni"}, "AZURE_KUBERNETES_TOKEN_PROXY is not", "binding-sni-without-url"),
+    ([], {"AZURE_KUBERNETES_CA_FILE": "/ca"}, "AZURE_KUBERNETES_TOKEN_PROXY is not", "binding-ca-without-url"),
+    (
+        [],
+        {"AZURE_KUBERNETES_TOKEN_PROXY": "https://p", "AZURE_KUBERNETES_CA_DATA": "abc"},
+        "not a PEM certificate",
+        "binding-ca-data-not-pem",
+    ),
+    ([], {"METADATA_IP": "::1"}, "METADATA_IP", "metadata-ip"),
+]
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "message"),
+    [(a, e, m) for a, e, m, _ in PROXY_BAD],
+    ids=[name for *_, name in PROXY_BAD],
+)
+def test_proxy_bad_value_exits_2_with_one_line(
+    proxy_env: pytest.MonkeyPatch,
+    started: list[ProxyConfig],
+    capsys: pytest.CaptureFixture[str],
+    argv: list[str],
+    env: dict[str, str | None],
+    message: str,
+) -> None:
+    for name, value in env.items():
+        if value is None:
+            proxy_env.delenv(name)
+        else:
+            proxy_env.setenv(name, value)
+    assert _exit_code(cli.proxy_main, argv) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert message in _one_error_line(err, "azwi-netproxy")
+    assert started == []
+
+
+MAP_FILES = [
+    (b"identities:\n  - clientID: nope\n", "clientID 'nope' is not a GUID", "bad-guid"),
+    (b"identities: [\n", "not valid YAML or JSON at line", "invalid-yaml"),
+    (b"- 1\n- 2\n", "expected a mapping", "list"),
+    (b"onlyListed: maybe\n", "onlyListed must be true or false", "only-listed"),
+    # A file that is not UTF-8 (a binary or UTF-16 export) is a malformed map too.
+    (b"\xff\xfei\x00d\x00", "AZWI_IDENTITY_MAP", "not-utf8"),
+]
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [(c, m) for c, m, _ in MAP_FILES],
+    ids=[name for *_, name in MAP_FILES],
+)
+def test_proxy_malformed_identity_map_exits_2(
+    proxy_env: pytest.MonkeyPatch,
+    started: list[ProxyConfig],
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    content: bytes,
+    message: str,
+) -> None:
+    path = tmp_path / "map.yaml"
+    path.write_bytes(content)
+    proxy_env.setenv("AZWI_IDENTITY_MAP", str(path))
+    assert _exit_code(cli.proxy_main, []) == 2
+    err = capsys.readouterr().err
+    assert message in _one_error_line(err, "azwi-netproxy")
+    assert started == []
+
+
+@pytest.mark.parametrize("kind", ["missing", "directory"])
+def test_proxy_unreadable_identity_map_exits_2(
+    proxy_env: pytest.MonkeyPatch,
+    started: list[ProxyConfig],
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    kind: str,
+) -> None:
+    path = tmp_path / "map.yaml"
+    if kind == "directory":
+        path.mkdir()
+    proxy_env.setenv("AZWI_IDENTITY_MAP", str(path))
+    assert _exit_code(cli.proxy_main, []) == 2
+    err = _one_error_line(capsys.readouterr().err, "azwi-netproxy")
+    assert f"AZWI_IDENTITY_MAP: cannot read {path}" in err
+
+
+def test_proxy_good_identity_map_starts(
+    proxy_env: pytest.MonkeyPatch, started: list[ProxyConfig], tmp_path: Path
+) -> None:
+    path = tmp_path / "map.json"
+    path.write_text('{"onlyListed": true, "identities": [{"clientID": "11111111-1111-1111-1111-111111111111"}]}')
+    proxy_env.setenv("AZWI_IDENTITY_MAP", str(path))
+    assert cli.proxy_main([]) == 0
+    assert started[0].identity_map.only_listed is True
+
+
+@pytest.mark.parametrize(
+    ("main", "name"),
+    [(cli.proxy_main, "azwi-netproxy"), (cli.init_main, "azwi-netproxy-init")],
+    ids=["proxy", "init"],
+)
+def test_version(capsys: pytest.CaptureFixture[str], main: Callable[[Sequence[str]], int], name: str) -> None:
+    assert _exit_code(main, ["--version"]) == 0
+    assert capsys.readouterr().out == f"{name} {__version__}\n"
+
+
+# ---- --probe ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def short_probe(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Name: short_probe. Scope: function. The probe gives up after 0.5 s instead of 10 s."""
+    monkeypatch.setattr(probe, "probe", functools.partial(probe.probe, deadline_s=0.5))
+
+
+@pytest.fixture
+def closed_port() -> Iterator[int]:
+    """Name: closed_port. Scope: function. A loopback port bound but not listening: connects are refused."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.bind(("127.0.0.1", 0))
+        yield sock.getsockname()[1]
+    finally:
+        sock.close()
+
+
+class _ReadyHandler(http.server.BaseHTTPRequestHandler):
+    status = 200
+
+    def do_GET(self) -> None:
+        body = b"ok" if self.path == "/readyz" else b"no"
+        self.send_response(self.status if self.path == "/readyz" else 404)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:  # keep test output clean
+        pass
+
+
+@pytest.fixture
+def ready_server(request: pytest.FixtureRequest) -> Iterator[int]:
+    """Name: ready_server. Scope: function. A stdlib server answering /readyz (200 unless parametrised)."""
+    status = getattr(request, "param", 200)
+    handler = type("Handler", (_ReadyHandler,), {"status": status})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+
+def test_probe_succeeds_against_a_ready_server(ready_server: int, short_probe: None) -> None:
+    # No AZURE_* environment: upstream's postStart hook runs the probe without it.
+    assert cli.proxy_main([f"--proxy-port={ready_server}", "--probe"]) == 0
+
+
+def test_probe_fails_quickly_when_nothing_listens(
+    closed_port: int, short_probe: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    begun = time.monotonic()
+    assert cli.proxy_main(["--proxy-port", str(closed_port), "--probe"]) != 0
+    assert time.monotonic() - begun < 3.0
+    err = capsys.readouterr().err
+    assert f"127.0.0.1:{closed_port}/readyz" in err
+    assert err.count("\n") == 1
+
+
+@pytest.mark.parametrize("ready_server", [503], indirect=True)
+def test_probe_fails_when_readyz_is_not_200(
+    ready_server: int, short_probe: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli.proxy_main(["--proxy-port", str(ready_server), "--probe"]) == 1
+    assert "HTTP 503" in capsys.readouterr().err
+
+
+def test_probe_bad_port_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
+    assert _exit_code(cli.proxy_main, ["--proxy-port", "0", "--probe"]) == 2
+    _one_error_line(capsys.readouterr().err, "azwi-netproxy")
+
+
+# ---- init -------------------------------------------------------------------------------
+
+INIT_BAD = [
+    ([], {"PROXY_PORT": "0"}, "PROXY_PORT: port 0 is out of range", "env-port-0"),
+    ([], {"PROXY_PORT": "65536"}, "PROXY_PORT: port 65536", "env-port-65536"),
+    ([], {"PROXY_UID": "abc"}, "PROXY_UID: 'abc' is not a numeric uid", "env-uid-abc"),
+    ([], {"METADATA_IP": "::1"}, "METADATA_IP: '::1' is not an IPv4 address", "env-ipv6"),
+    ([], {"METADATA_PORT": "x"}, "METADATA_PORT: 'x'", "env-metadata-port"),
+    (["--proxy-port", "0"], {}, "--proxy-port: port 0", "flag-port-0"),
+    (["--proxy-uid", "root"], {}, "--proxy-uid: 'root'", "flag-uid-name"),
+    (["--metadata-ip", "fe80::1"], {}, "--metadata-ip", "flag-ipv6"),
+    (["--backend", "pf"], {}, "--backend: 'pf' is not one of auto, nftables, iptables", "unknown-backend"),
+    (["--dry-run", "--check"], {}, "not allowed with argument", "dry-run-and-check"),
+    (["--check", "--cleanup"], {}, "not allowed with argument", "check-and-cleanup"),
+    (["--log-level", "verbose"], {}, "--log-level", "log-level"),
+    (["extra"], {}, "unrecognized arguments: extra", "positional"),
+]
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "message"),
+    [(a, e, m) for a, e, m, _ in INIT_BAD],
+    ids=[name for *_, name in INIT_BAD],
+)
+def test_init_bad_value_exits_2_with_one_line(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    argv: list[str],
+    env: dict[str, str],
+    message: str,
+) -> None:
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    # Must fail before anything is installed: a call to the runner would be a bug.
+    ran: list[object] = []
+    monkeypatch.setattr(logs, "configure", lambda *a, **k: ran.append("configure"))
+    assert _exit_code(cli.init_main, argv) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert message in _one_error_line(err, "azwi-netproxy-init")
+    assert ran == []

@@ -1,0 +1,341 @@
+"""Configuration of both programs: flags over environment over defaults, and every check up front.
+
+Name: test_config
+Scope: pure unit tests of config.load_init / config.load_proxy and the value parsers.
+Depends: azwi_netproxy.config; the identity map parser through it.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from azwi_netproxy import config
+from azwi_netproxy.config import IdentityBinding, InitConfig, ProxyConfig
+from azwi_netproxy.errors import ConfigError
+
+TENANT = "00000000-0000-0000-0000-00000000000a"
+CLIENT = "11111111-1111-1111-1111-111111111111"
+PEM = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
+BASE_ENV = {"AZURE_TENANT_ID": TENANT, "AZURE_FEDERATED_TOKEN_FILE": "/var/run/secrets/token"}
+
+
+def _no_files(path: str) -> str:
+    raise FileNotFoundError(2, "No such file or directory", path)
+
+
+def _load_proxy(
+    env: dict[str, str], flags: dict[str, object] | None = None, files: dict[str, str] | None = None
+) -> ProxyConfig:
+    def read_text(path: str) -> str:
+        if files is None or path not in files:
+            return _no_files(path)
+        return files[path]
+
+    return config.load_proxy(flags or {}, env, read_text)
+
+
+# ---- value parsers ----------------------------------------------------------------------
+
+PORTS = [("8000", 8000), (" 8000 ", 8000), ("1", 1), ("65535", 65535), (443, 443)]
+BAD_PORTS = [("0", "out of range"), ("65536", "out of range"), ("abc", "not a port number"),
+             ("-1", "out of range"), ("80.0", "not a port number"), ("0x50", "not a port number"), ("", "not a port")]
+
+
+@pytest.mark.parametrize(("value", "port"), PORTS, ids=[repr(v) for v, _ in PORTS])
+def test_parse_port(value: str | int, port: int) -> None:
+    assert config.parse_port(value, "PROXY_PORT") == port
+
+
+@pytest.mark.parametrize(("value", "message"), BAD_PORTS, ids=[repr(v) for v, _ in BAD_PORTS])
+def test_parse_port_rejects(value: str, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        config.parse_port(value, "PROXY_PORT")
+    assert str(info.value).startswith("PROXY_PORT: ")
+    assert message in str(info.value)
+
+
+UIDS = [("1501", 1501), ("0", 0), (" 65534 ", 65534), ("4294967294", 2**32 - 2)]
+BAD_UIDS = ["abc", "-1", "1.5", "4294967295", "", "root"]
+
+
+@pytest.mark.parametrize(("value", "uid"), UIDS, ids=[v for v, _ in UIDS])
+def test_parse_uid(value: str, uid: int) -> None:
+    assert config.parse_uid(value, "PROXY_UID") == uid
+
+
+@pytest.mark.parametrize("value", BAD_UIDS, ids=[repr(v) for v in BAD_UIDS])
+def test_parse_uid_rejects(value: str) -> None:
+    with pytest.raises(ConfigError, match=r"^PROXY_UID: "):
+        config.parse_uid(value, "PROXY_UID")
+
+
+IPS = [("169.254.169.254", "169.254.169.254"), (" 10.0.0.1 ", "10.0.0.1")]
+BAD_IPS = ["::1", "fe80::1", "169.254.169.254.1", "localhost", "010.1.1.1", "", "1.2.3"]
+
+
+@pytest.mark.parametrize(("value", "ip"), IPS, ids=[v.strip() for v, _ in IPS])
+def test_parse_ipv4(value: str, ip: str) -> None:
+    assert config.parse_ipv4(value, "METADATA_IP") == ip
+
+
+@pytest.mark.parametrize("value", BAD_IPS, ids=[repr(v) for v in BAD_IPS])
+def test_parse_ipv4_rejects(value: str) -> None:
+    with pytest.raises(ConfigError, match=r"^METADATA_IP: .* is not an IPv4 address$"):
+        config.parse_ipv4(value, "METADATA_IP")
+
+
+# ---- init -------------------------------------------------------------------------------
+
+
+def test_init_defaults_are_upstreams() -> None:
+    assert config.load_init({}, {}) == InitConfig(
+        proxy_port=8000, proxy_uid=1501, metadata_ip="169.254.169.254", metadata_port=80
+    )
+
+
+def test_init_reads_the_environment() -> None:
+    env = {"PROXY_PORT": "9000", "PROXY_UID": "2000", "METADATA_IP": "10.1.2.3", "METADATA_PORT": "8080"}
+    cfg = config.load_init({}, env)
+    assert (cfg.proxy_port, cfg.proxy_uid, cfg.metadata_ip, cfg.metadata_port) == (9000, 2000, "10.1.2.3", 8080)
+
+
+def test_init_flags_override_the_environment_even_when_it_is_bad() -> None:
+    env = {"PROXY_PORT": "0", "PROXY_UID": "abc", "METADATA_IP": "::1", "METADATA_PORT": "x"}
+    flags = {"proxy_port": "9001", "proxy_uid": "7", "metadata_ip": "10.0.0.9", "metadata_port": "81"}
+    cfg = config.load_init(flags, env)
+    assert (cfg.proxy_port, cfg.proxy_uid, cfg.metadata_ip, cfg.metadata_port) == (9001, 7, "10.0.0.9", 81)
+
+
+def test_init_blank_environment_means_default() -> None:
+    cfg = config.load_init({}, {"PROXY_PORT": "  ", "PROXY_UID": ""})
+    assert (cfg.proxy_port, cfg.proxy_uid) == (8000, 1501)
+
+
+INIT_ERRORS = [
+    ({}, {"PROXY_PORT": "0"}, "PROXY_PORT: port 0 is out of range 1-65535", "env-port-0"),
+    ({"proxy_port": "70000"}, {}, "--proxy-port: port 70000 is out of range", "flag-port"),
+    ({}, {"PROXY_UID": "abc"}, "PROXY_UID: 'abc' is not a numeric uid", "env-uid"),
+    ({"proxy_uid": "-5"}, {}, "--proxy-uid: '-5' is not a numeric uid", "flag-uid"),
+    ({}, {"METADATA_IP": "::1"}, "METADATA_IP: '::1' is not an IPv4 address", "env-ipv6"),
+    ({"metadata_ip": "x"}, {}, "--metadata-ip: 'x' is not an IPv4 address", "flag-ip"),
+    ({}, {"METADATA_PORT": "65536"}, "METADATA_PORT: port 65536", "env-metadata-port"),
+    ({"backend": "ipfw"}, {}, "--backend: 'ipfw' is not one of auto, nftables, iptables", "backend"),
+    ({"log_level": "loud"}, {}, "--log-level: 'loud'", "log-level"),
+]
+
+
+@pytest.mark.parametrize(
+    ("flags", "env", "message"),
+    [(f, e, m) for f, e, m, _ in INIT_ERRORS],
+    ids=[name for *_, name in INIT_ERRORS],
+)
+def test_init_errors_name_the_source(flags: dict[str, object], env: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        config.load_init(flags, env)
+    assert message in str(info.value)
+
+
+@pytest.mark.parametrize("action", ["install", "dry-run", "check", "cleanup"])
+def test_init_actions(action: str) -> None:
+    assert config.load_init({"action": action}, {}).action == action
+
+
+@pytest.mark.parametrize("backend", ["auto", "nftables", "iptables"])
+def test_init_backends(backend: str) -> None:
+    assert config.load_init({"backend": backend}, {}).backend == backend
+
+
+def test_init_fails_closed_unless_asked() -> None:
+    assert config.load_init({}, {}).fail_closed is True
+    assert config.load_init({"allow_other_metadata_traffic": True}, {}).fail_closed is False
+
+
+# ---- proxy ------------------------------------------------------------------------------
+
+
+def test_proxy_minimal_environment() -> None:
+    cfg = _load_proxy(BASE_ENV)
+    assert cfg.tenant_id == TENANT
+    assert cfg.federated_token_file == "/var/run/secrets/token"
+    assert cfg.default_client_id is None
+    assert cfg.authority_host == "https://login.microsoftonline.com/"
+    assert cfg.proxy_port == 8000
+    assert cfg.identity_binding is None
+    assert cfg.identity_map.identities == ()
+    assert cfg.passthrough == "all"
+    assert (cfg.metadata_ip, cfg.metadata_port) == ("169.254.169.254", 80)
+
+
+def test_proxy_full_environment() -> None:
+    env = {
+        **BASE_ENV,
+        "AZURE_CLIENT_ID": f" {CLIENT} ",
+        "AZURE_AUTHORITY_HOST": "https://login.microsoftonline.us/",
+        "METADATA_IP": "10.0.0.5",
+        "METADATA_PORT": "8080",
+    }
+    cfg = _load_proxy(env, {"proxy_port": "9000", "log_level": "DEBUG"})
+    assert cfg.default_client_id == CLIENT
+    assert cfg.authority_host == "https://login.microsoftonline.us/"
+    assert (cfg.metadata_ip, cfg.metadata_port, cfg.proxy_port, cfg.log_level) == ("10.0.0.5", 8080, 9000, "debug")
+
+
+def test_proxy_passthrough_flag_overrides_environment() -> None:
+    assert _load_proxy({**BASE_ENV, "AZWI_PASSTHROUGH": "none"}).passthrough == "none"
+    assert _load_proxy({**BASE_ENV, "AZWI_PASSTHROUGH": "none"}, {"passthrough": "all"}).passthrough == "all"
+    assert _load_proxy(BASE_ENV, {"passthrough": "none"}).passthrough == "none"
+
+
+def test_probe_needs_no_environment() -> None:
+    cfg = _load_proxy({}, {"probe": True, "proxy_port": "8123"})
+    assert cfg.probe is True
+    assert cfg.proxy_port == 8123
+
+
+def test_proxy_reads_the_identity_map() -> None:
+    files = {"/etc/map.yaml": f"onlyListed: true\nidentities:\n  - clientID: {CLIENT}\n"}
+    cfg = _load_proxy({**BASE_ENV, "AZWI_IDENTITY_MAP": "/etc/map.yaml"}, files=files)
+    assert cfg.identity_map.only_listed is True
+    assert CLIENT in cfg.identity_map.by_client_id
+
+
+PROXY_ERRORS = [
+    ({"AZURE_FEDERATED_TOKEN_FILE": "/t"}, {}, "AZURE_TENANT_ID is not set", "missing-tenant"),
+    ({"AZURE_TENANT_ID": " ", "AZURE_FEDERATED_TOKEN_FILE": "/t"}, {}, "AZURE_TENANT_ID is not set", "blank-tenant"),
+    ({"AZURE_TENANT_ID": TENANT}, {}, "AZURE_FEDERATED_TOKEN_FILE is not set", "missing-token-file"),
+    (BASE_ENV, {"proxy_port": "0"}, "--proxy-port: port 0 is out of range", "port-0"),
+    (BASE_ENV, {"proxy_port": "65536"}, "--proxy-port: port 65536 is out of range", "port-65536"),
+    (BASE_ENV, {"proxy_port": "abc"}, "--proxy-port: 'abc' is not a port number", "port-abc"),
+    (BASE_ENV, {"log_level": "trace"}, "--log-level: 'trace'", "log-level"),
+    ({**BASE_ENV, "AZURE_AUTHORITY_HOST": "login.microsoftonline.com"}, {}, "AZURE_AUTHORITY_HOST", "no-scheme"),
+    ({**BASE_ENV, "AZURE_AUTHORITY_HOST": "ftp://login/"}, {}, "AZURE_AUTHORITY_HOST", "ftp"),
+    ({**BASE_ENV, "AZURE_AUTHORITY_HOST": "https://"}, {}, "AZURE_AUTHORITY_HOST", "no-host"),
+    ({**BASE_ENV, "AZURE_AUTHORITY_HOST": "http://login.example/"}, {}, "must use https", "http-remote"),
+    ({**BASE_ENV, "METADATA_IP": "::1"}, {}, "METADATA_IP: '::1' is not an IPv4 address", "metadata-ip"),
+    ({**BASE_ENV, "METADATA_PORT": "0"}, {}, "METADATA_PORT: port 0", "metadata-port"),
+    ({**BASE_ENV, "AZWI_PASSTHROUGH": "some"}, {}, "'some' is not one of all, none", "passthrough"),
+    (BASE_ENV, {"metrics_port": "8000"}, "--metrics-port must differ from --proxy-port", "metrics-same-port"),
+    (BASE_ENV, {"metrics_port": "0"}, "--metrics-port: port 0", "metrics-port-0"),
+    (
+        {**BASE_ENV, "AZWI_IDENTITY_MAP": "/nope.yaml"},
+        {},
+        "AZWI_IDENTITY_MAP: cannot read /nope.yaml: No such file or directory",
+        "map-missing",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("env", "flags", "message"),
+    [(e, f, m) for e, f, m, _ in PROXY_ERRORS],
+    ids=[name for *_, name in PROXY_ERRORS],
+)
+def test_proxy_errors(env: dict[str, str], flags: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        _load_proxy(env, flags)
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "authority", ["http://localhost:8080/", "http://127.0.0.1:9000"], ids=["localhost", "loopback"]
+)
+def test_plain_http_authority_only_on_loopback(authority: str) -> None:
+    assert _load_proxy({**BASE_ENV, "AZURE_AUTHORITY_HOST": authority}).authority_host == authority
+
+
+def test_malformed_identity_map_is_a_config_error() -> None:
+    files = {"/m.yaml": "identities:\n  - clientID: nope\n"}
+    with pytest.raises(ConfigError, match=r"^AZWI_IDENTITY_MAP /m.yaml: identities\[0\]: clientID"):
+        _load_proxy({**BASE_ENV, "AZWI_IDENTITY_MAP": "/m.yaml"}, files=files)
+
+
+# ---- identity binding -------------------------------------------------------------------
+
+BINDING_OK = [
+    (
+        {"AZURE_KUBERNETES_TOKEN_PROXY": "https://10.0.0.1:443"},
+        IdentityBinding(token_proxy_url="https://10.0.0.1:443"),
+        "url-only",
+    ),
+    (
+        {
+            "AZURE_KUBERNETES_TOKEN_PROXY": "https://proxy.kube-system.svc/base/",
+            "AZURE_KUBERNETES_SNI_NAME": "token.aks.azure.com",
+            "AZURE_KUBERNETES_CA_FILE": "/var/run/ca.crt",
+        },
+        IdentityBinding(
+            token_proxy_url="https://proxy.kube-system.svc/base/",
+            sni_name="token.aks.azure.com",
+            ca_file="/var/run/ca.crt",
+        ),
+        "url-sni-ca-file",
+    ),
+    (
+        {"AZURE_KUBERNETES_TOKEN_PROXY": "HTTPS://proxy:8443", "AZURE_KUBERNETES_CA_DATA": PEM},
+        IdentityBinding(token_proxy_url="HTTPS://proxy:8443", ca_data=PEM.strip()),
+        "url-ca-data",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("env", "binding"),
+    [(e, b) for e, b, _ in BINDING_OK],
+    ids=[name for *_, name in BINDING_OK],
+)
+def test_identity_binding(env: dict[str, str], binding: IdentityBinding) -> None:
+    assert _load_proxy({**BASE_ENV, **env}).identity_binding == binding
+
+
+BINDING_ERRORS = [
+    ({"AZURE_KUBERNETES_TOKEN_PROXY": "http://proxy"}, "must be an https URL", "http-url"),
+    ({"AZURE_KUBERNETES_TOKEN_PROXY": "proxy:443"}, "must be an https URL", "no-scheme"),
+    ({"AZURE_KUBERNETES_TOKEN_PROXY": "https://"}, "has no host", "no-host"),
+    ({"AZURE_KUBERNETES_TOKEN_PROXY": "https://user:pw@proxy"}, "must not contain user info", "userinfo"),
+    ({"AZURE_KUBERNETES_TOKEN_PROXY": "https://user@proxy"}, "must not contain user info", "user-only"),
+    ({"AZURE_KUBERNETES_TOKEN_PROXY": "https://proxy/?a=1"}, "must not contain a query or fragment", "query"),
+    ({"AZURE_KUBERNETES_TOKEN_PROXY": "https://proxy/?"}, "must not contain a query or fragment", "empty-query"),
+    ({"AZURE_KUBERNETES_TOKEN_PROXY": "https://proxy/#x"}, "must not contain a query or fragment", "fragment"),
+    ({"AZURE_KUBERNETES_TOKEN_PROXY": "https://proxy:99999"}, "has a bad port", "bad-port"),
+    (
+        {"AZURE_KUBERNETES_TOKEN_PROXY": "https://proxy", "AZURE_KUBERNETES_CA_FILE": "/ca",
+         "AZURE_KUBERNETES_CA_DATA": PEM},
+        "mutually exclusive",
+        "ca-file-and-data",
+    ),
+    ({"AZURE_KUBERNETES_SNI_NAME": "sni"}, "AZURE_KUBERNETES_TOKEN_PROXY is not", "sni-without-url"),
+    ({"AZURE_KUBERNETES_CA_FILE": "/ca"}, "AZURE_KUBERNETES_TOKEN_PROXY is not", "ca-file-without-url"),
+    ({"AZURE_KUBERNETES_CA_DATA": PEM}, "AZURE_KUBERNETES_TOKEN_PROXY is not", "ca-data-without-url"),
+    (
+        {"AZURE_KUBERNETES_TOKEN_PROXY": "https://proxy", "AZURE_KUBERNETES_CA_DATA": "not a pem"},
+        "AZURE_KUBERNETES_CA_DATA: not a PEM certificate",
+        "ca-data-not-pem",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [(e, m) for e, m, _ in BINDING_ERRORS],
+    ids=[name for *_, name in BINDING_ERRORS],
+)
+def test_identity_binding_errors(env: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        _load_proxy({**BASE_ENV, **env})
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_userinfo_is_not_echoed() -> None:
+    with pytest.raises(ConfigError) as info:
+        _load_proxy({**BASE_ENV, "AZURE_KUBERNETES_TOKEN_PROXY": "https://user:s3cret@proxy"})
+    assert "s3cret" not in str(info.value)
+
+
+def test_binding_repr_masks_ca_data() -> None:
+    binding = IdentityBinding(token_proxy_url="https://p", ca_data=PEM)
+    assert "MIIB" not in repr(binding)
+    assert "<inline>" in repr(binding)
+    cfg = _load_proxy({**BASE_ENV, "AZURE_KUBERNETES_TOKEN_PROXY": "https://p", "AZURE_KUBERNETES_CA_DATA": PEM})
+    assert "MIIB" not in repr(cfg)

@@ -1,0 +1,315 @@
+"""Log line shapes (JsonFormatter, AccessLog) and the Prometheus exposition.
+
+Name: test_logs_metrics
+Scope: unit tests; the access log writes to an os.pipe, the formatter to a StringIO.
+Depends: azwi_netproxy.logs, azwi_netproxy.metrics (prometheus-client at render time).
+"""
+
+from __future__ import annotations
+
+import inspect
+import io
+import json
+import logging
+import os
+import re
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from azwi_netproxy import logs
+from azwi_netproxy.logs import AccessLog, JsonFormatter, rfc3339
+from azwi_netproxy.metrics import Metrics
+
+RFC3339_MICRO_Z = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{6}Z$")
+
+
+@pytest.fixture
+def captured() -> Iterator[tuple[logging.Logger, io.StringIO]]:
+    """Name: captured. Scope: function. A package logger writing JsonFormatter lines to a buffer."""
+    logger = logging.getLogger("azwi_netproxy.tests.logs")
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter("proxy"))
+    saved = (logger.handlers[:], logger.level, logger.propagate)
+    logger.handlers[:] = [handler]
+    logger.setLevel(logging.DEBUG)
+    logger.propagate = False
+    try:
+        yield logger, stream
+    finally:
+        logger.handlers[:], logger.level, logger.propagate = saved
+
+
+def _lines(stream: io.StringIO) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in stream.getvalue().splitlines()]
+
+
+def test_json_formatter_shape(captured: tuple[logging.Logger, io.StringIO]) -> None:
+    logger, stream = captured
+    frame = inspect.currentframe()
+    assert frame is not None
+    line = frame.f_lineno + 1
+    logger.info("successfully acquired token", extra={"client_id": "abc", "status": 200})
+    [entry] = _lines(stream)
+    assert list(entry)[:5] == ["level", "timestamp", "logger", "caller", "message"]
+    assert entry["level"] == "info"
+    assert RFC3339_MICRO_Z.match(entry["timestamp"])
+    assert entry["logger"] == "proxy"
+    assert entry["caller"] == f"test_logs_metrics.py:{line}"
+    assert entry["message"] == "successfully acquired token"
+    assert (entry["client_id"], entry["status"]) == ("abc", 200)
+    assert stream.getvalue().count("\n") == 1
+
+
+LEVELS = [
+    (logging.DEBUG, "debug"),
+    (logging.INFO, "info"),
+    (logging.WARNING, "warn"),
+    (logging.ERROR, "error"),
+    (logging.CRITICAL, "fatal"),
+]
+
+
+@pytest.mark.parametrize(("level", "name"), LEVELS, ids=[n for _, n in LEVELS])
+def test_json_formatter_levels(captured: tuple[logging.Logger, io.StringIO], level: int, name: str) -> None:
+    logger, stream = captured
+    logger.log(level, "m")
+    assert _lines(stream)[0]["level"] == name
+
+
+def test_json_formatter_exception_and_odd_values(captured: tuple[logging.Logger, io.StringIO]) -> None:
+    logger, stream = captured
+    try:
+        raise ValueError("boom\nsecond line")
+    except ValueError:
+        logger.exception("failed: %s", "x", extra={"obj": object(), "text": 'quote " and \n newline'})
+    raw = stream.getvalue()
+    assert raw.count("\n") == 1  # one object per line, whatever the values hold
+    [entry] = _lines(stream)
+    assert entry["message"] == "failed: x"
+    assert "ValueError: boom" in entry["error"]
+    assert entry["obj"].startswith("<object object")
+    assert entry["text"] == 'quote " and \n newline'
+
+
+def test_rfc3339() -> None:
+    assert rfc3339(1_700_000_000.5) == "2023-11-14T22:13:20.500000Z"
+    assert rfc3339(0) == "1970-01-01T00:00:00.000000Z"
+
+
+@pytest.fixture
+def restore_package_logger() -> Iterator[None]:
+    """Name: restore_package_logger. Scope: function. Undo logs.configure's global changes."""
+    names = ("azwi_netproxy", "httpx", "httpcore", "asyncio")
+    saved = {n: (logging.getLogger(n).handlers[:], logging.getLogger(n).level, logging.getLogger(n).propagate)
+             for n in names}
+    try:
+        yield
+    finally:
+        for name, (handlers, level, propagate) in saved.items():
+            logger = logging.getLogger(name)
+            logger.handlers[:], logger.level, logger.propagate = handlers, level, propagate
+
+
+@pytest.mark.usefixtures("restore_package_logger")
+def test_configure_level_and_stream() -> None:
+    stream = io.StringIO()
+    logs.configure("warning", logger_name="proxy-init", stream=stream)
+    logger = logging.getLogger("azwi_netproxy.app")
+    logger.info("hidden")
+    logger.warning("shown", extra={"path": "/x"})
+    [entry] = _lines(stream)
+    assert (entry["message"], entry["level"], entry["logger"], entry["path"]) == ("shown", "warn", "proxy-init", "/x")
+    assert logging.getLogger("httpx").level == logging.WARNING
+
+
+@pytest.mark.usefixtures("restore_package_logger")
+def test_configure_twice_keeps_one_handler() -> None:
+    stream = io.StringIO()
+    logs.configure("info", logger_name="proxy", stream=stream)
+    logs.configure("debug", logger_name="proxy", stream=stream)
+    logging.getLogger("azwi_netproxy.x").debug("once")
+    assert len(_lines(stream)) == 1
+
+
+# ---- access log -------------------------------------------------------------------------
+
+
+class _Pipe:
+    def __init__(self) -> None:
+        self.read_fd, self.write_fd = os.pipe()
+        os.set_blocking(self.read_fd, False)
+
+    def read(self) -> bytes:
+        try:
+            return os.read(self.read_fd, 1 << 20)
+        except BlockingIOError:
+            return b""
+
+    def close(self) -> None:
+        os.close(self.read_fd)
+        os.close(self.write_fd)
+
+
+@pytest.fixture
+def pipe() -> Iterator[_Pipe]:
+    """Name: pipe. Scope: function. An os.pipe the access log writes to."""
+    p = _Pipe()
+    try:
+        yield p
+    finally:
+        p.close()
+
+
+class _CallSoon:
+    """Records callbacks instead of scheduling them; the test runs them."""
+
+    def __init__(self) -> None:
+        self.callbacks: list[Callable[[], None]] = []
+
+    def __call__(self, callback: Callable[[], None]) -> None:
+        self.callbacks.append(callback)
+
+    def run(self) -> None:
+        callbacks, self.callbacks = self.callbacks, []
+        for callback in callbacks:
+            callback()
+
+
+def _request(log: AccessLog, call_soon: _CallSoon, **overrides: Any) -> None:
+    fields: dict[str, Any] = {
+        "now": 1_700_000_000.25,
+        "method": "GET",
+        "target": b"/metadata/identity/oauth2/token?api-version=1&resource=x",
+        "status": 200,
+        "duration_ms": 1.23456,
+        "client_id": "11111111-1111-1111-1111-111111111111",
+        "cache": "hit",
+    }
+    fields.update(overrides)
+    log.request(call_soon, **fields)
+
+
+def test_access_line_shape(pipe: _Pipe) -> None:
+    call_soon = _CallSoon()
+    log = AccessLog(enabled=True, fd=pipe.write_fd)
+    _request(log, call_soon)
+    assert pipe.read() == b""  # written once per loop turn, not per request
+    call_soon.run()
+    raw = pipe.read()
+    assert raw.endswith(b"\n") and raw.count(b"\n") == 1
+    entry = json.loads(raw)
+    assert list(entry) == [
+        "level", "timestamp", "logger", "caller", "message", "method", "uri", "status", "duration_ms",
+        "client_id", "cache",
+    ]
+    assert entry["level"] == "info"
+    assert entry["timestamp"] == "2023-11-14T22:13:20.250000Z"
+    assert RFC3339_MICRO_Z.match(entry["timestamp"])
+    assert entry["logger"] == "proxy"
+    assert entry["message"] == "successfully acquired token"
+    assert entry["uri"] == "/metadata/identity/oauth2/token?api-version=1&resource=x"
+    assert (entry["status"], entry["duration_ms"], entry["cache"]) == (200, 1.235, "hit")
+
+
+def test_access_line_without_client_or_cache_and_odd_target(pipe: _Pipe) -> None:
+    call_soon = _CallSoon()
+    log = AccessLog(enabled=True, fd=pipe.write_fd)
+    target = b'/metadata/instance?x="q"\\\xff'
+    _request(log, call_soon, target=target, status=404, client_id=None, cache=None, method='G"T')
+    call_soon.run()
+    entry = json.loads(pipe.read())
+    assert "client_id" not in entry and "cache" not in entry
+    assert entry["message"] == "request"
+    assert entry["uri"] == target.decode("latin-1")
+    assert entry["method"] == 'G"T'
+
+
+def test_access_log_batches_lines_per_turn(pipe: _Pipe) -> None:
+    call_soon = _CallSoon()
+    log = AccessLog(enabled=True, fd=pipe.write_fd)
+    for status in (200, 400, 503):
+        _request(log, call_soon, status=status)
+    assert len(call_soon.callbacks) == 1
+    call_soon.run()
+    assert [json.loads(line)["status"] for line in pipe.read().splitlines()] == [200, 400, 503]
+    _request(log, call_soon)
+    assert len(call_soon.callbacks) == 1  # a new turn schedules a new flush
+
+
+def test_access_log_disabled_writes_nothing(pipe: _Pipe) -> None:
+    call_soon = _CallSoon()
+    log = AccessLog(enabled=False, fd=pipe.write_fd)
+    _request(log, call_soon)
+    assert call_soon.callbacks == []
+    log.flush()
+    assert pipe.read() == b""
+
+
+def test_access_log_turns_itself_off_when_stderr_is_gone(pipe: _Pipe) -> None:
+    call_soon = _CallSoon()
+    # Writing to the pipe's read end fails with EBADF, as a closed stderr would.
+    log = AccessLog(enabled=True, fd=pipe.read_fd)
+    _request(log, call_soon)
+    call_soon.run()  # EBADF: must not raise out of a loop callback
+    assert log.enabled is False
+
+
+# ---- metrics ----------------------------------------------------------------------------
+
+FAMILIES = [
+    ("azwi_netproxy_requests_total", "counter"),
+    ("azwi_netproxy_exchanges_total", "counter"),
+    ("azwi_netproxy_cache_events_total", "counter"),
+    ("azwi_netproxy_exchange_duration_seconds", "histogram"),
+    ("azwi_netproxy_cached_tokens", "gauge"),
+    ("azwi_netproxy_earliest_token_expiry_seconds", "gauge"),
+]
+
+
+def test_metrics_render_families_and_values() -> None:
+    metrics = Metrics()
+    metrics.count_request("token", 200)
+    metrics.count_request("token", 200)
+    metrics.count_request("passthrough", 503)
+    metrics.count_exchange("success", 0.03)
+    metrics.count_exchange("throttled", 12.0)
+    metrics.count_cache("hit")
+    metrics.cached_tokens = lambda: 3
+    metrics.earliest_expiry = lambda: time.time() + 100
+    body, content_type = metrics.render()
+    text = body.decode()
+    assert content_type.startswith(b"text/plain")
+    for family, kind in FAMILIES:
+        assert f"# TYPE {family} {kind}\n" in text, family
+    assert 'azwi_netproxy_requests_total{route="token",status="200"} 2.0' in text
+    assert 'azwi_netproxy_requests_total{route="passthrough",status="503"} 1.0' in text
+    assert 'azwi_netproxy_exchanges_total{outcome="success"} 1.0' in text
+    assert 'azwi_netproxy_cache_events_total{event="hit"} 1.0' in text
+    assert 'azwi_netproxy_exchange_duration_seconds_bucket{le="0.05"} 1.0' in text
+    assert 'azwi_netproxy_exchange_duration_seconds_bucket{le="10.0"} 1.0' in text
+    assert 'azwi_netproxy_exchange_duration_seconds_bucket{le="+Inf"} 2.0' in text
+    assert "azwi_netproxy_exchange_duration_seconds_count 2.0" in text
+    assert "azwi_netproxy_cached_tokens 3.0" in text
+    [expiry] = re.findall(r"^azwi_netproxy_earliest_token_expiry_seconds ([0-9.e+]+)$", text, re.M)
+    assert 95 < float(expiry) <= 100
+
+
+def test_metrics_empty_cache_has_no_expiry_sample() -> None:
+    text = Metrics().render()[0].decode()
+    assert "# TYPE azwi_netproxy_earliest_token_expiry_seconds gauge" in text
+    assert not re.search(r"^azwi_netproxy_earliest_token_expiry_seconds ", text, re.M)
+    assert "azwi_netproxy_cached_tokens 0.0" in text
+
+
+def test_metrics_render_twice_is_stable() -> None:
+    metrics = Metrics()
+    metrics.count_request("ready", 200)
+    first = metrics.render()[0].decode()
+    metrics.count_request("ready", 200)
+    second = metrics.render()[0].decode()
+    assert 'azwi_netproxy_requests_total{route="ready",status="200"} 1.0' in first
+    assert 'azwi_netproxy_requests_total{route="ready",status="200"} 2.0' in second
