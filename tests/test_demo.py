@@ -1,0 +1,42 @@
+"""The README's first command: the demo runs the whole flow and leaves nothing behind."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+
+pytestmark = [pytest.mark.root, pytest.mark.timeout(180)]
+
+
+def _namespaces() -> set[str]:
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True)
+    return {line.split()[0] for line in listed.stdout.splitlines() if line.strip()}
+
+
+def test_demo_runs_the_whole_flow_and_cleans_up(python_for_other_uids: str) -> None:
+    before = _namespaces()
+    done = subprocess.run(
+        [python_for_other_uids, "-c", "from azwi_netproxy.demo import main; raise SystemExit(main())"],
+        capture_output=True, text=True, timeout=150, cwd="/",
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    out = done.stdout
+    assert "NOT Entra" in out  # the stand-in is named for what it is
+    assert "curl as uid 1000" in out and "-> 200" in out
+    assert "token for client 11111111-1111-4111-8111-111111111111" in out
+    assert "token for client 22222222-2222-4222-8222-222222222222" in out
+    assert "proxy stopped; curl as uid 1000 -> refused" in out
+    assert "0 of them for a token" in out
+    assert "every step behaved as expected" in out
+    assert _namespaces() == before
+
+
+def test_demo_refuses_to_run_unprivileged(python_for_other_uids: str) -> None:
+    done = subprocess.run(
+        ["setpriv", "--reuid=1000", "--regid=1000", "--clear-groups", python_for_other_uids, "-c",
+         "from azwi_netproxy.demo import main; raise SystemExit(main())"],
+        capture_output=True, text=True, timeout=30, cwd="/",
+    )
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == ["azwi-netproxy-demo: run as root (it creates network namespaces)"]
