@@ -18,7 +18,7 @@ def test_demo_runs_the_whole_flow_and_cleans_up(python_for_other_uids: str) -> N
     before = _namespaces()
     done = subprocess.run(
         [python_for_other_uids, "-c", "from azwi_netproxy.demo import main; raise SystemExit(main())"],
-        capture_output=True, text=True, timeout=150, cwd="/",
+        check=False, capture_output=True, text=True, timeout=150, cwd="/",
     )
     assert done.returncode == 0, done.stdout + done.stderr
     out = done.stdout
@@ -36,7 +36,7 @@ def test_demo_refuses_to_run_unprivileged(python_for_other_uids: str) -> None:
     done = subprocess.run(
         ["setpriv", "--reuid=1000", "--regid=1000", "--clear-groups", python_for_other_uids, "-c",
          "from azwi_netproxy.demo import main; raise SystemExit(main())"],
-        capture_output=True, text=True, timeout=30, cwd="/",
+        check=False, capture_output=True, text=True, timeout=30, cwd="/",
     )
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == ["azwi-netproxy-demo: run as root (it creates network namespaces)"]
