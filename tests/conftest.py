@@ -12,14 +12,13 @@ import shutil
 import subprocess
 import sys
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from support.caps import CAN_NETNS, NETNS_SKIP_REASON  # noqa: E402
+from support.caps import CAN_NETNS, NETNS_SKIP_REASON
 
 REPO = Path(__file__).resolve().parent.parent
 
