@@ -155,7 +155,9 @@ class TokenApp:
             target = self._understand(request.target)
         if target.route is not imds.Route.TOKEN:
             return target, None
-        if request.method not in ("GET", "HEAD"):
+        # CONTRACT.md: 405 for any method other than GET. A HEAD would cost an exchange
+        # for an answer without a token in it.
+        if request.method != "GET":
             return target, MethodNotAllowed(imds.MSG_METHOD)
         metadata: bytes | None = None
         metadata_count = 0
