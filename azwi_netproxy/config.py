@@ -174,6 +174,9 @@ class ProxyConfig:
     metadata_port: int = DEFAULT_METADATA_PORT
     passthrough: PassthroughPolicy = "all"
     metrics_port: int | None = None
+    # Trust for the authority host (OpenSSL's own variables, honoured as the Go proxy does).
+    ssl_cert_file: str | None = None
+    ssl_cert_dir: str | None = None
     # Bounds on one exchange with Entra, retries included (azure-identity waits about as long).
     exchange_timeout_s: float = 10.0
     exchange_deadline_s: float = 20.0
@@ -305,4 +308,6 @@ def load_proxy(
         metadata_port=metadata_port,
         passthrough=passthrough,  # type: ignore[arg-type]
         metrics_port=metrics_port,
+        ssl_cert_file=environ.get("SSL_CERT_FILE", "").strip() or None,
+        ssl_cert_dir=environ.get("SSL_CERT_DIR", "").strip() or None,
     )

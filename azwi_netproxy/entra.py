@@ -12,8 +12,10 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import random
 import re
+import ssl
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -63,9 +65,18 @@ class Endpoint(Protocol):
 class AuthorityEndpoint:
     """Entra at AZURE_AUTHORITY_HOST, through one long-lived pooled client."""
 
-    def __init__(self, authority_host: str, *, timeout_s: float) -> None:
+    def __init__(
+        self,
+        authority_host: str,
+        *,
+        timeout_s: float,
+        ca_file: str | None = None,
+        ca_dir: str | None = None,
+    ) -> None:
         self._authority = authority_host.rstrip("/")
         self._timeout_s = timeout_s
+        self._ca_file = ca_file
+        self._ca_dir = ca_dir
         self._client: httpx.AsyncClient | None = None
 
     @property
@@ -79,8 +90,9 @@ class AuthorityEndpoint:
         if self._client is None:
             import httpx
 
-            # trust_env honours SSL_CERT_FILE / SSL_CERT_DIR and HTTPS_PROXY, as the Go proxy does.
+            # trust_env keeps HTTPS_PROXY / NO_PROXY working, as in the Go proxy.
             self._client = httpx.AsyncClient(
+                verify=authority_context(self._ca_file, self._ca_dir),
                 timeout=httpx.Timeout(self._timeout_s, connect=min(self._timeout_s, 5.0)),
                 trust_env=True,
                 follow_redirects=False,
@@ -92,6 +104,29 @@ class AuthorityEndpoint:
     async def aclose(self) -> None:
         if self._client is not None:
             await self._client.aclose()
+
+
+def authority_context(ca_file: str | None, ca_dir: str | None) -> ssl.SSLContext:
+    """TLS trust for Entra: SSL_CERT_FILE / SSL_CERT_DIR when set, else the system store.
+
+    Like the Go proxy (system roots), not certifi's bundle. Without SSL_CERT_FILE the
+    system store is used through its hashed directory, which OpenSSL reads one
+    certificate at a time when a chain needs it: loading the whole bundle file up front
+    would cost about a megabyte of the sidecar's memory in every pod.
+    """
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if ca_file or ca_dir:
+        context.load_verify_locations(cafile=ca_file or None, capath=ca_dir or None)
+        return context
+    defaults = ssl.get_default_verify_paths()
+    if defaults.capath and os.path.isdir(defaults.capath) and any(
+        name.endswith(".0") for name in os.listdir(defaults.capath)
+    ):
+        context.load_verify_locations(capath=defaults.capath)
+    else:
+        context.set_default_verify_paths()
+    return context
 
 
 @dataclass(frozen=True, slots=True)

@@ -65,7 +65,12 @@ def make_endpoint(cfg: ProxyConfig) -> Endpoint:
         from azwi_netproxy.tlsreload import BindingEndpoint
 
         return BindingEndpoint(cfg.identity_binding, timeout_s=cfg.exchange_timeout_s)
-    return AuthorityEndpoint(cfg.authority_host, timeout_s=cfg.exchange_timeout_s)
+    return AuthorityEndpoint(
+        cfg.authority_host,
+        timeout_s=cfg.exchange_timeout_s,
+        ca_file=cfg.ssl_cert_file,
+        ca_dir=cfg.ssl_cert_dir,
+    )
 
 
 async def check_passthrough_loop(passthrough: Passthrough) -> None:
