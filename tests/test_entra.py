@@ -540,3 +540,31 @@ async def test_binding_ca_file_rotation_keeps_the_last_good_ca(
     ca_file.write_text(ca_pems[1])
     second, _ = endpoint.client()
     assert second is not first
+
+
+def test_authority_context_uses_the_given_ca_file_only(tmp_path: Any) -> None:
+    import ssl
+
+    import trustme
+
+    from azwi_netproxy.entra import authority_context
+
+    ca = trustme.CA()
+    bundle = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(bundle))
+    context = authority_context(str(bundle), None)
+    assert context.verify_mode == ssl.CERT_REQUIRED and context.check_hostname
+    assert len(context.get_ca_certs()) == 1
+
+
+def test_authority_context_without_settings_reads_the_system_store_lazily() -> None:
+    import ssl
+
+    from azwi_netproxy.entra import authority_context
+
+    context = authority_context(None, None)
+    assert context.verify_mode == ssl.CERT_REQUIRED and context.check_hostname
+    paths = ssl.get_default_verify_paths()
+    if paths.capath and __import__("os").path.isdir(paths.capath):
+        # Through the hashed directory nothing is loaded until a chain needs it.
+        assert context.cert_store_stats()["x509_ca"] == 0
