@@ -34,6 +34,23 @@ LOG_LEVELS: Final = ("debug", "info", "warning", "error")
 _GUID: Final = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
 
 
+# Upstream's logger (mlog) also knows these names; the webhook passes --log-level=info.
+_LOG_LEVEL_ALIASES: Final = {"warn": "warning", "trace": "debug", "all": "debug"}
+
+
+def parse_log_level(value: object) -> str:
+    """debug, info, warning or error (upstream's warn, trace and all accepted too).
+
+    Raises:
+        ConfigError: any other name.
+    """
+    level = str(value or "info").strip().lower()
+    level = _LOG_LEVEL_ALIASES.get(level, level)
+    if level not in LOG_LEVELS:
+        raise ConfigError(f"--log-level: {value!r} is not one of {', '.join(LOG_LEVELS)}")
+    return level
+
+
 def parse_port(value: str | int, name: str) -> int:
     """A TCP port 1..65535.
 
@@ -111,9 +128,7 @@ def load_init(flags: Mapping[str, object], environ: Mapping[str, str]) -> InitCo
     action = str(flags.get("action") or "install")
     if action not in ("install", "dry-run", "check", "cleanup"):
         raise ConfigError(f"unknown action {action!r}")
-    log_level = str(flags.get("log_level") or "info").lower()
-    if log_level not in LOG_LEVELS:
-        raise ConfigError(f"--log-level: {log_level!r} is not one of {', '.join(LOG_LEVELS)}")
+    log_level = parse_log_level(flags.get("log_level"))
     proxy_port = parse_port(
         _pick(flags.get("proxy_port"), environ, "PROXY_PORT", DEFAULT_PROXY_PORT),  # type: ignore[arg-type]
         "PROXY_PORT" if flags.get("proxy_port") is None else "--proxy-port",
@@ -237,9 +252,7 @@ def load_proxy(
     Raises:
         ConfigError: any bad value or a malformed identity map, naming it.
     """
-    log_level = str(flags.get("log_level") or "info").lower()
-    if log_level not in LOG_LEVELS:
-        raise ConfigError(f"--log-level: {log_level!r} is not one of {', '.join(LOG_LEVELS)}")
+    log_level = parse_log_level(flags.get("log_level"))
     proxy_port = parse_port(flags.get("proxy_port") or DEFAULT_PROXY_PORT, "--proxy-port")  # type: ignore[arg-type]
     probe = bool(flags.get("probe"))
     if probe:

@@ -206,7 +206,7 @@ PROXY_ERRORS = [
     (BASE_ENV, {"proxy_port": "0"}, "--proxy-port: port 0 is out of range", "port-0"),
     (BASE_ENV, {"proxy_port": "65536"}, "--proxy-port: port 65536 is out of range", "port-65536"),
     (BASE_ENV, {"proxy_port": "abc"}, "--proxy-port: 'abc' is not a port number", "port-abc"),
-    (BASE_ENV, {"log_level": "trace"}, "--log-level: 'trace'", "log-level"),
+    (BASE_ENV, {"log_level": "verbose"}, "--log-level: 'verbose'", "log-level"),
     ({**BASE_ENV, "AZURE_AUTHORITY_HOST": "login.microsoftonline.com"}, {}, "AZURE_AUTHORITY_HOST", "no-scheme"),
     ({**BASE_ENV, "AZURE_AUTHORITY_HOST": "ftp://login/"}, {}, "AZURE_AUTHORITY_HOST", "ftp"),
     ({**BASE_ENV, "AZURE_AUTHORITY_HOST": "https://"}, {}, "AZURE_AUTHORITY_HOST", "no-host"),
@@ -339,3 +339,14 @@ def test_binding_repr_masks_ca_data() -> None:
     assert "<inline>" in repr(binding)
     cfg = _load_proxy({**BASE_ENV, "AZURE_KUBERNETES_TOKEN_PROXY": "https://p", "AZURE_KUBERNETES_CA_DATA": PEM})
     assert "MIIB" not in repr(cfg)
+
+
+@pytest.mark.parametrize(
+    ("given", "level"),
+    [("warn", "warning"), ("trace", "debug"), ("all", "debug"), ("INFO", "info"), (None, "info")],
+    ids=["warn", "trace", "all", "upper-case", "default"],
+)
+def test_upstream_log_level_names_are_accepted(given: str | None, level: str) -> None:
+    from azwi_netproxy.config import parse_log_level
+
+    assert parse_log_level(given) == level
