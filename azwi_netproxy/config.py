@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import ssl
 import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -237,8 +238,11 @@ def _load_binding(environ: Mapping[str, str]) -> IdentityBinding | None:
     _check_https_url(url, "AZURE_KUBERNETES_TOKEN_PROXY")
     if ca_file and ca_data:
         raise ConfigError("AZURE_KUBERNETES_CA_FILE and AZURE_KUBERNETES_CA_DATA are mutually exclusive")
-    if ca_data and "-----BEGIN CERTIFICATE-----" not in ca_data:
-        raise ConfigError("AZURE_KUBERNETES_CA_DATA: not a PEM certificate")
+    if ca_data:
+        try:
+            ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cadata=ca_data)
+        except (ssl.SSLError, ValueError):
+            raise ConfigError("AZURE_KUBERNETES_CA_DATA: holds no PEM certificate") from None
     return IdentityBinding(token_proxy_url=url, sni_name=sni, ca_file=ca_file, ca_data=ca_data)
 
 

@@ -120,8 +120,10 @@ def authority_context(ca_file: str | None, ca_dir: str | None) -> ssl.SSLContext
         context.load_verify_locations(cafile=ca_file or None, capath=ca_dir or None)
         return context
     defaults = ssl.get_default_verify_paths()
-    if defaults.capath and os.path.isdir(defaults.capath) and any(
-        name.endswith(".0") for name in os.listdir(defaults.capath)
+    if (
+        defaults.capath
+        and os.path.isdir(defaults.capath)
+        and any(name.endswith(".0") for name in os.listdir(defaults.capath))
     ):
         context.load_verify_locations(capath=defaults.capath)
     else:
@@ -217,11 +219,31 @@ def _map_transport_errors(url_for_log: str) -> Iterator[None]:
             "The token service did not answer in time", retry_after_s=_DEFAULT_RETRY_AFTER_S
         ) from exc
     except (httpx.TransportError, OSError) as exc:
+        tls = _tls_failure(exc)
+        if tls is not None:
+            raise UpstreamUnavailable(
+                f"TLS handshake with the token service failed: {tls}",
+                retry_after_s=_DEFAULT_RETRY_AFTER_S,
+            ) from exc
         cause = type(exc.__cause__ or exc).__name__
         log.debug("token service unreachable", extra={"url": url_for_log, "cause": cause})
         raise UpstreamUnavailable(
             f"Cannot reach the token service ({cause})", retry_after_s=_DEFAULT_RETRY_AFTER_S
         ) from exc
+
+
+def _tls_failure(exc: BaseException) -> str | None:
+    """The TLS reason behind an httpx error (wrapped twice: httpx → httpcore → ssl), if any."""
+    seen: BaseException | None = exc
+    for _ in range(6):
+        if seen is None:
+            return None
+        if isinstance(seen, ssl.SSLCertVerificationError):
+            return f"certificate verify failed: {seen.verify_message}"
+        if isinstance(seen, ssl.SSLError):
+            return str(seen.reason or seen.strerror or type(seen).__name__)
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 class Exchanger:

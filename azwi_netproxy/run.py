@@ -175,9 +175,5 @@ async def serve(cfg: ProxyConfig, started: float) -> int:
 
 def run_proxy(cfg: ProxyConfig) -> int:
     started = time.monotonic()
-    try:
-        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            return runner.run(serve(cfg, started))
-    except OSError as exc:
-        log.error("cannot listen", extra={"port": cfg.proxy_port, "error": str(exc)})
-        return 1
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(serve(cfg, started))

@@ -101,7 +101,7 @@ PROXY_BAD = [
     (
         [],
         {"AZURE_KUBERNETES_TOKEN_PROXY": "https://p", "AZURE_KUBERNETES_CA_DATA": "abc"},
-        "not a PEM certificate",
+        "holds no PEM certificate",
         "binding-ca-data-not-pem",
     ),
     ([], {"METADATA_IP": "::1"}, "METADATA_IP", "metadata-ip"),

@@ -15,7 +15,8 @@ from azwi_netproxy.errors import ConfigError
 
 TENANT = "00000000-0000-0000-0000-00000000000a"
 CLIENT = "11111111-1111-1111-1111-111111111111"
-PEM = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
+# A real CA certificate: the CA data is parsed at start-up, so a placeholder would be refused.
+PEM = __import__("trustme").CA().cert_pem.bytes().decode()
 BASE_ENV = {"AZURE_TENANT_ID": TENANT, "AZURE_FEDERATED_TOKEN_FILE": "/var/run/secrets/token"}
 
 
@@ -309,7 +310,7 @@ BINDING_ERRORS = [
     ({"AZURE_KUBERNETES_CA_DATA": PEM}, "AZURE_KUBERNETES_TOKEN_PROXY is not", "ca-data-without-url"),
     (
         {"AZURE_KUBERNETES_TOKEN_PROXY": "https://proxy", "AZURE_KUBERNETES_CA_DATA": "not a pem"},
-        "AZURE_KUBERNETES_CA_DATA: not a PEM certificate",
+        "AZURE_KUBERNETES_CA_DATA: holds no PEM certificate",
         "ca-data-not-pem",
     ),
 ]
@@ -335,10 +336,10 @@ def test_userinfo_is_not_echoed() -> None:
 
 def test_binding_repr_masks_ca_data() -> None:
     binding = IdentityBinding(token_proxy_url="https://p", ca_data=PEM)
-    assert "MIIB" not in repr(binding)
+    assert PEM.splitlines()[1] not in repr(binding)
     assert "<inline>" in repr(binding)
     cfg = _load_proxy({**BASE_ENV, "AZURE_KUBERNETES_TOKEN_PROXY": "https://p", "AZURE_KUBERNETES_CA_DATA": PEM})
-    assert "MIIB" not in repr(cfg)
+    assert PEM.splitlines()[1] not in repr(cfg)
 
 
 @pytest.mark.parametrize(

@@ -5,6 +5,9 @@ Owns: the v2.0 token endpoint of one or more tenants (client-credentials grant w
 federated client assertion), their apps and federated credentials, fault injection, a
 record of every request it saw, and the identity-binding mode (`--sni-only NAME`: a
 certificate valid only for NAME, handshakes with another SNI refused, SNI recorded).
+Every accepted TCP connection gets a serial number `conn`, kept in its handshake record
+and in the record of each request it carried, so a test can tell a pooled connection
+reused from a new one.
 
 Must not know: anything of azwi_netproxy. The server part uses the standard library only,
 so it runs under any python3, as its own process and inside `ip netns exec`:
@@ -207,6 +210,8 @@ class FakeEntraServer(http.server.ThreadingHTTPServer):
         self.cert_dir = cert_dir
         self.sni_only = sni_only
         self.state = State()
+        # Never reset: connection numbers stay unique for the server's whole life.
+        self.connections = 0
         self.context = self._make_context()
         super().__init__(address, Handler)
 
@@ -224,7 +229,8 @@ class FakeEntraServer(http.server.ThreadingHTTPServer):
     def _on_sni(self, sock: Any, server_name: str | None, _ctx: ssl.SSLContext) -> int | None:
         sock.fake_sni = server_name
         accepted = self.sni_only is None or server_name == self.sni_only
-        entry: dict[str, Any] = {"sni": server_name, "accepted": accepted}
+        entry: dict[str, Any] = {"sni": server_name, "accepted": accepted,
+                                 "conn": getattr(sock, "fake_conn", None)}
         sock.fake_handshake = entry
         with self.state.lock:
             self.state.handshakes.append(entry)
@@ -236,7 +242,11 @@ class FakeEntraServer(http.server.ThreadingHTTPServer):
         # The handshake runs here, in the connection's own thread, so a slow or bad
         # client never stalls accept().
         request.settimeout(30)
+        with self.state.lock:
+            self.connections += 1
+            conn = self.connections
         tls = self.context.wrap_socket(request, server_side=True, do_handshake_on_connect=False)
+        tls.fake_conn = conn  # type: ignore[attr-defined]  # read back by _on_sni and Handler
         try:
             tls.do_handshake()
         except (ssl.SSLError, OSError) as exc:
@@ -244,7 +254,7 @@ class FakeEntraServer(http.server.ThreadingHTTPServer):
                 entry = getattr(tls, "fake_handshake", None)
                 if entry is None:  # failed before SNI was looked at
                     self.state.handshakes.append({"sni": None, "accepted": False,
-                                                  "error": str(exc)})
+                                                  "conn": conn, "error": str(exc)})
                 else:
                     entry["accepted"] = False
                     entry["error"] = str(exc)
@@ -371,6 +381,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 "query": split.query,
                 "headers": {k.lower(): v for k, v in self.headers.items()},
                 "sni": getattr(self.connection, "fake_sni", None),
+                "conn": getattr(self.connection, "fake_conn", None),
                 "form": None,
                 "tenant": None,
                 "client_id": None,
@@ -660,7 +671,8 @@ class FakeEntraClient:
         return [r for r in self.records() if r["path"].endswith(TOKEN_TAIL)]
 
     def handshakes(self) -> list[dict[str, Any]]:
-        """Every TLS handshake's SNI and whether it was accepted (control calls included)."""
+        """Every TLS handshake's SNI, connection number `conn` and whether it was accepted
+        (control calls included; a failed one also has `error`)."""
         return list(self._call("GET", RECORDS_PATH)["handshakes"])
 
 
