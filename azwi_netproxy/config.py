@@ -35,8 +35,10 @@ LOG_LEVELS: Final = ("debug", "info", "warning", "error")
 _GUID: Final = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
 
 
-# Upstream's logger (mlog) also knows these names; the webhook passes --log-level=info.
-_LOG_LEVEL_ALIASES: Final = {"warn": "warning", "trace": "debug", "all": "debug"}
+# Upstream's logger (mlog) also knows these names, and the webhook passes its own current
+# level to the sidecar and its probe, so all of them must be accepted. An empty value is
+# mlog's warning level (the webhook's default); no flag at all is our default, info.
+_LOG_LEVEL_ALIASES: Final = {"": "warning", "warn": "warning", "trace": "debug", "all": "debug"}
 
 
 def parse_log_level(value: object) -> str:
@@ -45,7 +47,7 @@ def parse_log_level(value: object) -> str:
     Raises:
         ConfigError: any other name.
     """
-    level = str(value or "info").strip().lower()
+    level = "info" if value is None else str(value).strip().lower()
     level = _LOG_LEVEL_ALIASES.get(level, level)
     if level not in LOG_LEVELS:
         raise ConfigError(f"--log-level: {value!r} is not one of {', '.join(LOG_LEVELS)}")

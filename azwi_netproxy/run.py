@@ -123,12 +123,23 @@ async def serve(cfg: ProxyConfig, started: float) -> int:
         call_soon=loop.call_soon,
     )
     server = HttpServer(app)
-    port = await server.start(LISTEN_HOST, cfg.proxy_port)
     metrics_server: HttpServer | None = None
-    if cfg.metrics_port is not None:
-        metrics_server = HttpServer(MetricsApp(metrics))
-        # Prometheus scrapes from outside the pod; metrics carry no tokens or client secrets.
-        await metrics_server.start("0.0.0.0", cfg.metrics_port)
+    try:
+        # Metrics first: once the proxy port answers /readyz, everything is in place.
+        if cfg.metrics_port is not None:
+            metrics_server = HttpServer(MetricsApp(metrics))
+            # Prometheus scrapes from outside the pod; metrics carry no tokens or client secrets.
+            await metrics_server.start("0.0.0.0", cfg.metrics_port)
+        port = await server.start(LISTEN_HOST, cfg.proxy_port)
+    except OSError as exc:
+        log.error(
+            "cannot listen",
+            extra={"port": cfg.proxy_port, "metrics_port": cfg.metrics_port, "error": str(exc)},
+        )
+        if metrics_server is not None:
+            await metrics_server.shutdown()
+        await endpoint.aclose()
+        return 1
     log.info(
         "starting the proxy server",
         extra={

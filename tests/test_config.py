@@ -344,8 +344,8 @@ def test_binding_repr_masks_ca_data() -> None:
 
 @pytest.mark.parametrize(
     ("given", "level"),
-    [("warn", "warning"), ("trace", "debug"), ("all", "debug"), ("INFO", "info"), (None, "info")],
-    ids=["warn", "trace", "all", "upper-case", "default"],
+    [("warn", "warning"), ("trace", "debug"), ("all", "debug"), ("INFO", "info"), (None, "info"), ("", "warning")],
+    ids=["warn", "trace", "all", "upper-case", "default", "empty-is-mlog-warning"],
 )
 def test_upstream_log_level_names_are_accepted(given: str | None, level: str) -> None:
     from azwi_netproxy.config import parse_log_level
