@@ -38,6 +38,8 @@ from azwi_netproxy.server import HttpServer
 log = logging.getLogger(__name__)
 
 LISTEN_HOST: Final = "127.0.0.1"  # never another address: other pods must not reach us
+# Access lines are written in batches at most this late (see logs.AccessLog).
+ACCESS_LOG_FLUSH_S: Final = 0.05
 
 
 class MetricsApp:
@@ -120,7 +122,7 @@ async def serve(cfg: ProxyConfig, started: float) -> int:
         passthrough=passthrough,
         metrics=metrics,
         access_log=access_log,
-        call_soon=loop.call_soon,
+        schedule_flush=lambda flush: loop.call_later(ACCESS_LOG_FLUSH_S, flush),
     )
     server = HttpServer(app)
     metrics_server: HttpServer | None = None

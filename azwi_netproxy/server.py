@@ -72,7 +72,10 @@ class HttpProtocol(asyncio.Protocol):
         "_state",
         "_transport",
         "_write_paused",
+        "activity",
         "deadline",
+        "quiet_since",
+        "seen_activity",
     )
 
     def __init__(self, app: Handler, state: ServerState, loop: asyncio.AbstractEventLoop) -> None:
@@ -87,7 +90,13 @@ class HttpProtocol(asyncio.Protocol):
         self._write_paused = False
         self._transport: asyncio.Transport | None = None
         self._in_flight: asyncio.Task[None] | None = None
+        # The header-read deadline (a new connection, or a request begun but incomplete).
         self.deadline: float | None = None
+        # Bumped on every read and write; the sweeper turns "unchanged for a while" into
+        # the keep-alive idle timeout, so answering costs no timer work at all.
+        self.activity = 0
+        self.seen_activity = 0
+        self.quiet_since = 0.0
 
     # ---- connection lifecycle ----
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -100,7 +109,8 @@ class HttpProtocol(asyncio.Protocol):
             self._transport.abort()
             return
         state.connections.add(self)
-        self.deadline = self._loop.time() + state.limits.header_timeout_s
+        self.quiet_since = self._loop.time()
+        self.deadline = self.quiet_since + state.limits.header_timeout_s
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
@@ -115,6 +125,7 @@ class HttpProtocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._closed:
             return
+        self.activity += 1
         reader = self._reader
         was_reading = reader.reading_request
         try:
@@ -209,13 +220,13 @@ class HttpProtocol(asyncio.Protocol):
             )
             response.wire, response.wire_for = wire, wire_for
         transport.write(wire)
+        self.activity += 1
         if not keep_alive:
             self._close()
             return
-        if not self._busy and not self._queue:
-            limits = self._state.limits
-            idle_s = limits.header_timeout_s if self._reader.reading_request else limits.keepalive_timeout_s
-            self.deadline = self._loop.time() + idle_s
+        if self._reader.reading_request and not self._busy and not self._queue:
+            # The next request began while this one was answered: its header clock starts now.
+            self.deadline = self._loop.time() + state.limits.header_timeout_s
 
     def _protocol_error(self, exc: ProtocolError) -> None:
         """Answer the requests parsed before the bad one first, then the error, then close."""
@@ -272,6 +283,11 @@ class HttpProtocol(asyncio.Protocol):
     def idle(self) -> bool:
         return not self._busy and not self._queue
 
+    @property
+    def waiting_for_request(self) -> bool:
+        """Idle between requests: what the keep-alive timeout applies to."""
+        return not self._busy and not self._queue and not self._reader.reading_request
+
 
 class HttpServer:
     """Owns the listening socket, the deadline sweeper and the shutdown order."""
@@ -297,11 +313,18 @@ class HttpServer:
 
     async def _sweep(self) -> None:
         loop = asyncio.get_running_loop()
+        keepalive_s = self.state.limits.keepalive_timeout_s
         while True:
             await asyncio.sleep(1.0)
             now = loop.time()
             for connection in list(self.state.connections):
-                if connection.deadline is not None and now >= connection.deadline:
+                if connection.activity != connection.seen_activity:
+                    connection.seen_activity = connection.activity
+                    connection.quiet_since = now
+                if connection.deadline is not None:
+                    if now >= connection.deadline:
+                        connection.expire()
+                elif connection.waiting_for_request and now - connection.quiet_since >= keepalive_s:
                     connection.expire()
 
     async def shutdown(self, on_stopped_accepting: Callable[[], None] | None = None) -> None:
