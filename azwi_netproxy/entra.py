@@ -90,14 +90,14 @@ class AuthorityEndpoint:
         if self._client is None:
             import httpx
 
+            from azwi_netproxy.transport import lean_client
+
             # trust_env keeps HTTPS_PROXY / NO_PROXY working, as in the Go proxy.
-            self._client = httpx.AsyncClient(
-                verify=authority_context(self._ca_file, self._ca_dir),
-                timeout=httpx.Timeout(self._timeout_s, connect=min(self._timeout_s, 5.0)),
+            self._client = lean_client(
+                ssl_context=authority_context(self._ca_file, self._ca_dir),
                 trust_env=True,
-                follow_redirects=False,
+                timeout=httpx.Timeout(self._timeout_s, connect=min(self._timeout_s, 5.0)),
                 headers={"User-Agent": USER_AGENT},
-                limits=httpx.Limits(max_connections=32, max_keepalive_connections=8),
             )
         return self._client, {}
 

@@ -73,12 +73,11 @@ class Passthrough:
         if self._client is None:
             import httpx
 
+            from azwi_netproxy.transport import lean_client
+
             # No env proxies: the destination is the link-local IMDS, never a proxy.
-            self._client = httpx.AsyncClient(
-                trust_env=False,
-                timeout=httpx.Timeout(10.0, connect=3.0),
-                follow_redirects=False,
-                limits=httpx.Limits(max_connections=16, max_keepalive_connections=4),
+            self._client = lean_client(
+                ssl_context=None, trust_env=False, timeout=httpx.Timeout(10.0, connect=3.0)
             )
         return self._client
 

@@ -7,7 +7,6 @@ request handling.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import signal
@@ -56,10 +55,7 @@ class MetricsApp:
 
 
 def _warm_imports() -> None:
-    import httpx  # noqa: F401
-
-    with contextlib.suppress(ImportError):
-        import anyio  # noqa: F401  (httpcore imports it at the first connection)
+    import azwi_netproxy.transport  # noqa: F401  (httpx and the lean transport)
 
 
 def make_endpoint(cfg: ProxyConfig) -> Endpoint:

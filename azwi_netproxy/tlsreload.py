@@ -22,6 +22,7 @@ import httpx
 from azwi_netproxy.config import IdentityBinding
 from azwi_netproxy.entra import USER_AGENT
 from azwi_netproxy.errors import UpstreamUnavailable
+from azwi_netproxy.transport import lean_client
 
 log = logging.getLogger(__name__)
 
@@ -102,13 +103,11 @@ class BindingEndpoint:
     def _install(self, pem: str) -> None:
         context = context_for(pem)
         old = self._client
-        self._client = httpx.AsyncClient(
-            verify=context,
-            timeout=self._timeout,
+        self._client = lean_client(
+            ssl_context=context,
             trust_env=False,
-            follow_redirects=False,
+            timeout=self._timeout,
             headers={"User-Agent": USER_AGENT},
-            limits=httpx.Limits(max_connections=16, max_keepalive_connections=4),
         )
         self._ca_pem = pem
         if old is not None:
