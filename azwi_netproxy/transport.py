@@ -43,6 +43,7 @@ class _Answer:
     __slots__ = (
         "body",
         "complete",
+        "head_request",
         "headers",
         "headers_complete",
         "keep_alive",
@@ -52,7 +53,8 @@ class _Answer:
         "too_large",
     )
 
-    def __init__(self) -> None:
+    def __init__(self, *, head_request: bool = False) -> None:
+        self.head_request = head_request
         self.status = 0
         self.headers: list[tuple[bytes, bytes]] = []
         self.body: list[bytes] = []
@@ -65,9 +67,18 @@ class _Answer:
 
     def on_headers_complete(self) -> None:
         self.headers_complete = True
+        if self.parser is not None:
+            self.status = self.parser.get_status_code()
+        if self.head_request:
+            # A HEAD answer's Content-Length describes a body that is never sent.
+            self.complete = True
+            if self.parser is not None:
+                self.keep_alive = self.parser.should_keep_alive()
 
     def delimited_by_close(self) -> bool:
         """No Content-Length and no chunked coding: the body ends when the server closes."""
+        if self.head_request or self.status in (204, 304) or 100 <= self.status < 200:
+            return False
         names = {name.lower() for name, _ in self.headers}
         return b"content-length" not in names and b"transfer-encoding" not in names
 
@@ -97,7 +108,17 @@ class _Connection:
         self.reused = False
 
     def usable(self) -> bool:
-        return not self.writer.is_closing() and not self.reader.at_eof()
+        """Open, and nothing arrived while idle (a server's 408 or a close notice).
+
+        StreamReader has no public view of its buffer; `_buffer` has been its attribute in
+        every CPython release with asyncio, and an idle connection with data in it must
+        not be reused (httpcore checks readability the same way).
+        """
+        return (
+            not self.writer.is_closing()
+            and not self.reader.at_eof()
+            and not getattr(self.reader, "_buffer", b"")
+        )
 
     def close(self) -> None:
         self.writer.close()
@@ -122,8 +143,9 @@ class LeanTransport(httpx.AsyncBaseTransport):
         sni = request.extensions.get("sni_hostname") if scheme == "https" else None
         origin: Origin = (scheme, host, port, sni)
         payload = self._serialise(request, await request.aread())
-        for _ in range(2):
-            connection = self._checkout(origin)
+        for attempt in range(2):
+            # The second attempt never takes another pooled connection: it may be stale too.
+            connection = self._checkout(origin) if attempt == 0 else None
             if connection is None:
                 connection = await self._connect(request, origin, timeouts.get("connect"))
             try:
@@ -184,7 +206,7 @@ class LeanTransport(httpx.AsyncBaseTransport):
         payload: bytes,
         timeouts: dict[str, float | None],
     ) -> httpx.Response:
-        answer = _Answer()
+        answer = _Answer(head_request=request.method == "HEAD")
         parser = httptools.HttpResponseParser(answer)
         answer.parser = parser
         received = False
