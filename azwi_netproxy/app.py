@@ -152,6 +152,8 @@ class TokenApp:
                     fields = access.fields("GET", request.target, 200, target.client_id, outcome)
                     target.log_fields[outcome] = fields
                 access.line(self._schedule_flush, now, fields, (time.monotonic() - started) * 1000.0)
+            if request.fast is None and request.keep_alive and request.http_version == "1.1":
+                request.fast = self._fast_hit(request, target, key)
             return response
         if route is imds.Route.READY:
             response = self._ready(request)
@@ -165,6 +167,46 @@ class TokenApp:
             return self._passthrough_or_refuse(request, target, started)
         self._finish(request, response, started, route.value, None, None)
         return response
+
+    def _fast_hit(self, request: Request, target: _Target, key: CacheKey) -> Callable[[], Response | None]:
+        """The answer to this very request again, without dispatch, while it is a cache hit.
+
+        Set on a memoised Request (identical bytes, parsed once) after a keep-alive GET was
+        answered from the cache: the server then calls it instead of dispatch. It still
+        asks the cache (expiry, refresh ahead), counts the request and logs it. None means
+        a miss: the server takes the normal path, which awaits the exchange.
+        """
+        peek = self._cache.peek
+        clock = self._clock
+        requests = self._requests
+        access = self._access
+        schedule_flush = self._schedule_flush
+        target_bytes = request.target
+        client_id = target.client_id
+        render = self._token_response
+
+        def answer() -> Response | None:
+            started = time.monotonic()
+            hit = peek(key)
+            if hit is None:
+                return None
+            token, outcome = hit
+            now = clock()
+            memo = target.memo
+            if memo is not None and memo[1] is token and memo[0] == int(now):
+                response = memo[2]
+            else:
+                response = render(target, token)
+            requests[_TOKEN_OK] += 1
+            if access.enabled:
+                fields = target.log_fields.get(outcome)
+                if fields is None:
+                    fields = access.fields("GET", target_bytes, 200, client_id, outcome)
+                    target.log_fields[outcome] = fields
+                access.line(schedule_flush, now, fields, (time.monotonic() - started) * 1000.0)
+            return response
+
+        return answer
 
     def _judge(self, request: Request) -> tuple[_Target, NetproxyError | None]:
         """Everything about a request that depends only on its bytes, decided once."""

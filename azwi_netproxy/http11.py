@@ -12,6 +12,7 @@ Rules:
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Final
@@ -53,6 +54,9 @@ class Request:
     # The handler's verdict on this request, kept with it: a memoised Request that comes
     # back is judged once. Requests are never mutated otherwise.
     verdict: object = None
+    # Set by the handler when it can answer this exact request again without dispatch
+    # (see app.TokenApp._fast_hit); returns the answer, or None to take the normal path.
+    fast: Callable[[], Response | None] | None = None
 
     def header_values(self, name: bytes) -> list[bytes]:
         return [value for key, value in self.headers if key == name]

@@ -81,10 +81,11 @@ class AccessLog:
     the larger part of a cache hit. The line has the same shape as JsonFormatter's.
     """
 
-    __slots__ = ("_enabled", "_fd", "_flush_scheduled", "_lines", "_prefix", "_second", "_uri_json")
+    __slots__ = ("_fd", "_flush_scheduled", "_lines", "_prefix", "_second", "_uri_json", "enabled")
 
     def __init__(self, *, enabled: bool, fd: int = 2) -> None:
-        self._enabled = enabled
+        # A plain attribute, not a property: it is read for every request.
+        self.enabled = enabled
         self._fd = fd
         self._lines: list[str] = []
         self._flush_scheduled = False
@@ -92,10 +93,6 @@ class AccessLog:
         self._prefix = ""
         # Requests repeat (the same few token URLs); escape each once.
         self._uri_json: dict[tuple[str, bytes, int, str | None, str | None], tuple[str, str]] = {}
-
-    @property
-    def enabled(self) -> bool:
-        return self._enabled
 
     def _timestamp(self, now: float) -> str:
         second = int(now)
@@ -130,9 +127,12 @@ class AccessLog:
     def line(self, schedule_flush: Any, now: float, fields: tuple[str, str], duration_ms: float) -> None:
         """The hot path's access line: `fields` from `fields()`, kept by the caller."""
         head, tail = fields
+        second = int(now)
+        if second != self._second:
+            self._timestamp(now)  # renews the per-second prefix
         self._lines.append(
-            f'{{"level":"info","timestamp":"{self._timestamp(now)}","logger":"proxy",'
-            f"{head}{duration_ms:.3f}{tail}"
+            f'{{"level":"info","timestamp":"{self._prefix}.{int((now - second) * 1_000_000):06d}Z",'
+            f'"logger":"proxy",{head}{duration_ms:.3f}{tail}'
         )
         if not self._flush_scheduled:
             self._flush_scheduled = True
@@ -151,7 +151,7 @@ class AccessLog:
         client_id: str | None,
         cache: str | None,
     ) -> None:
-        if not self._enabled:
+        if not self.enabled:
             return
         head, tail = self.fields(method, target, status, client_id, cache)
         self._lines.append(
@@ -177,4 +177,4 @@ class AccessLog:
         except BlockingIOError:
             pass  # a full, non-blocking stderr pipe: drop the rest rather than stall the loop
         except OSError:
-            self._enabled = False
+            self.enabled = False
