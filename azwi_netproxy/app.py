@@ -286,6 +286,8 @@ class TokenApp:
         except NetproxyError as exc:
             if isinstance(exc, UpstreamError):
                 log.warning("pass-through failed", extra={"path": target.path, "error": str(exc)})
+            elif isinstance(exc, BadRequest):
+                log.info("pass-through refused", extra={"path": target.path, "error": str(exc)})
             else:
                 log.error("pass-through failed", extra={"path": target.path, "error": str(exc)})
             return self._fail(request, exc, started, target)

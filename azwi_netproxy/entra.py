@@ -182,11 +182,15 @@ def _parse_token(response: httpx.Response, now: int) -> Token:
         refresh_in = body.get("refresh_in")
         token_type = str(body.get("token_type") or "Bearer")
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError, OverflowError):
-        raise UpstreamError(
-            "The token service answered 200 without a usable token (access_token, expires_in)"
+        raise UpstreamUnavailable(
+            "The token service answered 200 without a usable token (access_token, expires_in)",
+            retry_after_s=_DEFAULT_RETRY_AFTER_S,
         ) from None
     if not isinstance(access_token, str) or not access_token or expires_in <= 0:
-        raise UpstreamError("The token service answered 200 without a usable token")
+        raise UpstreamUnavailable(
+            "The token service answered 200 without a usable token",
+            retry_after_s=_DEFAULT_RETRY_AFTER_S,
+        )
     expires_on = now + expires_in
     if refresh_in is not None and str(refresh_in).isdigit() and int(refresh_in) > 0:
         refresh_on = now + int(refresh_in)
@@ -366,6 +370,10 @@ def read_assertion_file(path: str) -> Callable[[], str]:
             raise UpstreamUnavailable(
                 f"Cannot read the service account token file {path}: {exc.strerror}",
                 retry_after_s=1,
+            ) from None
+        except UnicodeDecodeError:
+            raise UpstreamUnavailable(
+                f"The service account token file {path} is not UTF-8 text", retry_after_s=1
             ) from None
         if not text:
             raise UpstreamUnavailable(f"The service account token file {path} is empty", retry_after_s=1)

@@ -64,7 +64,10 @@ def split_target(target: str) -> tuple[str, str]:
     """
     target = target.partition("#")[0]
     if _ABSOLUTE_FORM.match(target):
-        parts = urllib.parse.urlsplit(target)
+        try:
+            parts = urllib.parse.urlsplit(target)
+        except ValueError:  # e.g. "http://[::1/…": not a target anything here answers
+            return "", ""
         return parts.path or "/", parts.query
     path, _, query = target.partition("?")
     return path, query

@@ -64,8 +64,13 @@ def configure(level: str, *, logger_name: str, stream: IO[str] | None = None) ->
     root.setLevel({"warning": logging.WARNING}.get(level, getattr(logging, level.upper(), 20)))
     root.propagate = False
     # httpx/httpcore log full URLs and headers at debug; keep them out of our stream.
-    for noisy in ("httpx", "httpcore", "asyncio"):
+    for noisy in ("httpx", "httpcore"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # asyncio reports errors in protocol callbacks; they must be JSON lines too.
+    loop_logger = logging.getLogger("asyncio")
+    loop_logger.handlers[:] = [handler]
+    loop_logger.setLevel(logging.WARNING)
+    loop_logger.propagate = False
 
 
 # A write(2) per event-loop turn costs as much as answering a cache hit; lines are kept

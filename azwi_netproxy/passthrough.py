@@ -117,7 +117,7 @@ class Passthrough:
         except httpx.HTTPError as exc:
             raise UpstreamUnavailable(
                 f"Cannot reach the instance metadata service at {self._ip}:{self._port} "
-                f"({type(exc).__name__})",
+                f"({type(exc).__name__}: {exc})",
                 retry_after_s=5,
             ) from exc
         if response.status_code == 508 and response.headers.get("x-azwi-netproxy-loop") == "detected":

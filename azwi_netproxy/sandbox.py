@@ -76,9 +76,7 @@ def namespace(prefix: str = "az") -> Iterator[str]:
             netns.remove(name)
 
 
-def connect(
-    near: str, far: str, *, near_addr: str, far_addr: str, prefixlen: int = 30
-) -> tuple[str, str]:
+def connect(near: str, far: str, *, near_addr: str, far_addr: str, prefixlen: int = 30) -> tuple[str, str]:
     """A veth pair between two test namespaces, both ends addressed and up.
 
     The pair is created inside `near` with its peer put straight into `far`, so no end is
@@ -137,8 +135,7 @@ def topology(*, metadata_ip: str = METADATA_IP, with_peer: bool = False) -> Iter
         sts = stack.enter_context(namespace("azsts"))
         peer = stack.enter_context(namespace("azpeer")) if with_peer else None
         topo = Topology(pod=pod, imds=imds, sts=sts, peer=peer, metadata_ip=metadata_ip)
-        _pod_if, imds_if = connect(pod, imds, near_addr=topo.pod_imds_addr,
-                                   far_addr=topo.imds_addr)
+        _pod_if, imds_if = connect(pod, imds, near_addr=topo.pod_imds_addr, far_addr=topo.imds_addr)
         add_address(imds, imds_if, metadata_ip)
         add_route(pod, f"{metadata_ip}/32", topo.imds_addr)
         connect(pod, sts, near_addr=topo.pod_sts_addr, far_addr=topo.sts_addr)
@@ -149,8 +146,7 @@ def topology(*, metadata_ip: str = METADATA_IP, with_peer: bool = False) -> Iter
 
 def ns_argv(ns: str, argv: Sequence[str], *, uid: int | None = None) -> list[str]:
     """argv run inside `ns`, as `uid` (gid = uid, no supplementary groups) when given."""
-    drop = [] if uid is None else ["setpriv", f"--reuid={uid}", f"--regid={uid}",
-                                    "--clear-groups"]
+    drop = [] if uid is None else ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups"]
     return ["ip", "netns", "exec", ns, *drop, *argv]
 
 
@@ -165,8 +161,14 @@ def run_in(
 ) -> subprocess.CompletedProcess[str]:
     """Run argv in `ns` to completion and capture its output (never raises on exit status)."""
     return subprocess.run(
-        ns_argv(ns, argv, uid=uid), input=input, capture_output=True, text=True,
-        env=dict(env) if env is not None else None, timeout=timeout, cwd="/", check=False,
+        ns_argv(ns, argv, uid=uid),
+        input=input,
+        capture_output=True,
+        text=True,
+        env=dict(env) if env is not None else None,
+        timeout=timeout,
+        cwd="/",
+        check=False,
     )
 
 
@@ -192,8 +194,12 @@ class Processes:
     ) -> subprocess.Popen[str]:
         """Start argv in `ns`; with `ready_line`, wait until it prints that line on stdout."""
         proc = subprocess.Popen(
-            ns_argv(ns, argv, uid=uid), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE, text=True, env=dict(env) if env is not None else None,
+            ns_argv(ns, argv, uid=uid),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=dict(env) if env is not None else None,
             cwd="/",
         )
         self._started.append(proc)
@@ -240,5 +246,3 @@ def processes() -> Iterator[Processes]:
         yield registry
     finally:
         registry.close()
-
-

@@ -34,6 +34,7 @@ from azwi_netproxy.http11 import (
 log = logging.getLogger(__name__)
 
 _MAX_PIPELINE: Final = 32
+_LINGER_S: Final = 1.0
 
 
 class Handler(Protocol):
@@ -252,16 +253,32 @@ class HttpProtocol(asyncio.Protocol):
 
     def _send_protocol_error(self, exc: ProtocolError) -> None:
         body = b'{"error":"invalid_request","error_description":"%s"}' % str(exc).encode()
-        if self._transport is not None and not self._closed:
-            self._transport.write(
-                serialize(
-                    Response(exc.status, body, close=True),
-                    date=self._state.date.value(),
-                    head=False,
-                    keep_alive=False,
-                )
+        transport = self._transport
+        if transport is None or self._closed:
+            return
+        transport.write(
+            serialize(
+                Response(exc.status, body, close=True),
+                date=self._state.date.value(),
+                head=False,
+                keep_alive=False,
             )
-        self._close()
+        )
+        self._closed = True
+        self._state.connections.discard(self)
+        # Closing with unread input makes the kernel send a reset, which can destroy the
+        # answer before the client reads it (an oversized header, say). Shut our side,
+        # drain and drop what still comes for a moment, then close (Go does the same).
+        if transport.can_write_eof():
+            try:
+                transport.write_eof()
+                transport.resume_reading()
+            except (OSError, RuntimeError):
+                transport.close()
+                return
+            self._loop.call_later(_LINGER_S, transport.close)
+        else:
+            transport.close()
 
     def pause_writing(self) -> None:
         self._write_paused = True

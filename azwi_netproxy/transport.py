@@ -143,14 +143,22 @@ class LeanTransport(httpx.AsyncBaseTransport):
         sni = request.extensions.get("sni_hostname") if scheme == "https" else None
         origin: Origin = (scheme, host, port, sni)
         payload = self._serialise(request, await request.aread())
-        for attempt in range(2):
+        # Only requests that are safe to repeat are sent again after a kept-alive
+        # connection failed: a POST may have been read before the reset, and the caller
+        # (entra.Exchanger) counts and spaces its own attempts.
+        attempts = 2 if request.method in ("GET", "HEAD") else 1
+        for attempt in range(attempts):
             # The second attempt never takes another pooled connection: it may be stale too.
             connection = self._checkout(origin) if attempt == 0 else None
             if connection is None:
                 connection = await self._connect(request, origin, timeouts.get("connect"))
             try:
                 return await self._exchange(request, origin, connection, payload, timeouts)
-            except _StaleConnection:
+            except _StaleConnection as exc:
+                if attempt + 1 == attempts:
+                    raise httpx.ReadError(
+                        "a kept-alive connection was closed by the server", request=request
+                    ) from exc
                 log.debug(
                     "a kept-alive connection was closed by the server; sending again",
                     extra={"host": host, "port": port},

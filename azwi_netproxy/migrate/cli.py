@@ -52,25 +52,54 @@ def parser() -> argparse.ArgumentParser:
         description="Plan the move from AKS pod identity to workload identity with azwi-netproxy: "
         "migrated manifests, identity maps, federated credential commands and REPORT.md.",
     )
-    p.add_argument("-o", "--output", required=True, metavar="OUTDIR",
-                   help="directory to write (replaced if it holds a previous output)")
-    p.add_argument("--issuer", metavar="URL",
-                   help="the cluster's OIDC issuer URL (default: ${AKS_OIDC_ISSUER} in commands)")
-    p.add_argument("--cluster", nargs=3, action="append", metavar=("NAME", "ISSUER_URL", "PATH"),
-                   help="one cluster's export (repeat for several clusters; "
-                        "instead of positional PATHs)")
-    p.add_argument("--remove-aadpodidbinding", action="store_true",
-                   help="cut-over: remove the aadpodidbinding label from the pod templates")
-    p.add_argument("--proxy-port", default="8000", metavar="PORT",
-                   help="azure.workload.identity/proxy-sidecar-port (default 8000)")
-    p.add_argument("--proxy-image", metavar="IMAGE", default=DEFAULT_PROXY_IMAGE,
-                   help="proxy image that pods with several identities declare "
-                        "(default %(default)s)")
-    p.add_argument("--proxy-init-image", metavar="IMAGE", default=DEFAULT_PROXY_INIT_IMAGE,
-                   help="init image that pods with several identities declare "
-                        "(default %(default)s)")
-    p.add_argument("paths", nargs="*", metavar="PATH",
-                   help="export file, directory (*.yaml, *.yml, *.json, recursively) or - for stdin")
+    p.add_argument(
+        "-o",
+        "--output",
+        required=True,
+        metavar="OUTDIR",
+        help="directory to write (replaced if it holds a previous output)",
+    )
+    p.add_argument(
+        "--issuer",
+        metavar="URL",
+        help="the cluster's OIDC issuer URL (default: ${AKS_OIDC_ISSUER} in commands)",
+    )
+    p.add_argument(
+        "--cluster",
+        nargs=3,
+        action="append",
+        metavar=("NAME", "ISSUER_URL", "PATH"),
+        help="one cluster's export (repeat for several clusters; instead of positional PATHs)",
+    )
+    p.add_argument(
+        "--remove-aadpodidbinding",
+        action="store_true",
+        help="cut-over: remove the aadpodidbinding label from the pod templates",
+    )
+    p.add_argument(
+        "--proxy-port",
+        default="8000",
+        metavar="PORT",
+        help="azure.workload.identity/proxy-sidecar-port (default 8000)",
+    )
+    p.add_argument(
+        "--proxy-image",
+        metavar="IMAGE",
+        default=DEFAULT_PROXY_IMAGE,
+        help="proxy image that pods with several identities declare (default %(default)s)",
+    )
+    p.add_argument(
+        "--proxy-init-image",
+        metavar="IMAGE",
+        default=DEFAULT_PROXY_INIT_IMAGE,
+        help="init image that pods with several identities declare (default %(default)s)",
+    )
+    p.add_argument(
+        "paths",
+        nargs="*",
+        metavar="PATH",
+        help="export file, directory (*.yaml, *.yml, *.json, recursively) or - for stdin",
+    )
     return p
 
 
@@ -98,9 +127,13 @@ def _issuer(value: str, flag: str) -> str:
 
 
 def _cluster_name(value: str) -> str:
-    if not value or len(value) > 63 or not value[0].isalnum() or not all(
-        c.isalnum() or c in "-_" for c in value
-    ) or not value.isascii():
+    if (
+        not value
+        or len(value) > 63
+        or not value[0].isalnum()
+        or not all(c.isalnum() or c in "-_" for c in value)
+        or not value.isascii()
+    ):
         raise ConfigError(
             f"--cluster name {value!r}: use letters, digits, - and _ (at most 63, starting with a "
             f"letter or digit); it names a directory and is part of FIC names"
@@ -166,8 +199,7 @@ class _Reader:
             root_path = Path(root)
             # Sorted for a deterministic order; hidden directories (.git, …) and OUTDIR skipped.
             dirs[:] = sorted(
-                d for d in dirs
-                if not d.startswith(".") and (root_path / d).resolve() != self.outdir
+                d for d in dirs if not d.startswith(".") and (root_path / d).resolve() != self.outdir
             )
             for name in sorted(names):
                 if name.startswith(".") or not name.lower().endswith(_SUFFIXES):
@@ -241,8 +273,7 @@ def write_output(outdir: Path, files: Mapping[str, OutputFile]) -> None:
             raise ConfigError(f"OUTDIR {outdir} exists and is not a directory")
         if any(outdir.iterdir()) and not _is_previous_output(outdir):
             raise ConfigError(
-                f"OUTDIR {outdir} is not empty and not a previous {PROG} output: refusing to "
-                f"replace it"
+                f"OUTDIR {outdir} is not empty and not a previous {PROG} output: refusing to replace it"
             )
     outdir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{outdir.name}.", dir=outdir.parent))

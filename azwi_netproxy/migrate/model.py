@@ -47,6 +47,7 @@ USER_ASSIGNED_MSI: Final = 0
 
 # ---------------------------------------------------------------------------- YAML in and out
 
+
 def _strict_loader_base() -> type[yaml.SafeLoader]:
     # libyaml's parser is much faster on big exports; the constructor and resolver stay Python, so
     # the overrides below apply to both.
@@ -98,8 +99,12 @@ _Dumper.add_representer(str, _represent_str)
 def dump_yaml(data: Any) -> str:
     """One YAML document, deterministic, lines never wrapped (ARM IDs are long)."""
     return yaml.dump(
-        data, Dumper=_Dumper, sort_keys=False, default_flow_style=False,
-        allow_unicode=True, width=1 << 16,
+        data,
+        Dumper=_Dumper,
+        sort_keys=False,
+        default_flow_style=False,
+        allow_unicode=True,
+        width=1 << 16,
     )
 
 
@@ -110,10 +115,7 @@ def load_yaml(text: str) -> Any:
 
 def load_yaml_all(text: str, *, keep_empty: bool = False) -> list[Any]:
     """Every document (empty ones too if asked), with the loader used for inputs."""
-    return [
-        d for d in yaml.load_all(text, Loader=_Loader)
-        if keep_empty or d is not None
-    ]
+    return [d for d in yaml.load_all(text, Loader=_Loader) if keep_empty or d is not None]
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -177,9 +179,7 @@ def load_documents(text: str, *, source: str, output_name: str) -> list[Document
             count += 1
             node = loader.get_node()
             data = loader.construct_document(node)
-            parsed.append(
-                (data, node.start_mark.line + 1, node.end_mark.index, _item_lines(node))
-            )
+            parsed.append((data, node.start_mark.line + 1, node.end_mark.index, _item_lines(node)))
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
@@ -215,9 +215,7 @@ def load_documents(text: str, *, source: str, output_name: str) -> list[Document
                         f"{source}: document {index}: item {number} of the List is not a mapping"
                     )
                 item_line = item_lines[number] if number < len(item_lines) else line
-                documents.append(
-                    Document(source, output_name, index, item_line, item, None, number)
-                )
+                documents.append(Document(source, output_name, index, item_line, item, None, number))
             continue
         if not isinstance(data, dict):
             raise ConfigError(
@@ -233,8 +231,10 @@ def _item_lines(node: yaml.Node) -> list[int]:
     if not isinstance(node, yaml.MappingNode):
         return []
     for key_node, value_node in node.value:
-        if isinstance(key_node, yaml.ScalarNode) and key_node.value == "items" and isinstance(
-            value_node, yaml.SequenceNode
+        if (
+            isinstance(key_node, yaml.ScalarNode)
+            and key_node.value == "items"
+            and isinstance(value_node, yaml.SequenceNode)
         ):
             return [item.start_mark.line + 1 for item in value_node.value]
     return []
@@ -246,6 +246,7 @@ def _is_list_kind(data: Mapping[str, Any]) -> bool:
 
 
 # ---------------------------------------------------------------------------- object accessors
+
 
 def api_group(data: Mapping[str, Any]) -> str:
     api_version = data.get("apiVersion")
@@ -300,6 +301,7 @@ def _spec_field(spec: Mapping[str, Any], wanted: str) -> Any:
 
 # ---------------------------------------------------------------------------- pod identity
 
+
 @dataclass(frozen=True, slots=True)
 class PodIdentity:
     """An AzureIdentity resource."""
@@ -336,8 +338,7 @@ class PodIdentityException:
         # aad-pod-identity's labelInExceptionList: one matching label is enough, and the value
         # comparison is case-insensitive (strings.EqualFold).
         return any(
-            key in labels and labels[key].lower() == value.lower()
-            for key, value in self.pod_labels.items()
+            key in labels and labels[key].lower() == value.lower() for key, value in self.pod_labels.items()
         )
 
 
@@ -388,9 +389,11 @@ def parse_binding(doc: Document) -> IdentityBinding:
 
 
 def parse_exception(doc: Document) -> PodIdentityException:
-    labels = _spec_field(doc.data.get("spec") or {}, "podLabels") if isinstance(
-        doc.data.get("spec"), dict
-    ) else None
+    labels = (
+        _spec_field(doc.data.get("spec") or {}, "podLabels")
+        if isinstance(doc.data.get("spec"), dict)
+        else None
+    )
     if labels is not None and not isinstance(labels, dict):
         raise ConfigError(f"{doc.where}: AzurePodIdentityException spec.podLabels is not a mapping")
     pod_labels = {str(k): str(v) for k, v in (labels or {}).items()}
@@ -398,6 +401,7 @@ def parse_exception(doc: Document) -> PodIdentityException:
 
 
 # ---------------------------------------------------------------------------- workloads
+
 
 @dataclass(frozen=True, slots=True)
 class Owner:
@@ -510,6 +514,7 @@ def parse_workload(doc: Document) -> Workload:
 
 
 # ---------------------------------------------------------------------------- inventory
+
 
 @dataclass(slots=True)
 class Inventory:

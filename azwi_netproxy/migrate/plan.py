@@ -51,7 +51,10 @@ _FIC_NAME_MAX: Final = 120
 _DNS_SUBDOMAIN_MAX: Final = 253
 # Labels the Job controller adds to a Job's pod template; they carry the old Job's UID.
 JOB_GENERATED_LABELS: Final = (
-    "controller-uid", "job-name", "batch.kubernetes.io/controller-uid", "batch.kubernetes.io/job-name",
+    "controller-uid",
+    "job-name",
+    "batch.kubernetes.io/controller-uid",
+    "batch.kubernetes.io/job-name",
 )
 
 
@@ -233,6 +236,7 @@ class Plan:
 
 # ---------------------------------------------------------------------------- helpers
 
+
 def parse_managed_identity(identity: PodIdentity) -> tuple[ManagedIdentity | None, str | None]:
     """The Azure identity an AzureIdentity names, or why it cannot be migrated."""
     if identity.type is None:
@@ -296,14 +300,19 @@ def is_windows(spec: Mapping[str, Any]) -> str | None:
             if isinstance(value, str) and value.lower() == "windows":
                 return f"nodeSelector {key}: {value}"
     terms = model.dig(
-        spec, "affinity", "nodeAffinity", "requiredDuringSchedulingIgnoredDuringExecution",
+        spec,
+        "affinity",
+        "nodeAffinity",
+        "requiredDuringSchedulingIgnoredDuringExecution",
         "nodeSelectorTerms",
     )
     if isinstance(terms, list) and terms:
+
         def windows_term(term: Any) -> bool:
             for expr in (term.get("matchExpressions") or []) if isinstance(term, dict) else []:
                 if (
-                    isinstance(expr, dict) and expr.get("key") in _OS_KEYS
+                    isinstance(expr, dict)
+                    and expr.get("key") in _OS_KEYS
                     and expr.get("operator") == "In"
                     and [str(v).lower() for v in expr.get("values") or []] == ["windows"]
                 ):
@@ -376,6 +385,7 @@ def _sa_name_for(workload: Workload) -> str:
 
 # ---------------------------------------------------------------------------- planning
 
+
 @dataclass(slots=True)
 class _ClusterState:
     cluster: ClusterInput
@@ -400,18 +410,25 @@ def _plan_cluster(
     for identity in sorted(inv.identities, key=lambda i: (i.namespace, i.name)):
         key = (identity.namespace, identity.name)
         if key in pod_identities:
-            plan.warnings.append(Finding(
-                cluster, f"{identity.namespace}/AzureIdentity/{identity.name}", identity.where,
-                "defined twice in the export; the first definition is used",
-            ))
+            plan.warnings.append(
+                Finding(
+                    cluster,
+                    f"{identity.namespace}/AzureIdentity/{identity.name}",
+                    identity.where,
+                    "defined twice in the export; the first definition is used",
+                )
+            )
             continue
         managed, problem = parse_managed_identity(identity)
         if managed is not None:
             known = identities_by_key.setdefault(managed.key, managed)
             if known.client_id != managed.client_id:
-                managed, problem = None, (
-                    f"clientID {identity.client_id} differs from {known.client_id}, the clientID "
-                    f"another AzureIdentity gives for the same resourceID"
+                managed, problem = (
+                    None,
+                    (
+                        f"clientID {identity.client_id} differs from {known.client_id}, the clientID "
+                        f"another AzureIdentity gives for the same resourceID"
+                    ),
                 )
             else:
                 managed = known
@@ -420,31 +437,42 @@ def _plan_cluster(
     bindings_by_selector: dict[tuple[str, str], list[IdentityBinding]] = defaultdict(list)
     for binding in sorted(inv.bindings, key=lambda b: (b.namespace, b.name)):
         if binding.selector is None:
-            plan.warnings.append(Finding(
-                cluster, f"{binding.namespace}/AzureIdentityBinding/{binding.name}", binding.where,
-                "has no spec.selector: it matched no pod",
-            ))
+            plan.warnings.append(
+                Finding(
+                    cluster,
+                    f"{binding.namespace}/AzureIdentityBinding/{binding.name}",
+                    binding.where,
+                    "has no spec.selector: it matched no pod",
+                )
+            )
             continue
         if binding.identity is None:
-            plan.warnings.append(Finding(
-                cluster, f"{binding.namespace}/AzureIdentityBinding/{binding.name}", binding.where,
-                "has no spec.azureIdentity: it gave no identity",
-            ))
+            plan.warnings.append(
+                Finding(
+                    cluster,
+                    f"{binding.namespace}/AzureIdentityBinding/{binding.name}",
+                    binding.where,
+                    "has no spec.azureIdentity: it gave no identity",
+                )
+            )
             continue
         if (binding.namespace, binding.identity) not in pod_identities:
-            elsewhere = sorted(
-                f"{ns}/{name}" for ns, name in pod_identities if name == binding.identity
-            )
+            elsewhere = sorted(f"{ns}/{name}" for ns, name in pod_identities if name == binding.identity)
             hint = (
                 f" (an AzureIdentity of that name exists in {', '.join(elsewhere)}: in namespaced "
                 f"mode bindings only see identities of their own namespace)"
-                if elsewhere else ""
+                if elsewhere
+                else ""
             )
-            plan.warnings.append(Finding(
-                cluster, f"{binding.namespace}/AzureIdentityBinding/{binding.name}", binding.where,
-                f"refers to AzureIdentity {binding.identity!r}, which is not in namespace "
-                f"{binding.namespace} of the export{hint}",
-            ))
+            plan.warnings.append(
+                Finding(
+                    cluster,
+                    f"{binding.namespace}/AzureIdentityBinding/{binding.name}",
+                    binding.where,
+                    f"refers to AzureIdentity {binding.identity!r}, which is not in namespace "
+                    f"{binding.namespace} of the export{hint}",
+                )
+            )
         bindings_by_selector[(binding.namespace, binding.selector)].append(binding)
 
     exceptions_by_ns: dict[str, list[model.PodIdentityException]] = defaultdict(list)
@@ -478,30 +506,42 @@ def _plan_cluster(
             # Copying the second definition to unchanged/ could undo the migration when both
             # are applied: leave it out and say so.
             state.consumed.add(id(workload.doc))
-            plan.warnings.append(Finding(
-                cluster, workload.ref, workload.doc.where,
-                "defined twice in the export: the first definition is used, this one is left out",
-            ))
+            plan.warnings.append(
+                Finding(
+                    cluster,
+                    workload.ref,
+                    workload.doc.where,
+                    "defined twice in the export: the first definition is used, this one is left out",
+                )
+            )
             continue
         seen_workloads.add(key3)
         if model.api_group(workload.doc.data) == "extensions":
-            plan.warnings.append(Finding(
-                cluster, workload.ref, workload.doc.where,
-                "uses the removed extensions API group: convert it to apps/v1 before applying",
-            ))
+            plan.warnings.append(
+                Finding(
+                    cluster,
+                    workload.ref,
+                    workload.doc.where,
+                    "uses the removed extensions API group: convert it to apps/v1 before applying",
+                )
+            )
         if workload.owner is not None:
             owned.append(workload)
             continue
         excepted_by = [e for e in exceptions_by_ns.get(workload.namespace, []) if e.matches(labels)]
         if excepted_by:
             names = ", ".join(f"{e.namespace}/{e.name}" for e in excepted_by)
-            plan.excepted.append(Finding(
-                cluster, workload.ref, workload.doc.where,
-                f"matched by AzurePodIdentityException {names}: NMI passed its token requests to "
-                f"IMDS, so it used the node's (kubelet) identity, never a pod identity. Nothing to "
-                f"migrate; it is copied unchanged and keeps reaching IMDS directly once pod "
-                f"identity is gone.",
-            ))
+            plan.excepted.append(
+                Finding(
+                    cluster,
+                    workload.ref,
+                    workload.doc.where,
+                    f"matched by AzurePodIdentityException {names}: NMI passed its token requests to "
+                    f"IMDS, so it used the node's (kubelet) identity, never a pod identity. Nothing to "
+                    f"migrate; it is copied unchanged and keeps reaching IMDS directly once pod "
+                    f"identity is gone.",
+                )
+            )
             continue
         selector = workload.binding_label
         if selector is None:
@@ -546,9 +586,7 @@ def _plan_cluster(
             if all(b.identity.key != managed.key for b in bound):
                 bound.append(BoundIdentity(binding.name, identity.name, managed))
         if reasons:
-            plan.not_migrated.append(
-                Finding(cluster, workload.ref, workload.doc.where, "; ".join(reasons))
-            )
+            plan.not_migrated.append(Finding(cluster, workload.ref, workload.doc.where, "; ".join(reasons)))
             continue
 
         # The service account: patch the one it uses, or give it its own so that the FIC's
@@ -586,8 +624,7 @@ def _plan_cluster(
         port = _choose_port(options.proxy_port, taken)
         if port != options.proxy_port:
             notes.append(
-                f"a container declares port {options.proxy_port}: the proxy listens on {port} "
-                f"instead"
+                f"a container declares port {options.proxy_port}: the proxy listens on {port} instead"
             )
 
         # Removing the label at cut-over would change what these selectors select.
@@ -603,12 +640,20 @@ def _plan_cluster(
                 "a Job: its pod template is immutable, delete and re-create it (or leave a "
                 "finished Job alone)"
             )
-        candidates.append(WorkloadPlan(
-            cluster=cluster, workload=workload, identities=tuple(bound), service_account=sa_name,
-            sa_action=action, sa_doc=sa_doc, proxy_port=port,
-            remove_binding_label=options.remove_binding_label and not kept,
-            label_kept_because=tuple(sorted(set(kept))), notes=notes,
-        ))
+        candidates.append(
+            WorkloadPlan(
+                cluster=cluster,
+                workload=workload,
+                identities=tuple(bound),
+                service_account=sa_name,
+                sa_action=action,
+                sa_doc=sa_doc,
+                proxy_port=port,
+                remove_binding_label=options.remove_binding_label and not kept,
+                label_kept_because=tuple(sorted(set(kept))),
+                notes=notes,
+            )
+        )
 
     # One service account carries one default client ID, and a FIC on it serves every pod using
     # it: workloads sharing a service account must agree on their identities.
@@ -622,18 +667,21 @@ def _plan_cluster(
             migrated.extend(group)
             continue
         described = "; ".join(
-            f"{c.workload.kind}/{c.workload.name} uses "
-            + ", ".join(b.pod_identity for b in c.identities)
+            f"{c.workload.kind}/{c.workload.name} uses " + ", ".join(b.pod_identity for b in c.identities)
             for c in group
         )
         for candidate in group:
-            plan.not_migrated.append(Finding(
-                cluster, candidate.ref, candidate.workload.doc.where,
-                f"shares service account {namespace}/{sa_name} with workloads that use other "
-                f"identities ({described}): one service account carries one default client ID "
-                f"and its FICs serve every pod using it. Give these workloads their own service "
-                f"accounts (or the same bindings) and run the migration again",
-            ))
+            plan.not_migrated.append(
+                Finding(
+                    cluster,
+                    candidate.ref,
+                    candidate.workload.doc.where,
+                    f"shares service account {namespace}/{sa_name} with workloads that use other "
+                    f"identities ({described}): one service account carries one default client ID "
+                    f"and its FICs serve every pod using it. Give these workloads their own service "
+                    f"accounts (or the same bindings) and run the migration again",
+                )
+            )
 
     # Objects created by a migrated controller, directly or through another one (Deployment →
     # ReplicaSet → Pod), are left out: the controller re-creates them from the new template.
@@ -648,22 +696,30 @@ def _plan_cluster(
                 replaced.add((workload.namespace, workload.kind, workload.name))
                 remaining.remove(workload)
                 state.consumed.add(id(workload.doc))
-                plan.omitted.append(Finding(
-                    cluster, workload.ref, workload.doc.where,
-                    f"created by {workload.owner.kind}/{workload.owner.name}, which is migrated "
-                    f"(or created by one that is): its controller re-creates it",
-                ))
+                plan.omitted.append(
+                    Finding(
+                        cluster,
+                        workload.ref,
+                        workload.doc.where,
+                        f"created by {workload.owner.kind}/{workload.owner.name}, which is migrated "
+                        f"(or created by one that is): its controller re-creates it",
+                    )
+                )
                 changed = True
     for workload in remaining:
         assert workload.owner is not None
         owner_key = (workload.namespace, workload.owner.kind, workload.owner.name)
         owner_ref = f"{workload.owner.kind}/{workload.owner.name}"
         if workload.binding_label is not None and owner_key not in workload_keys:
-            plan.not_migrated.append(Finding(
-                cluster, workload.ref, workload.doc.where,
-                f"created by {owner_ref}, which is not in the export: export and migrate "
-                f"{owner_ref} itself (this object is copied unchanged)",
-            ))
+            plan.not_migrated.append(
+                Finding(
+                    cluster,
+                    workload.ref,
+                    workload.doc.where,
+                    f"created by {owner_ref}, which is not in the export: export and migrate "
+                    f"{owner_ref} itself (this object is copied unchanged)",
+                )
+            )
 
     for plan_ in migrated:
         state.consumed.add(id(plan_.workload.doc))
@@ -682,13 +738,17 @@ def _plan_cluster(
         users_of_sa = migrated_sas.get((workload.namespace, workload.service_account or "default"))
         if users_of_sa:
             identities_text = ", ".join(b.pod_identity for b in users_of_sa[0].identities)
-            plan.warnings.append(Finding(
-                cluster, workload.ref, workload.doc.where,
-                f"is not migrated but runs as service account {workload.service_account}, which "
-                f"the migration federates with {identities_text}: once the FICs exist, its pods "
-                f"can get those identities' tokens. Give it another service account if it must "
-                f"not",
-            ))
+            plan.warnings.append(
+                Finding(
+                    cluster,
+                    workload.ref,
+                    workload.doc.where,
+                    f"is not migrated but runs as service account {workload.service_account}, which "
+                    f"the migration federates with {identities_text}: once the FICs exist, its pods "
+                    f"can get those identities' tokens. Give it another service account if it must "
+                    f"not",
+                )
+            )
 
     # The identities table of the report.
     users: dict[tuple[str, str], list[str]] = defaultdict(list)
@@ -700,41 +760,52 @@ def _plan_cluster(
         if binding.identity is not None:
             bindings_of[(binding.namespace, binding.identity)].append(binding.name)
     for (namespace, name), (identity, managed, problem) in sorted(pod_identities.items()):
-        plan.identity_rows.append(IdentityRow(
-            cluster, identity, managed, problem,
-            tuple(sorted(bindings_of.get((namespace, name), []))),
-            tuple(sorted(users.get((namespace, name), []))),
-        ))
+        plan.identity_rows.append(
+            IdentityRow(
+                cluster,
+                identity,
+                managed,
+                problem,
+                tuple(sorted(bindings_of.get((namespace, name), []))),
+                tuple(sorted(users.get((namespace, name), []))),
+            )
+        )
         if not bindings_of.get((namespace, name)):
-            plan.warnings.append(Finding(
-                cluster, f"{namespace}/AzureIdentity/{name}", identity.where,
-                "no AzureIdentityBinding refers to it: no pod used it",
-            ))
+            plan.warnings.append(
+                Finding(
+                    cluster,
+                    f"{namespace}/AzureIdentity/{name}",
+                    identity.where,
+                    "no AzureIdentityBinding refers to it: no pod used it",
+                )
+            )
     for binding in sorted(inv.bindings, key=lambda b: (b.namespace, b.name)):
-        if binding.selector is not None and binding.identity is not None and (
-            (binding.namespace, binding.name) not in used_bindings
+        if (
+            binding.selector is not None
+            and binding.identity is not None
+            and ((binding.namespace, binding.name) not in used_bindings)
         ):
-            plan.warnings.append(Finding(
-                cluster, f"{binding.namespace}/AzureIdentityBinding/{binding.name}", binding.where,
-                f"no workload in the export has the label {BINDING_LABEL}={binding.selector}",
-            ))
+            plan.warnings.append(
+                Finding(
+                    cluster,
+                    f"{binding.namespace}/AzureIdentityBinding/{binding.name}",
+                    binding.where,
+                    f"no workload in the export has the label {BINDING_LABEL}={binding.selector}",
+                )
+            )
     return migrated
 
 
 def _budget(plan: Plan, rows_by_key: Mapping[str, list[str]]) -> None:
     """Count FICs per identity, switch over-limit identities to identity binding, name the FICs."""
-    subjects: dict[str, dict[tuple[str, str], list[WorkloadPlan]]] = defaultdict(
-        lambda: defaultdict(list)
-    )
+    subjects: dict[str, dict[tuple[str, str], list[WorkloadPlan]]] = defaultdict(lambda: defaultdict(list))
     identities: dict[str, ManagedIdentity] = {}
     for wp in plan.workloads:
         for bound in wp.identities:
             identities[bound.identity.key] = bound.identity
             subjects[bound.identity.key][(wp.cluster, wp.subject)].append(wp)
 
-    over = {
-        key for key, per_subject in subjects.items() if len(per_subject) > plan.options.fic_limit
-    }
+    over = {key for key, per_subject in subjects.items() if len(per_subject) > plan.options.fic_limit}
     # Identity binding is a property of the pod (the webhook points all of its token requests at
     # the cluster's token proxy), so a workload that needs it for one identity uses it for all.
     for wp in plan.workloads:
@@ -758,24 +829,32 @@ def _budget(plan: Plan, rows_by_key: Mapping[str, list[str]]) -> None:
             name = fit_name(f"{name}-{_short_hash(cluster + subject)}", _FIC_NAME_MAX)
         names_per_identity[key].add(name)
         planned[key] += 1
-        plan.fics.append(FederatedCredential(
-            identity=identity, cluster=cluster, issuer=plan.issuer_of(cluster), subject=subject,
-            name=name, used_by=tuple(sorted({u.ref for u in users})),
-        ))
+        plan.fics.append(
+            FederatedCredential(
+                identity=identity,
+                cluster=cluster,
+                issuer=plan.issuer_of(cluster),
+                subject=subject,
+                name=name,
+                used_by=tuple(sorted({u.ref for u in users})),
+            )
+        )
 
     plan.fics.sort(key=lambda f: (f.identity.name.lower(), f.identity.key, f.cluster, f.subject))
     for key in sorted(subjects, key=lambda k: (identities[k].name.lower(), k)):
         per_cluster: dict[str, int] = defaultdict(int)
         for cluster, _subject in subjects[key]:
             per_cluster[cluster] += 1
-        plan.budget.append(BudgetLine(
-            identity=identities[key],
-            pod_identities=tuple(sorted(set(rows_by_key.get(key, [])))),
-            needed=len(subjects[key]),
-            per_cluster=tuple(sorted(per_cluster.items())),
-            planned=planned.get(key, 0),
-            over_limit=key in over,
-        ))
+        plan.budget.append(
+            BudgetLine(
+                identity=identities[key],
+                pod_identities=tuple(sorted(set(rows_by_key.get(key, [])))),
+                needed=len(subjects[key]),
+                per_cluster=tuple(sorted(per_cluster.items())),
+                planned=planned.get(key, 0),
+                over_limit=key in over,
+            )
+        )
 
     needs: dict[tuple[str, str], list[WorkloadPlan]] = defaultdict(list)
     for wp in plan.workloads:
@@ -785,14 +864,18 @@ def _budget(plan: Plan, rows_by_key: Mapping[str, list[str]]) -> None:
     for (key, cluster), users in sorted(needs.items()):
         reason = (
             f"needs {len(subjects[key])} FICs, over the limit of {plan.options.fic_limit}"
-            if key in over else
-            "used by a workload that needs identity binding for another identity"
+            if key in over
+            else "used by a workload that needs identity binding for another identity"
         )
-        plan.identity_bindings.append(IdentityBindingNeed(
-            identity=identities[key], cluster=cluster,
-            service_accounts=tuple(sorted({(u.workload.namespace, u.service_account) for u in users})),
-            used_by=tuple(sorted({u.ref for u in users})), reason=reason,
-        ))
+        plan.identity_bindings.append(
+            IdentityBindingNeed(
+                identity=identities[key],
+                cluster=cluster,
+                service_accounts=tuple(sorted({(u.workload.namespace, u.service_account) for u in users})),
+                used_by=tuple(sorted({u.ref for u in users})),
+                reason=reason,
+            )
+        )
 
 
 def build_plan(clusters: Sequence[ClusterInput], options: Options) -> Plan:
@@ -807,19 +890,27 @@ def build_plan(clusters: Sequence[ClusterInput], options: Options) -> Plan:
     for cluster in clusters:
         state = _ClusterState(cluster, model.classify(list(cluster.documents)))
         states.append(state)
-        plan.clusters.append(ClusterSummary(
-            name=cluster.name, issuer=cluster.issuer, documents=len(cluster.documents),
-            pod_identity_objects=len(state.inventory.pod_identity_docs),
-            workloads_seen=len(state.inventory.workloads),
-        ))
+        plan.clusters.append(
+            ClusterSummary(
+                name=cluster.name,
+                issuer=cluster.issuer,
+                documents=len(cluster.documents),
+                pod_identity_objects=len(state.inventory.pod_identity_docs),
+                workloads_seen=len(state.inventory.workloads),
+            )
+        )
     for state in states:
         plan.workloads.extend(_plan_cluster(state, plan, identities_by_key))
         for doc in state.inventory.documents:
             if not model.metadata(doc.data).get("namespace") and model.is_workload(doc.data):
-                plan.warnings.append(Finding(
-                    state.cluster.name, f"{model.kind_of(doc.data)}/{model.name_of(doc.data)}",
-                    doc.where, "has no metadata.namespace: taken to be in namespace default",
-                ))
+                plan.warnings.append(
+                    Finding(
+                        state.cluster.name,
+                        f"{model.kind_of(doc.data)}/{model.name_of(doc.data)}",
+                        doc.where,
+                        "has no metadata.namespace: taken to be in namespace default",
+                    )
+                )
 
     rows_by_key: dict[str, list[str]] = defaultdict(list)
     for row in plan.identity_rows:

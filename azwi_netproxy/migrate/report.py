@@ -52,9 +52,9 @@ def _cluster_cols(plan: Plan, cluster: str) -> list[str]:
 
 def _findings(plan: Plan, findings: Sequence[Finding], what: str) -> list[str]:
     headers = (["Cluster"] if plan.multi_cluster else []) + [what, "Where", "Why"]
-    return _table(headers, (
-        [*_cluster_cols(plan, f.cluster), f"`{f.subject}`", f.where, f.reason] for f in findings
-    ))
+    return _table(
+        headers, ([*_cluster_cols(plan, f.cluster), f"`{f.subject}`", f.where, f.reason] for f in findings)
+    )
 
 
 def _mode(wp: WorkloadPlan) -> str:
@@ -70,7 +70,8 @@ def _summary(plan: Plan, files: Mapping[str, OutputFile]) -> list[str]:
     for cluster in plan.clusters:
         label = f"Cluster `{cluster.name}`" if cluster.name else "The export"
         issuer = (
-            f"issuer `{cluster.issuer}`" if cluster.issuer
+            f"issuer `{cluster.issuer}`"
+            if cluster.issuer
             else f"issuer not given (the commands use `${{{ISSUER_VARIABLE}}}`)"
         )
         lines.append(
@@ -81,16 +82,22 @@ def _summary(plan: Plan, files: Mapping[str, OutputFile]) -> list[str]:
         "- Bindings are matched as pod identity's namespaced mode does: an "
         "AzureIdentityBinding serves pods of its own namespace and names an AzureIdentity of that "
         "namespace. (A cluster that ran pod identity non-namespaced shows pods served from another "
-        "namespace as \"matches no binding\" below.)",
+        'namespace as "matches no binding" below.)',
         f"- **{len(plan.workloads)} workloads migrated**"
         + (f", {multi} of them with several identities (identity map)" if multi else "")
-        + (f", {binding} through identity binding" if binding else "") + ".",
-        f"- **{len(plan.not_migrated)} not migrated** (see \"Not migrated\").",
+        + (f", {binding} through identity binding" if binding else "")
+        + ".",
+        f'- **{len(plan.not_migrated)} not migrated** (see "Not migrated").',
         f"- {len(plan.excepted)} matched by an AzurePodIdentityException (nothing to migrate).",
         f"- {len(plan.fics)} federated identity credentials to create "
         f"(`fic-commands.sh`, `fics.json`)"
-        + (f"; {len(over)} identities over the limit of {plan.options.fic_limit} FICs use "
-           f"identity binding instead" if over else "") + ".",
+        + (
+            f"; {len(over)} identities over the limit of {plan.options.fic_limit} FICs use "
+            f"identity binding instead"
+            if over
+            else ""
+        )
+        + ".",
         f"- {unchanged} other objects copied unchanged to `unchanged/`; "
         f"{len(plan.omitted)} runtime objects of migrated workloads left out.",
         f"- {sum(1 for p in files if p.startswith('manifests/'))} manifests written.",
@@ -107,20 +114,20 @@ def _generated(plan: Plan) -> list[str]:
         f"- `manifests/`{per_cluster}: per namespace, the migrated workloads and their service "
         f"accounts (and identity map ConfigMaps); `_cluster/` holds cluster-scoped RBAC for "
         f"identity binding. Apply with `kubectl apply -R -f manifests/`.",
-        f"  - Pod template: label `{USE_LABEL}: \"true\"`, annotations "
-        f"`{INJECT_PROXY_ANNOTATION}: \"true\"` and `{PROXY_PORT_ANNOTATION}` (for several "
-        f"identities: the proxy containers instead, see \"Identity maps\"), "
-        f"`serviceAccountName`; `{IDENTITY_BINDING_ANNOTATION}: \"true\"` where the FIC budget "
+        f'  - Pod template: label `{USE_LABEL}: "true"`, annotations '
+        f'`{INJECT_PROXY_ANNOTATION}: "true"` and `{PROXY_PORT_ANNOTATION}` (for several '
+        f'identities: the proxy containers instead, see "Identity maps"), '
+        f'`serviceAccountName`; `{IDENTITY_BINDING_ANNOTATION}: "true"` where the FIC budget '
         f"calls for identity binding.",
         f"  - Service account: annotation `{CLIENT_ID_ANNOTATION}` (the default identity) and "
-        f"label `{USE_LABEL}: \"true\"`. An exported service account is patched (its other "
+        f'label `{USE_LABEL}: "true"`. An exported service account is patched (its other '
         f"fields kept); a workload on `default` (or none) gets its own `<workload>-wi`, so that "
         f"the FIC's subject names that workload only.",
         "  - Fields the API server fills in (status, uid, resourceVersion, managedFields, "
         "last-applied-configuration, …) are removed so the files apply cleanly.",
         f"- `identity-maps/`{per_cluster}: the identity map of each workload that used several "
         f"identities (also in a ConfigMap under `manifests/`, mounted into its proxy; see "
-        f"\"Identity maps\").",
+        f'"Identity maps").',
         "- `fic-commands.sh`: `az identity federated-credential create` for each FIC "
         "(`set -euo pipefail`; review before running). `fics.json`: the same, with the budget "
         "and the identity bindings, for automation.",
@@ -150,8 +157,13 @@ def _workloads(plan: Plan) -> list[str]:
     if not plan.workloads:
         return [*lines, "None.", ""]
     headers = (["Cluster"] if plan.multi_cluster else []) + [
-        "Workload", "Service account", "Default identity", "Other identities", "Proxy port",
-        "Credentials", "Notes",
+        "Workload",
+        "Service account",
+        "Default identity",
+        "Other identities",
+        "Proxy port",
+        "Credentials",
+        "Notes",
     ]
     rows = []
     for wp in plan.workloads:
@@ -165,13 +177,19 @@ def _workloads(plan: Plan) -> list[str]:
         if wp.needs_identity_map:
             notes.append(f"default = first binding by name ({wp.default.binding}); identity map")
         if wp.label_kept_because:
-            notes.append(f"{model.BINDING_LABEL} kept at cut-over: "
-                         + "; ".join(wp.label_kept_because))
-        rows.append([
-            *_cluster_cols(plan, wp.cluster), f"`{wp.ref}`", sa_text,
-            f"{wp.default.pod_identity} ({wp.default.identity.client_id})", others or "—",
-            wp.proxy_port, _mode(wp), "; ".join(notes) or "—",
-        ])
+            notes.append(f"{model.BINDING_LABEL} kept at cut-over: " + "; ".join(wp.label_kept_because))
+        rows.append(
+            [
+                *_cluster_cols(plan, wp.cluster),
+                f"`{wp.ref}`",
+                sa_text,
+                f"{wp.default.pod_identity} ({wp.default.identity.client_id})",
+                others or "—",
+                wp.proxy_port,
+                _mode(wp),
+                "; ".join(notes) or "—",
+            ]
+        )
     return lines + _table(headers, rows)
 
 
@@ -180,25 +198,35 @@ def _identities(plan: Plan) -> list[str]:
     if not plan.identity_rows:
         return [*lines, "None.", ""]
     headers = (["Cluster"] if plan.multi_cluster else []) + [
-        "AzureIdentity", "Type", "Client ID", "Managed identity", "Bindings",
-        "Migrated workloads", "Status",
+        "AzureIdentity",
+        "Type",
+        "Client ID",
+        "Managed identity",
+        "Bindings",
+        "Migrated workloads",
+        "Status",
     ]
     rows = []
     for row in plan.identity_rows:
         identity = row.pod_identity
         type_text = (
             model.IDENTITY_TYPES.get(identity.type, str(identity.type))
-            if identity.type is not None else "unknown"
+            if identity.type is not None
+            else "unknown"
         )
-        managed = (
-            f"{row.managed.name} (rg {row.managed.resource_group})" if row.managed else "—"
+        managed = f"{row.managed.name} (rg {row.managed.resource_group})" if row.managed else "—"
+        rows.append(
+            [
+                *_cluster_cols(plan, row.cluster),
+                f"`{identity.namespace}/{identity.name}`",
+                f"{identity.type} ({type_text})",
+                identity.client_id or "—",
+                managed,
+                ", ".join(row.bindings) or "—",
+                ", ".join(row.used_by) or "—",
+                "migratable" if row.problem is None else f"**not migratable**: {row.problem}",
+            ]
         )
-        rows.append([
-            *_cluster_cols(plan, row.cluster), f"`{identity.namespace}/{identity.name}`",
-            f"{identity.type} ({type_text})", identity.client_id or "—", managed,
-            ", ".join(row.bindings) or "—", ", ".join(row.used_by) or "—",
-            "migratable" if row.problem is None else f"**not migratable**: {row.problem}",
-        ])
     return lines + _table(headers, rows)
 
 
@@ -220,25 +248,40 @@ def _budget(plan: Plan) -> list[str]:
     ]
     if not plan.budget:
         return [*lines, "No identity is used by a migrated workload.", ""]
-    headers = ["Managed identity", "Client ID", "AzureIdentity objects", "Needed",
-               *(["Per cluster"] if plan.multi_cluster else []), "Planned FICs", "Status"]
+    headers = [
+        "Managed identity",
+        "Client ID",
+        "AzureIdentity objects",
+        "Needed",
+        *(["Per cluster"] if plan.multi_cluster else []),
+        "Planned FICs",
+        "Status",
+    ]
     rows = []
     for line in plan.budget:
         status = (
             "**over the limit**: identity binding for every workload using it"
             if line.over_limit
-            else ("ok" if line.planned == line.needed else
-                  "ok (some of its workloads use identity binding for another identity)")
+            else (
+                "ok"
+                if line.planned == line.needed
+                else "ok (some of its workloads use identity binding for another identity)"
+            )
         )
         shown = ", ".join(line.pod_identities[:4]) + (
             f" and {len(line.pod_identities) - 4} more" if len(line.pod_identities) > 4 else ""
         )
-        rows.append([
-            line.identity.name, line.identity.client_id, shown,
-            line.needed,
-            *([", ".join(f"{c}: {n}" for c, n in line.per_cluster)] if plan.multi_cluster else []),
-            line.planned, status,
-        ])
+        rows.append(
+            [
+                line.identity.name,
+                line.identity.client_id,
+                shown,
+                line.needed,
+                *([", ".join(f"{c}: {n}" for c, n in line.per_cluster)] if plan.multi_cluster else []),
+                line.planned,
+                status,
+            ]
+        )
     return lines + _table(headers, rows)
 
 
@@ -249,7 +292,7 @@ def _identity_binding(plan: Plan) -> list[str]:
         "## Identity binding (AKS, preview)",
         "",
         "For identities over the FIC limit, the plan uses AKS identity binding instead of one FIC "
-        f"per service account: those workloads get `{IDENTITY_BINDING_ANNOTATION}: \"true\"` and "
+        f'per service account: those workloads get `{IDENTITY_BINDING_ANNOTATION}: "true"` and '
         "no per-service-account FIC commands. The webhook then points the pod's token requests "
         "at the cluster's token proxy (AZURE_KUBERNETES_TOKEN_PROXY, which azwi-netproxy "
         "follows). Because that applies to the whole pod, a workload that needs identity "
@@ -271,12 +314,21 @@ def _identity_binding(plan: Plan) -> list[str]:
         "",
     ]
     headers = (["Cluster"] if plan.multi_cluster else []) + [
-        "Managed identity", "Resource ID", "Service accounts", "Workloads", "Why",
+        "Managed identity",
+        "Resource ID",
+        "Service accounts",
+        "Workloads",
+        "Why",
     ]
     rows = [
-        [*_cluster_cols(plan, need.cluster), need.identity.name, need.identity.resource_id,
-         ", ".join(f"{ns}/{sa}" for ns, sa in need.service_accounts),
-         ", ".join(need.used_by), need.reason]
+        [
+            *_cluster_cols(plan, need.cluster),
+            need.identity.name,
+            need.identity.resource_id,
+            ", ".join(f"{ns}/{sa}" for ns, sa in need.service_accounts),
+            ", ".join(need.used_by),
+            need.reason,
+        ]
         for need in plan.identity_bindings
     ]
     return lines + _table(headers, rows)
@@ -286,13 +338,16 @@ def _identity_maps(plan: Plan) -> list[str]:
     with_map = [wp for wp in plan.workloads if wp.needs_identity_map]
     lines = ["## Identity maps (workloads that used several identities)", ""]
     if not with_map:
-        return [*lines, "No migrated workload used several identities.", "",
-                "A workload with one identity needs no map for `client_id` requests. If its app "
-                "asks by `msi_res_id`/`mi_res_id`, give it a map (same format) mounted into a "
-                "declared proxy, as `deploy/webhook/multi-identity.yaml` does.", ""]
-    images = (
-        f"`{plan.options.proxy_image}` and `{plan.options.proxy_init_image}`"
-    )
+        return [
+            *lines,
+            "No migrated workload used several identities.",
+            "",
+            "A workload with one identity needs no map for `client_id` requests. If its app "
+            "asks by `msi_res_id`/`mi_res_id`, give it a map (same format) mounted into a "
+            "declared proxy, as `deploy/webhook/multi-identity.yaml` does.",
+            "",
+        ]
+    images = f"`{plan.options.proxy_image}` and `{plan.options.proxy_init_image}`"
     default_images = (
         plan.options.proxy_image == DEFAULT_PROXY_IMAGE
         or plan.options.proxy_init_image == DEFAULT_PROXY_INIT_IMAGE
@@ -322,8 +377,12 @@ def _identity_maps(plan: Plan) -> list[str]:
         "`restartPolicy: Always` and a startup probe; Kubernetes 1.29 or later), because a "
         "classic sidecar never exits and the Job would never complete.",
         f"- Images: {images}"
-        + (". Replace `myregistry.azurecr.io` with your registry, or run again with "
-           "`--proxy-image` and `--proxy-init-image`." if default_images else ".")
+        + (
+            ". Replace `myregistry.azurecr.io` with your registry, or run again with "
+            "`--proxy-image` and `--proxy-init-image`."
+            if default_images
+            else "."
+        )
         + " The init container runs as root with `NET_ADMIN` and `NET_RAW` only; the proxy "
         "as uid 1501, which the init container exempts from the redirect.",
         "- Workloads with one identity get no map and keep the injected sidecar: `client_id` "
@@ -332,13 +391,19 @@ def _identity_maps(plan: Plan) -> list[str]:
         "",
     ]
     headers = (["Cluster"] if plan.multi_cluster else []) + [
-        "Workload", "Default", "All identities", "ConfigMap",
+        "Workload",
+        "Default",
+        "All identities",
+        "ConfigMap",
     ]
     rows = [
-        [*_cluster_cols(plan, wp.cluster), f"`{wp.ref}`",
-         f"{wp.default.pod_identity} (binding {wp.default.binding})",
-         ", ".join(f"{b.pod_identity} ← {b.binding}" for b in wp.identities),
-         wp.configmap_name]
+        [
+            *_cluster_cols(plan, wp.cluster),
+            f"`{wp.ref}`",
+            f"{wp.default.pod_identity} (binding {wp.default.binding})",
+            ", ".join(f"{b.pod_identity} ← {b.binding}" for b in wp.identities),
+            wp.configmap_name,
+        ]
         for wp in with_map
     ]
     return lines + _table(headers, rows)
@@ -351,8 +416,7 @@ def _next_steps(plan: Plan) -> list[str]:
         "1. Enable the OIDC issuer and workload identity on the cluster(s) "
         "(`az aks update --enable-oidc-issuer --enable-workload-identity`).",
         "2. Create the FICs: `./fic-commands.sh`"
-        + (f" (with `{ISSUER_VARIABLE}` exported)" if any(f.issuer is None for f in plan.fics)
-           else "")
+        + (f" (with `{ISSUER_VARIABLE}` exported)" if any(f.issuer is None for f in plan.fics) else "")
         + "; and the identity bindings, if any. FICs take a few seconds to propagate.",
         "3. Apply the manifests: `kubectl apply -R -f manifests/`"
         + (" (per cluster directory)" if plan.multi_cluster else "")
@@ -372,10 +436,7 @@ def render_report(plan: Plan, files: Mapping[str, OutputFile]) -> str:
     lines += _generated(plan)
     lines += _workloads(plan)
     lines += ["## Not migrated", ""]
-    lines += (
-        _findings(plan, plan.not_migrated, "Workload") if plan.not_migrated
-        else ["None.", ""]
-    )
+    lines += _findings(plan, plan.not_migrated, "Workload") if plan.not_migrated else ["None.", ""]
     lines += _identities(plan)
     lines += _budget(plan)
     lines += _identity_binding(plan)

@@ -29,8 +29,7 @@ def is_permission_error(text: str) -> bool:
     """Whether a tool's or library's error text is the kernel's EPERM/EACCES."""
     lowered = text.lower()
     return any(
-        marker in lowered
-        for marker in ("operation not permitted", "permission denied", "you must be root")
+        marker in lowered for marker in ("operation not permitted", "permission denied", "you must be root")
     )
 
 

@@ -56,18 +56,14 @@ def _translated(what: str) -> Iterator[None]:
     except Exception as exc:
         text = str(exc) or type(exc).__name__
         if is_permission_error(text):
-            raise RuleInstallError(
-                f"iptables: {what} was refused ({text}): {NEEDS_CAP_NET_ADMIN}"
-            ) from exc
+            raise RuleInstallError(f"iptables: {what} was refused ({text}): {NEEDS_CAP_NET_ADMIN}") from exc
         raise RuleInstallError(f"iptables: {what} failed: {text}") from exc
 
 
 def _is_ours(rule: rules.IptcRule) -> bool:
     comments = rule.get("comment")
     for comment in comments if isinstance(comments, list) else [comments]:
-        if isinstance(comment, dict) and str(comment.get("comment", "")).startswith(
-            rules.COMMENT_PREFIX
-        ):
+        if isinstance(comment, dict) and str(comment.get("comment", "")).startswith(rules.COMMENT_PREFIX):
             return True
     return False
 
@@ -117,13 +113,10 @@ class IptablesBackend:
             return set()
         except PermissionError as exc:
             raise RuleInstallError(
-                f"iptables: reading {self._tables_file} was refused ({exc.strerror}): "
-                f"{NEEDS_CAP_NET_ADMIN}"
+                f"iptables: reading {self._tables_file} was refused ({exc.strerror}): {NEEDS_CAP_NET_ADMIN}"
             ) from exc
         except OSError as exc:
-            raise RuleInstallError(
-                f"iptables: cannot read {self._tables_file}: {exc.strerror}"
-            ) from exc
+            raise RuleInstallError(f"iptables: cannot read {self._tables_file}: {exc.strerror}") from exc
         return set(text.split())
 
     def _open(self, name: str) -> Any:
@@ -265,8 +258,7 @@ class IptablesBackend:
         if differences:
             raise RuleInstallError(
                 "iptables: the kernel holds other rules than the ones committed (is an xtables "
-                "extension such as owner, conntrack, comment or REDIRECT missing?): "
-                + "; ".join(differences)
+                "extension such as owner, conntrack, comment or REDIRECT missing?): " + "; ".join(differences)
             )
 
     def check(self, ruleset: rules.Ruleset) -> list[str]:

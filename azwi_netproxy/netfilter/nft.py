@@ -60,8 +60,12 @@ class NftBackend:
             raise RuleInstallError(f"nftables: {what} failed: the nft command is not installed")
         try:
             proc = subprocess.run(
-                [exe, *args], input=stdin, capture_output=True, text=True,
-                timeout=_TIMEOUT_S, check=False,
+                [exe, *args],
+                input=stdin,
+                capture_output=True,
+                text=True,
+                timeout=_TIMEOUT_S,
+                check=False,
             )
         except subprocess.TimeoutExpired:
             raise RuleInstallError(
@@ -72,9 +76,7 @@ class NftBackend:
         if proc.returncode != 0:
             detail = " ".join(proc.stderr.split()) or f"exit status {proc.returncode}"
             if is_permission_error(proc.stderr):
-                raise RuleInstallError(
-                    f"nftables: {what} was refused ({detail}): {NEEDS_CAP_NET_ADMIN}"
-                )
+                raise RuleInstallError(f"nftables: {what} was refused ({detail}): {NEEDS_CAP_NET_ADMIN}")
             raise RuleInstallError(f"nftables: {what} failed: {detail}")
         return proc.stdout
 
@@ -90,8 +92,7 @@ class NftBackend:
 
     def _tables(self) -> list[tuple[str, str]]:
         objects = self._objects(["list", "tables"], "listing the tables")
-        return [(str(o["table"].get("family")), str(o["table"].get("name")))
-                for o in objects if "table" in o]
+        return [(str(o["table"].get("family")), str(o["table"].get("name"))) for o in objects if "table" in o]
 
     def unsupported_reason(self) -> str | None:
         if self._executable() is None:
@@ -120,8 +121,10 @@ class NftBackend:
         # form: worth a warning (and a bug report), not a pod that never starts.
         differences = self.check(ruleset)
         if differences:
-            log.warning("nft lists the installed rules differently",
-                        extra={"backend": self.name, "differences": differences})
+            log.warning(
+                "nft lists the installed rules differently",
+                extra={"backend": self.name, "differences": differences},
+            )
 
     def _listed(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         objects = self._objects(
@@ -148,7 +151,5 @@ class NftBackend:
         if not self.present():
             return ""
         # nft's own text, not our rendering: what the kernel holds, in the syntax operators know.
-        text = self._run(
-            ["list", "table", rules.NFT_FAMILY, rules.NFT_TABLE], "listing table ip azwi_proxy"
-        )
+        text = self._run(["list", "table", rules.NFT_FAMILY, rules.NFT_TABLE], "listing table ip azwi_proxy")
         return text.rstrip("\n")

@@ -37,7 +37,7 @@ import re
 import subprocess
 from typing import Literal
 
-from azwi_netproxy.sandbox import (  # noqa: F401  (re-exported for the test modules)
+from azwi_netproxy.sandbox import (  # re-exported for the test modules (__all__)
     METADATA_IP,
     Processes,
     Topology,
@@ -50,6 +50,12 @@ from azwi_netproxy.sandbox import (  # noqa: F401  (re-exported for the test mod
     run_in,
     topology,
 )
+
+__all__ = [
+    "METADATA_IP", "SYSTEM_PYTHON", "Processes", "Topology", "add_address", "add_route",
+    "connect", "hits", "legacy_tables", "namespace", "netfilter_snapshot", "ns_argv", "probe",
+    "processes", "run_in", "start_responder", "topology",
+]
 
 # Processes run under other uids need an interpreter they can read; Debian's is (STYLE 9).
 SYSTEM_PYTHON = "/usr/bin/python3"
