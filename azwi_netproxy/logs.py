@@ -86,13 +86,23 @@ class AccessLog:
     the larger part of a cache hit. The line has the same shape as JsonFormatter's.
     """
 
-    __slots__ = ("_fd", "_flush_scheduled", "_lines", "_prefix", "_second", "_uri_json", "enabled")
+    __slots__ = (
+        "_fd",
+        "_flush_scheduled",
+        "_lines",
+        "_pending",
+        "_prefix",
+        "_second",
+        "_uri_json",
+        "enabled",
+    )
 
     def __init__(self, *, enabled: bool, fd: int = 2) -> None:
         # A plain attribute, not a property: it is read for every request.
         self.enabled = enabled
         self._fd = fd
         self._lines: list[str] = []
+        self._pending: list[tuple[float, tuple[str, str], float]] = []
         self._flush_scheduled = False
         self._second = -1
         self._prefix = ""
@@ -105,6 +115,18 @@ class AccessLog:
             self._second = second
             self._prefix = dt.datetime.fromtimestamp(second, dt.UTC).strftime("%Y-%m-%dT%H:%M:%S")
         return f"{self._prefix}.{int((now - second) * 1_000_000):06d}Z"
+
+    def _format_pending(self) -> None:
+        lines = self._lines
+        for now, (head, tail), duration_ms in self._pending:
+            second = int(now)
+            if second != self._second:
+                self._timestamp(now)  # renews the per-second prefix
+            lines.append(
+                f'{{"level":"info","timestamp":"{self._prefix}.{int((now - second) * 1_000_000):06d}Z",'
+                f'"logger":"proxy",{head}{duration_ms:.3f}{tail}'
+            )
+        self._pending.clear()
 
     def fields(
         self, method: str, target: bytes, status: int, client_id: str | None, cache: str | None
@@ -130,20 +152,17 @@ class AccessLog:
         return fields
 
     def line(self, schedule_flush: Any, now: float, fields: tuple[str, str], duration_ms: float) -> None:
-        """The hot path's access line: `fields` from `fields()`, kept by the caller."""
-        head, tail = fields
-        second = int(now)
-        if second != self._second:
-            self._timestamp(now)  # renews the per-second prefix
-        self._lines.append(
-            f'{{"level":"info","timestamp":"{self._prefix}.{int((now - second) * 1_000_000):06d}Z",'
-            f'"logger":"proxy",{head}{duration_ms:.3f}{tail}'
-        )
+        """The hot path's access line: `fields` from `fields()`, kept by the caller.
+
+        Only the values are kept here; the line is formatted when the batch is written,
+        which keeps the batch small in memory between writes.
+        """
+        self._pending.append((now, fields, duration_ms))
         if not self._flush_scheduled:
             self._flush_scheduled = True
             schedule_flush(self.flush)
-        elif len(self._lines) >= MAX_BUFFERED_LINES:
-            self.flush()
+        elif len(self._pending) >= MAX_BUFFERED_LINES:
+            self._write()
 
     def request(
         self,
@@ -159,6 +178,8 @@ class AccessLog:
         if not self.enabled:
             return
         head, tail = self.fields(method, target, status, client_id, cache)
+        if self._pending:
+            self._format_pending()  # keep the lines in order
         self._lines.append(
             f'{{"level":"info","timestamp":"{self._timestamp(now)}","logger":"proxy",'
             f"{head}{duration_ms:.3f}{tail}"
@@ -167,10 +188,15 @@ class AccessLog:
             self._flush_scheduled = True
             schedule_flush(self.flush)
         elif len(self._lines) >= MAX_BUFFERED_LINES:
-            self.flush()
+            self._write()
 
     def flush(self) -> None:
         self._flush_scheduled = False
+        self._write()
+
+    def _write(self) -> None:
+        if self._pending:
+            self._format_pending()
         if not self._lines:
             return
         data = "".join(self._lines).encode()

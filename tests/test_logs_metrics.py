@@ -313,3 +313,28 @@ def test_metrics_render_twice_is_stable() -> None:
     second = metrics.render()[0].decode()
     assert 'azwi_netproxy_requests_total{route="ready",status="200"} 1.0' in first
     assert 'azwi_netproxy_requests_total{route="ready",status="200"} 2.0' in second
+
+
+def test_access_lines_keep_their_order_and_a_full_batch_is_written_at_once(tmp_path: Any) -> None:
+    from azwi_netproxy.logs import MAX_BUFFERED_LINES
+
+    path = tmp_path / "stderr"
+    with open(path, "wb") as sink:
+        log = AccessLog(enabled=True, fd=sink.fileno())
+        scheduled: list[Any] = []
+        fields = log.fields("GET", b"/metadata/identity/oauth2/token?x=1", 200, "c", "hit")
+        log.line(scheduled.append, 1_800_000_000.25, fields, 0.5)
+        log.request(scheduled.append, 1_800_000_000.5, "GET", b"/readyz", 200, 0.1, None, None)
+        log.line(scheduled.append, 1_800_000_001.75, fields, 0.7)
+        assert len(scheduled) == 1  # one flush scheduled for the whole batch
+        scheduled[0]()
+        lines = [json.loads(line) for line in path.read_text().splitlines()]
+        assert [(e["uri"], e["timestamp"]) for e in lines] == [
+            ("/metadata/identity/oauth2/token?x=1", "2027-01-15T08:00:00.250000Z"),
+            ("/readyz", "2027-01-15T08:00:00.500000Z"),
+            ("/metadata/identity/oauth2/token?x=1", "2027-01-15T08:00:01.750000Z"),
+        ]
+        # A batch that fills up is written without waiting for the scheduled flush.
+        for _ in range(MAX_BUFFERED_LINES + 1):
+            log.line(scheduled.append, 1_800_000_002.0, fields, 0.1)
+        assert len(path.read_text().splitlines()) >= 3 + MAX_BUFFERED_LINES
