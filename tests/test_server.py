@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import pytest
+from support.loops import LOOP_FACTORIES, runner
 
 from azwi_netproxy import imds
 from azwi_netproxy.app import TokenApp
@@ -42,29 +43,14 @@ from azwi_netproxy.router import Router
 from azwi_netproxy.server import HttpProtocol, HttpServer, ServerLimits
 from azwi_netproxy.tokens import CacheKey, Token
 
-uvloop: Any
-try:
-    import uvloop
-except ImportError:  # pragma: no cover - uvloop is a dependency, but keep the asyncio half usable
-    uvloop = None
-
 T = TypeVar("T")
 
-LOOP_FACTORIES = [
-    pytest.param(asyncio.new_event_loop, id="asyncio"),
-    pytest.param(
-        uvloop.new_event_loop if uvloop is not None else None,
-        id="uvloop",
-        marks=pytest.mark.skipif(uvloop is None, reason="uvloop is not importable"),
-    ),
-]
 
 
 @pytest.fixture(params=LOOP_FACTORIES)
 def run(request: pytest.FixtureRequest) -> Iterator[Callable[[Coroutine[Any, Any, T]], T]]:
     """Name: run. Scope: function. Runs a coroutine on a fresh loop from the parametrised factory."""
-    with asyncio.Runner(loop_factory=request.param) as runner:
-        yield runner.run
+    yield from runner(request.param)
 
 
 # ---- raw requests -----------------------------------------------------------------------

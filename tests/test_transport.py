@@ -33,25 +33,12 @@ from typing import Any, TypeVar
 import httpx
 import pytest
 import trustme
+from support.loops import LOOP_FACTORIES, runner
 
 from azwi_netproxy.transport import MAX_IDLE_PER_ORIGIN, MAX_RESPONSE_BYTES, LeanTransport, lean_client
 
-uvloop: Any
-try:
-    import uvloop
-except ImportError:  # pragma: no cover - uvloop is a dependency, but keep the asyncio half usable
-    uvloop = None
-
 T = TypeVar("T")
 
-LOOP_FACTORIES = [
-    pytest.param(asyncio.new_event_loop, id="asyncio"),
-    pytest.param(
-        uvloop.new_event_loop if uvloop is not None else None,
-        id="uvloop",
-        marks=pytest.mark.skipif(uvloop is None, reason="uvloop is not importable"),
-    ),
-]
 
 TEST_BUDGET_S = 5.0
 TIMEOUT = httpx.Timeout(2.0)
@@ -64,12 +51,7 @@ SNI_NAME = "identity-binding.test.internal"
 def run(request: pytest.FixtureRequest) -> Iterator[Callable[[Coroutine[Any, Any, T]], T]]:
     """Name: run. Scope: function. Runs a coroutine on a fresh loop from the parametrised
     factory, within TEST_BUDGET_S."""
-
-    def bounded(coro: Coroutine[Any, Any, T]) -> T:
-        return runner.run(asyncio.wait_for(coro, TEST_BUDGET_S))
-
-    with asyncio.Runner(loop_factory=request.param) as runner:
-        yield bounded
+    yield from runner(request.param, TEST_BUDGET_S)
 
 
 # ---- raw responses ----------------------------------------------------------------------
@@ -495,17 +477,24 @@ def test_server_closing_after_answer_next_request_uses_a_new_connection(run: Any
     run(scenario())
 
 
-@pytest.mark.parametrize("how", ["fin", "rst"])
-def test_reused_connection_closed_before_answering_resends_a_get_once(run: Any, how: str) -> None:
+def answer_once_then_close(how: str) -> Callable[[Conn], Coroutine[Any, Any, None]]:
+    """Each connection answers one request; the next one on it finds the server closing it
+    at that very moment (the idle-timeout race), without an answer: FIN or RST."""
+
     async def script(conn: Conn) -> None:
-        # Each connection answers one request; the next one on it finds the server closing
-        # it at that very moment (the idle-timeout race), without an answer.
         request = await conn.read_request()
         if request is None:
             return
         await conn.send(echo_path(conn, request))
         if await conn.read_request() is not None and how == "rst":
             conn.reset()
+
+    return script
+
+
+@pytest.mark.parametrize("how", ["fin", "rst"])
+def test_reused_connection_closed_before_answering_resends_a_get_once(run: Any, how: str) -> None:
+    script = answer_once_then_close(how)
 
     async def scenario() -> None:
         async with Upstream(script) as upstream:
@@ -526,13 +515,7 @@ def test_reused_connection_closed_before_answering_resends_a_get_once(run: Any, 
 def test_a_post_is_never_sent_twice_by_the_transport(run: Any, how: str) -> None:
     # The server may have read the POST before the connection died: repeating it is the
     # caller's decision (entra.Exchanger counts and spaces its attempts), not ours.
-    async def script(conn: Conn) -> None:
-        request = await conn.read_request()
-        if request is None:
-            return
-        await conn.send(echo_path(conn, request))
-        if await conn.read_request() is not None and how == "rst":
-            conn.reset()
+    script = answer_once_then_close(how)
 
     async def scenario() -> None:
         async with Upstream(script) as upstream:
