@@ -8,23 +8,10 @@ Depends: root with CAP_SYS_ADMIN + CAP_NET_ADMIN (probed by `support.caps.CAN_NE
     the `root` marker uses), pyroute2, iproute2's `ip netns exec`, util-linux `setpriv`,
     and for `netfilter_snapshot` the `nft` and `iptables-legacy-save` commands.
 
-The topology (`topology()`):
-
-        PEER (optional)              POD (lo up)                 IMDS
-     198.18.2.2/30 ---------- 198.18.2.1   198.18.0.1 ---------- 198.18.0.2/30
-                                    |                            169.254.169.254/32
-                              198.18.1.1
-                                    |
-                              198.18.1.2/30
-                                   STS
-
-Safety (the strict rules for network tests):
-- Nothing is linked to the root namespace: each veth pair is created inside POD with its
-  peer placed directly into the other test namespace, so no end ever exists in the root one.
-- No forwarding is enabled anywhere; every path is POD <-> one neighbour.
-- Addresses come from 198.18.0.0/15 (RFC 2544, benchmarking) and exist only in these
-  namespaces; METADATA_IP lives only in the IMDS namespace, reached by POD's /32 route.
-- Names are unique (uuid) and every process started here is killed by its PID.
+The topology and its safety rules (nothing linked to the root namespace, no forwarding,
+198.18.0.0/15 addresses only inside these namespaces, unique names, processes killed by
+PID) are those of `azwi_netproxy.sandbox`, which the demo uses too; this module re-exports
+it and adds what only tests need.
 
 Running code: `ns_argv(ns, argv, uid=...)` wraps argv in `ip netns exec` (and `setpriv` for
 another uid); `run_in` runs it to completion; `Processes` starts background ones.
