@@ -11,7 +11,7 @@ with 508 at once, and this module turns the 508 into a clear PassthroughLoop err
 from __future__ import annotations
 
 import logging
-import secrets
+import os
 from typing import TYPE_CHECKING, Final
 
 from azwi_netproxy.errors import BadRequest, PassthroughLoop, UpstreamUnavailable
@@ -63,7 +63,8 @@ class Passthrough:
     """Forwards one request at a time to the fixed IMDS address."""
 
     def __init__(self, metadata_ip: str, metadata_port: int, *, run_as_uid: int) -> None:
-        self.nonce = secrets.token_hex(16).encode()
+        # os.urandom rather than secrets: the same source, without importing hmac and friends.
+        self.nonce = os.urandom(16).hex().encode()
         self._ip = metadata_ip
         self._port = metadata_port
         self._uid = run_as_uid
