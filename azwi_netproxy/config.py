@@ -201,7 +201,7 @@ class ProxyConfig:
     cache_max_entries: int = 1024
 
 
-def _check_https_url(value: str, name: str, *, path_allowed: bool = True) -> str:
+def _check_https_url(value: str, name: str) -> str:
     """The azure-identity rules for an identity-binding URL: https, no userinfo/query/fragment.
 
     Raises:
@@ -220,8 +220,6 @@ def _check_https_url(value: str, name: str, *, path_allowed: bool = True) -> str
         parsed.port  # noqa: B018 - raises for a bad port
     except ValueError:
         raise ConfigError(f"{name}: {value!r} has a bad port") from None
-    if not path_allowed and parsed.path not in ("", "/"):
-        raise ConfigError(f"{name}: {value!r} must not contain a path")
     return value.strip()
 
 

@@ -24,7 +24,6 @@ from typing import TYPE_CHECKING, Any, Final, Protocol
 from azwi_netproxy import __version__
 from azwi_netproxy.errors import (
     IdentityRejected,
-    NetproxyError,
     UpstreamError,
     UpstreamThrottled,
     UpstreamUnavailable,
@@ -380,7 +379,3 @@ def read_assertion_file(path: str) -> Callable[[], str]:
         return text
 
     return read
-
-
-def is_transient(exc: NetproxyError) -> bool:
-    return isinstance(exc, UpstreamError)

@@ -88,12 +88,11 @@ class AccessLog:
 
     __slots__ = (
         "_fd",
+        "_fields",
         "_flush_scheduled",
-        "_lines",
         "_pending",
         "_prefix",
         "_second",
-        "_uri_json",
         "enabled",
     )
 
@@ -101,13 +100,12 @@ class AccessLog:
         # A plain attribute, not a property: it is read for every request.
         self.enabled = enabled
         self._fd = fd
-        self._lines: list[str] = []
         self._pending: list[tuple[float, tuple[str, str], float]] = []
         self._flush_scheduled = False
         self._second = -1
         self._prefix = ""
         # Requests repeat (the same few token URLs); escape each once.
-        self._uri_json: dict[tuple[str, bytes, int, str | None, str | None], tuple[str, str]] = {}
+        self._fields: dict[tuple[str, bytes, int, str | None, str | None], tuple[str, str]] = {}
 
     def _timestamp(self, now: float) -> str:
         second = int(now)
@@ -116,24 +114,21 @@ class AccessLog:
             self._prefix = dt.datetime.fromtimestamp(second, dt.UTC).strftime("%Y-%m-%dT%H:%M:%S")
         return f"{self._prefix}.{int((now - second) * 1_000_000):06d}Z"
 
-    def _format_pending(self) -> None:
-        lines = self._lines
-        for now, (head, tail), duration_ms in self._pending:
-            second = int(now)
-            if second != self._second:
-                self._timestamp(now)  # renews the per-second prefix
-            lines.append(
-                f'{{"level":"info","timestamp":"{self._prefix}.{int((now - second) * 1_000_000):06d}Z",'
-                f'"logger":"proxy",{head}{duration_ms:.3f}{tail}'
-            )
+    def _format_pending(self) -> str:
+        lines = "".join(
+            f'{{"level":"info","timestamp":"{self._timestamp(now)}","logger":"proxy",'
+            f"{head}{duration_ms:.3f}{tail}"
+            for now, (head, tail), duration_ms in self._pending
+        )
         self._pending.clear()
+        return lines
 
     def fields(
         self, method: str, target: bytes, status: int, client_id: str | None, cache: str | None
     ) -> tuple[str, str]:
         """The constant parts of a line around the duration, escaped once per distinct request."""
         key = (method, target, status, client_id, cache)
-        fields = self._uri_json.get(key)
+        fields = self._fields.get(key)
         if fields is None:
             message = "successfully acquired token" if status == 200 and cache else "request"
             head = (
@@ -146,9 +141,9 @@ class AccessLog:
             if cache is not None:
                 tail += f',"cache":{json.dumps(cache)}'
             fields = (head, tail + "}\n")
-            if len(self._uri_json) > 2048:
-                self._uri_json.clear()
-            self._uri_json[key] = fields
+            if len(self._fields) > 2048:
+                self._fields.clear()
+            self._fields[key] = fields
         return fields
 
     def line(self, schedule_flush: Any, now: float, fields: tuple[str, str], duration_ms: float) -> None:
@@ -175,32 +170,18 @@ class AccessLog:
         client_id: str | None,
         cache: str | None,
     ) -> None:
-        if not self.enabled:
-            return
-        head, tail = self.fields(method, target, status, client_id, cache)
-        if self._pending:
-            self._format_pending()  # keep the lines in order
-        self._lines.append(
-            f'{{"level":"info","timestamp":"{self._timestamp(now)}","logger":"proxy",'
-            f"{head}{duration_ms:.3f}{tail}"
-        )
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            schedule_flush(self.flush)
-        elif len(self._lines) >= MAX_BUFFERED_LINES:
-            self._write()
+        """An access line for any answer (errors, pass-through, probes)."""
+        if self.enabled:
+            self.line(schedule_flush, now, self.fields(method, target, status, client_id, cache), duration_ms)
 
     def flush(self) -> None:
         self._flush_scheduled = False
         self._write()
 
     def _write(self) -> None:
-        if self._pending:
-            self._format_pending()
-        if not self._lines:
+        if not self._pending:
             return
-        data = "".join(self._lines).encode()
-        self._lines.clear()
+        data = self._format_pending().encode()
         try:
             while data:
                 written = os.write(self._fd, data)

@@ -18,7 +18,7 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Coroutine
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any, Final, Protocol, cast
 
@@ -354,14 +354,12 @@ class HttpServer:
                 elif connection.waiting_for_request and now - connection.quiet_since >= keepalive_s:
                     connection.expire()
 
-    async def shutdown(self, on_stopped_accepting: Callable[[], None] | None = None) -> None:
+    async def shutdown(self) -> None:
         """Stop accepting, let in-flight answers finish (bounded), then close everything."""
         state = self.state
         state.shutting_down = True
         if self._server is not None:
             self._server.close()
-        if on_stopped_accepting is not None:
-            on_stopped_accepting()
         for connection in list(state.connections):
             connection.shutdown()
         deadline = time.monotonic() + state.limits.shutdown_grace_s
