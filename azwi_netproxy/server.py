@@ -136,8 +136,15 @@ class HttpProtocol(asyncio.Protocol):
             if known is not None and known.fast is not None:
                 response = known.fast()
                 if response is not None:
+                    # Request.fast is only set on keep-alive HTTP/1.1 GETs, so the bytes
+                    # depend on the response alone (its Date: the second it was made in).
+                    wire = response.keep_alive_wire
+                    if wire is None:
+                        wire = response.keep_alive_wire = serialize(
+                            response, date=self._state.date.value(), head=False, keep_alive=True
+                        )
                     self.deadline = None
-                    self._send(known, response)
+                    self._transport.write(wire)  # type: ignore[union-attr]  # set while open
                     return
         try:
             requests = reader.feed(data)
