@@ -188,6 +188,7 @@ class Bench:
             "METADATA_IP": "127.0.0.1",
             "METADATA_PORT": str(free_port()),
             "AZWI_PASSTHROUGH": "none",
+            "PYTHONOPTIMIZE": "2",  # as the proxy image runs it (Dockerfile)
         }
         argv = [sys.executable, "-m", "azwi_netproxy", f"--proxy-port={port}", f"--log-level={log_level}"]
         if os.geteuid() == 0 and shutil.which("setpriv"):

@@ -506,11 +506,15 @@ def test_bytecode_is_precompiled_so_a_read_only_root_is_enough(image: Replayed) 
     sources = sorted(package.rglob("*.py"))
     assert sources
     for source in sources:
-        pyc = source.parent / "__pycache__" / f"{source.stem}.{sys.implementation.cache_tag}.pyc"
-        assert pyc.exists(), pyc
-        flags = int.from_bytes(pyc.read_bytes()[4:8], "little")
-        # PEP 552: 0b01 = hash-based, unchecked: valid whatever mtime the image gives the source.
-        assert flags == 0b01, f"{pyc}: flags {flags:#b}"
+        # The init runs without optimisation, the proxy with PYTHONOPTIMIZE=2 (-OO).
+        for suffix in ("", ".opt-2"):
+            pyc = source.parent / "__pycache__" / f"{source.stem}.{sys.implementation.cache_tag}{suffix}.pyc"
+            assert pyc.exists(), pyc
+            flags = int.from_bytes(pyc.read_bytes()[4:8], "little")
+            # PEP 552: 0b01 = hash-based, unchecked: valid whatever mtime the image gives the source.
+            assert flags == 0b01, f"{pyc}: flags {flags:#b}"
+    assert image.env["proxy"].get("PYTHONOPTIMIZE") == "2"
+    assert "PYTHONOPTIMIZE" not in image.env["proxy-init"]
 
 
 @pytest.mark.slow

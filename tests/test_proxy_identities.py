@@ -92,9 +92,10 @@ def identity_map() -> Iterator[MapSetup]:
 @pytest.fixture(scope="module")
 def mapped_proxy(module_proxy_factory: Callable[..., ProxyProcess],
                  identity_map: MapSetup) -> ProxyProcess:
-    """Name: mapped_proxy. Scope: module. A proxy with a YAML map, onlyListed false."""
+    """Name: mapped_proxy. Scope: module. A proxy with a YAML map, onlyListed false, run
+    optimised (-OO) as the proxy image runs it: PyYAML is imported under -OO too."""
     path = identity_map.write("map.yaml", identity_map.yaml(only_listed=False))
-    return module_proxy_factory(AZWI_IDENTITY_MAP=path)
+    return module_proxy_factory(AZWI_IDENTITY_MAP=path, PYTHONOPTIMIZE="2")
 
 
 @pytest.fixture(scope="module")

@@ -138,9 +138,10 @@ def module_proxy_factory(python_for_other_uids: str, package_pythonpath: str, po
 
 @pytest.fixture(scope="module")
 def proxy(module_proxy_factory: ProxyFactory) -> ProxyProcess:
-    """Name: proxy. Scope: module. The proxy with the pod's environment. Tests use their
-    own identities or resources so its cache carries nothing from one test to the next."""
-    return module_proxy_factory()
+    """Name: proxy. Scope: module. The proxy with the pod's environment, optimised (-OO)
+    as the proxy image runs it. Tests use their own identities or resources so its cache
+    carries nothing from one test to the next."""
+    return module_proxy_factory(PYTHONOPTIMIZE="2")
 
 
 # ---- per test ---------------------------------------------------------------------------
