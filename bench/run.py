@@ -230,10 +230,12 @@ class Bench:
         for label, connections, close in (("keep-alive c=1", 1, False), ("keep-alive c=16", 16, False), ("keep-alive c=64", 64, False), ("new connection per request c=16", 16, True)):
             # Alternate proxy and floor runs and keep each one's best: a noisy neighbour
             # then slows one run of each, not one side of the ratio.
+            # Who goes first swaps every round, so neither side always follows the other.
             p_runs, f_runs = [], []
-            for _ in range(self.args.rounds):
-                p_runs.append(measured(proxy.pid, lambda c=connections, k=close: wrk(url, c, duration, close=k)))
-                f_runs.append(measured(floor.pid, lambda c=connections, k=close: wrk(floor_url, c, duration, close=k)))
+            for round_ in range(self.args.rounds):
+                sides = [(p_runs, proxy.pid, url), (f_runs, floor.pid, floor_url)]
+                for runs, pid, target in sides if round_ % 2 == 0 else reversed(sides):
+                    runs.append(measured(pid, lambda c=connections, k=close, u=target: wrk(u, c, duration, close=k)))
             p, p_cpu = max(p_runs, key=lambda run: run[0].rps)
             f, f_cpu = max(f_runs, key=lambda run: run[0].rps)
             results[label] = (p, p_cpu, f, f_cpu)
@@ -366,7 +368,7 @@ class Bench:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--duration", type=float, default=4.0, help="seconds per wrk run")
-    parser.add_argument("--rounds", type=int, default=3, help="alternating runs per figure (best kept)")
+    parser.add_argument("--rounds", type=int, default=5, help="alternating runs per figure (best kept)")
     parser.add_argument("--quick", action="store_true", help="skip the million-request memory run")
     args = parser.parse_args()
     if shutil.which("wrk") is None:
