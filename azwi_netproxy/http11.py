@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from http import HTTPStatus
-from typing import Final
+from typing import Final, cast
 
 import httptools
 
@@ -80,7 +80,9 @@ class RequestReader:
 
     def __init__(self, memo: dict[bytes, Request] | None = None) -> None:
         self._memo = memo
-        self._parser = httptools.HttpRequestParser(self)
+        # Made at the first chunk the memo does not know: a client that sends requests
+        # seen before (a new connection per token request, say) never needs one.
+        self._parser: httptools.HttpRequestParser | None = None
         self._completed: list[Request] = []
         self._target = b""
         self._headers: list[tuple[bytes, bytes]] = []
@@ -106,8 +108,11 @@ class RequestReader:
                 return [known]
         if at_boundary and data:
             self.reading_request = True
+        parser = self._parser
+        if parser is None:
+            parser = self._parser = httptools.HttpRequestParser(self)
         try:
-            self._parser.feed_data(data)
+            parser.feed_data(data)
         except httptools.HttpParserCallbackError:
             raise self._failed(self._limit_error or ProtocolError(400, "bad request")) from None
         except httptools.HttpParserInvalidMethodError:
@@ -164,7 +169,7 @@ class RequestReader:
             self._fail(413, "request body too large")
 
     def on_message_complete(self) -> None:
-        parser = self._parser
+        parser = cast(httptools.HttpRequestParser, self._parser)  # set: it is calling us
         self._completed.append(
             Request(
                 method=parser.get_method().decode("ascii", "replace"),

@@ -786,6 +786,30 @@ def test_repeated_identical_requests_are_framed_per_request(run: Any) -> None:
     app_test(run, scenario)
 
 
+def test_fast_path_answers_exactly_as_the_full_path(run: Any) -> None:
+    # From the second identical keep-alive GET on, a cache hit skips parsing, dispatch and
+    # serialisation (Request.fast, Response.keep_alive_wire): same status, headers and
+    # body, counted the same, one exchange.
+    async def scenario(parts: AppParts) -> None:
+        async with serving(parts.app) as (_, clients):
+            conn = await clients.open()
+            replies = []
+            for _ in range(5):
+                await conn.send(TOKEN_GET)
+                replies.append(await conn.reply())
+            for reply in replies:
+                reply.headers.pop("date")
+                assert (reply.status, reply.headers, reply.body) == (
+                    replies[0].status, replies[0].headers, replies[0].body
+                )
+            assert "connection" not in replies[0].headers
+            assert parts.metrics.requests[("token", 200)] == 5
+            assert len(parts.fetcher.keys) == 1
+        await parts.cache.aclose()
+
+    app_test(run, scenario)
+
+
 def test_same_bytes_refused_then_accepted_per_request(run: Any) -> None:
     async def scenario(parts: AppParts) -> None:
         replies = await _ask(parts, TOKEN_NO_METADATA, TOKEN_GET, TOKEN_NO_METADATA, TOKEN_GET)
