@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import fcntl
 import http.client
 import json
 import os
@@ -41,6 +42,7 @@ REFERENCE_FLOOR_NEW_CONN_RPS = 26_000
 CPUS = os.cpu_count() or 1
 SERVER_CPU = "1" if CPUS > 1 else "0"
 LOAD_CPU = "0"
+F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 
 
 def free_port() -> int:
@@ -144,13 +146,18 @@ class Bench:
             self.procs.append(proc)
             return proc
         # As in a pod: output goes into a pipe that somebody else drains (the container
-        # runtime's shim), on another core. Written straight to a file on this machine's
-        # virtual disk, hundreds of MB of access lines made the proxy slower run after
-        # run (page-cache writeback), which no pod pays. The last 4 MB are kept.
-        proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd="/")
-        assert proc.stdout is not None
-        self.collectors.append(subprocess.Popen(pinned(LOAD_CPU, ["tail", "-c", "4000000"]), stdin=proc.stdout, stdout=handle))
-        proc.stdout.close()
+        # runtime's shim, on a core of its own). Written straight to a file on this
+        # machine's virtual disk, hundreds of MB of access lines made the proxy slower run
+        # after run (page-cache writeback), which no pod pays. Here the drain shares the
+        # load core with wrk, which is always busy, so the pipe gets room for about 50 ms
+        # of lines: otherwise the proxy waits for a drain that a pod's shim would not keep
+        # waiting. The last 4 MB are kept.
+        read_end, write_end = os.pipe()
+        fcntl.fcntl(write_end, F_SETPIPE_SZ, 1 << 20)
+        proc = subprocess.Popen(argv, env=env, stdout=write_end, stderr=write_end, cwd="/")
+        os.close(write_end)
+        self.collectors.append(subprocess.Popen(pinned(LOAD_CPU, ["tail", "-c", "4000000"]), stdin=read_end, stdout=handle))
+        os.close(read_end)
         self.procs.append(proc)
         return proc
 
