@@ -11,10 +11,15 @@ assertions or access tokens (the URI logged is the request's, which carries neit
 from __future__ import annotations
 
 import datetime as dt
+import fcntl
 import json
 import logging
 import os
+import stat
+import struct
 import sys
+import termios
+import time
 from typing import IO, Any, Final
 
 _STD_ATTRS: Final = frozenset(
@@ -78,7 +83,20 @@ def configure(level: str, *, logger_name: str, stream: IO[str] | None = None) ->
 # Not more: formatting a batch holds up every connection (about 1 µs a line), and a
 # large batch's strings stay in the heap as RSS (512 lines cost 0.5 MB and p99 spikes).
 MAX_BUFFERED_LINES: Final = 128
+# What a slow reader of our stderr has not taken yet is kept up to this much; past it new
+# lines are dropped whole, and counted, until the reader catches up.
+MAX_BACKLOG_BYTES: Final = 1 << 20
 _DIGITS3: Final = tuple(f"{n:03d}" for n in range(1000))
+_F_GETPIPE_SZ: Final = getattr(fcntl, "F_GETPIPE_SZ", 1032)
+# A pipe frees its buffer a page at a time: a partly read first page and a partly filled
+# last one can hold up to two pages of room that a write cannot use.
+_PIPE_SLACK_BYTES: Final = 8192
+
+
+def pipe_room(fd: int) -> int:
+    """Bytes a pipe (or FIFO) takes now without blocking: its size minus what is queued."""
+    queued: int = struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0]
+    return int(fcntl.fcntl(fd, _F_GETPIPE_SZ)) - queued - _PIPE_SLACK_BYTES
 
 
 class AccessLog:
@@ -90,21 +108,40 @@ class AccessLog:
     """
 
     __slots__ = (
+        "_backlog",
         "_fd",
+        "_fd_is_pipe",
         "_fields",
         "_flush_scheduled",
+        "_max_backlog_bytes",
         "_pending",
         "_prefix",
+        "_schedule_flush",
         "_second",
+        "dropped_lines",
         "enabled",
     )
 
-    def __init__(self, *, enabled: bool, fd: int = 2) -> None:
+    def __init__(self, *, enabled: bool, fd: int = 2, max_backlog_bytes: int = MAX_BACKLOG_BYTES) -> None:
         # A plain attribute, not a property: it is read for every request.
         self.enabled = enabled
         self._fd = fd
         self._pending: list[tuple[float, tuple[str, str], float]] = []
         self._flush_scheduled = False
+        self._schedule_flush: Any = None
+        # A container's stderr is a pipe the runtime drains. Should that reader stall, a
+        # write to a full pipe would block the event loop and every token answer with it:
+        # lines go out only as far as the pipe has room, whole lines only (the logging
+        # module writes to the same pipe), and wait in a bounded backlog for the rest.
+        # Counting the room (FIONREAD) rather than setting O_NONBLOCK leaves the pipe's
+        # other writers alone, and needs no access to a pipe another uid created.
+        try:
+            self._fd_is_pipe = stat.S_ISFIFO(os.fstat(fd).st_mode)
+        except OSError:
+            self._fd_is_pipe = False
+        self._backlog = bytearray()
+        self._max_backlog_bytes = max_backlog_bytes
+        self.dropped_lines = 0
         self._second = -1
         self._prefix = ""
         # Requests repeat (the same few token URLs); escape each once.
@@ -162,6 +199,7 @@ class AccessLog:
         self._pending.append((now, fields, duration_ms))
         if not self._flush_scheduled:
             self._flush_scheduled = True
+            self._schedule_flush = schedule_flush
             schedule_flush(self.flush)
         elif len(self._pending) >= MAX_BUFFERED_LINES:
             self._write()
@@ -185,15 +223,45 @@ class AccessLog:
         self._flush_scheduled = False
         self._write()
 
+    def drain(self, timeout_s: float = 2.0) -> None:
+        """Write everything, waiting at most `timeout_s` for a slow reader (at shutdown)."""
+        self._flush_scheduled = True  # the loop is ending: nothing more is scheduled
+        self._write()
+        deadline = time.monotonic() + timeout_s
+        while self._backlog and time.monotonic() < deadline:
+            time.sleep(0.01)  # a pipe's room is counted, not waited for (see __init__)
+            self._write()
+
     def _write(self) -> None:
-        if not self._pending:
-            return
-        data = self._format_pending().encode()
-        try:
-            while data:
-                written = os.write(self._fd, data)
-                data = data[written:]
-        except BlockingIOError:
-            pass  # a full, non-blocking stderr pipe: drop the rest rather than stall the loop
-        except OSError:
-            self.enabled = False
+        backlog = self._backlog
+        if self._pending:
+            data = self._format_pending().encode()
+            if len(backlog) >= self._max_backlog_bytes:
+                self.dropped_lines += data.count(b"\n")
+            else:
+                backlog += data
+        while backlog:
+            end = len(backlog)
+            if self._fd_is_pipe:
+                try:
+                    room = pipe_room(self._fd)
+                except OSError:  # not countable after all: plain writes, as to a file
+                    self._fd_is_pipe = False
+                    continue
+                if room < end:
+                    end = backlog.rfind(b"\n", 0, max(room, 0)) + 1
+                    if end == 0:
+                        break  # the reader is behind: the rest waits for the next flush
+            try:
+                with memoryview(backlog) as view:  # released before the backlog shrinks
+                    written = os.write(self._fd, view[:end])
+            except BlockingIOError:
+                break  # a non-blocking descriptor that is full: as above
+            except OSError:
+                self.enabled = False  # stderr is gone: nothing left to log to
+                backlog.clear()
+                return
+            del backlog[:written]
+        if backlog and not self._flush_scheduled and self._schedule_flush is not None:
+            self._flush_scheduled = True
+            self._schedule_flush(self.flush)

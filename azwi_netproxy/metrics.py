@@ -33,6 +33,7 @@ class Metrics:
         self.exchange_seconds_sum = 0.0
         self.earliest_expiry: Callable[[], float | None] = lambda: None
         self.cached_tokens: Callable[[], int] = lambda: 0
+        self.access_lines_dropped: Callable[[], int] = lambda: 0
         self._registry: CollectorRegistry | None = None
 
     def count_request(self, route: str, status: int) -> None:
@@ -104,6 +105,12 @@ class _Collector:
         )
         histogram.add_metric([], cumulative, sum_value=m.exchange_seconds_sum)
         yield histogram
+        dropped = CounterMetricFamily(
+            f"{NAMESPACE}_access_log_dropped_lines",
+            "Access lines dropped because the reader of stderr did not keep up",
+        )
+        dropped.add_metric([], m.access_lines_dropped())
+        yield dropped
         size = GaugeMetricFamily(f"{NAMESPACE}_cached_tokens", "Tokens in the cache")
         size.add_metric([], m.cached_tokens())
         yield size

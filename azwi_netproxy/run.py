@@ -111,6 +111,7 @@ async def serve(cfg: ProxyConfig, started: float) -> int:
         identity_map=cfg.identity_map,
     )
     access_log = AccessLog(enabled=logging.getLogger("azwi_netproxy").isEnabledFor(logging.INFO))
+    metrics.access_lines_dropped = lambda: access_log.dropped_lines
     app = TokenApp(
         router=router,
         cache=cache,
@@ -177,7 +178,7 @@ async def serve(cfg: ProxyConfig, started: float) -> int:
     await endpoint.aclose()
     if passthrough is not None:
         await passthrough.aclose()
-    access_log.flush()
+    access_log.drain()
     log.info("stopped")
     return 0
 

@@ -7,12 +7,14 @@ Depends: azwi_netproxy.logs, azwi_netproxy.metrics (prometheus-client at render 
 
 from __future__ import annotations
 
+import fcntl
 import inspect
 import io
 import json
 import logging
 import os
 import re
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -20,9 +22,10 @@ from typing import Any
 import pytest
 
 from azwi_netproxy import logs
-from azwi_netproxy.logs import AccessLog, JsonFormatter, rfc3339
+from azwi_netproxy.logs import MAX_BUFFERED_LINES, AccessLog, JsonFormatter, rfc3339
 from azwi_netproxy.metrics import Metrics
 
+F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 RFC3339_MICRO_Z = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{6}Z$")
 
 
@@ -258,6 +261,97 @@ def test_access_log_turns_itself_off_when_stderr_is_gone(pipe: _Pipe) -> None:
     assert log.enabled is False
 
 
+def _small_pipe() -> _Pipe:
+    """A blocking pipe of 4 pages, as a container's stderr is blocking: a write that does
+    not fit would hang the test (and the proxy's event loop)."""
+    p = _Pipe()
+    fcntl.fcntl(p.write_fd, F_SETPIPE_SZ, 16384)
+    assert os.get_blocking(p.write_fd)
+    return p
+
+
+def _read_all(p: _Pipe) -> bytes:
+    out = b""
+    while chunk := p.read():
+        out += chunk
+    return out
+
+
+def test_a_stalled_reader_never_blocks_and_never_gets_a_torn_line() -> None:
+    p = _small_pipe()
+    try:
+        call_soon = _CallSoon()
+        log = AccessLog(enabled=True, fd=p.write_fd, max_backlog_bytes=20_000)
+        fields = log.fields("GET", b"/metadata/identity/oauth2/token?n=1", 200, "c", "hit")
+        total = 1000  # about 200 KB: far more than the pipe and the backlog hold
+        for n in range(total):
+            log.line(call_soon, 1_700_000_000 + n / 1000, fields, float(n))
+        call_soon.run()
+        # Nothing blocked; the pipe is full, a bounded backlog waits, the rest was dropped.
+        assert 0 < log.dropped_lines < total
+        assert 0 < len(log._backlog) <= 20_000 + MAX_BUFFERED_LINES * 300
+        assert len(call_soon.callbacks) == 1  # the backlog comes back on the next flush
+        received = _read_all(p)
+        while call_soon.callbacks:  # the reader catches up
+            call_soon.run()
+            received += _read_all(p)
+        assert not log._backlog and log.enabled
+        lines = [json.loads(line) for line in received.splitlines()]  # every line whole
+        assert len(lines) == total - log.dropped_lines
+        durations = [entry["duration_ms"] for entry in lines]
+        assert durations == sorted(durations)  # in order, drops only in whole batches
+        log.line(call_soon, 1_700_000_002.0, fields, 0.5)  # and logging goes on
+        call_soon.run()
+        assert json.loads(_read_all(p))["duration_ms"] == 0.5
+    finally:
+        p.close()
+
+
+def test_drain_at_shutdown_waits_for_a_slow_reader_but_not_forever() -> None:
+    p = _small_pipe()
+    try:
+        call_soon = _CallSoon()
+        log = AccessLog(enabled=True, fd=p.write_fd)
+        fields = log.fields("GET", b"/readyz", 200, None, None)
+        for n in range(100):
+            log.line(call_soon, 1_700_000_000.0, fields, float(n))
+        received: list[bytes] = []
+        drained = threading.Event()
+
+        def late_reader() -> None:
+            time.sleep(0.2)
+            while not drained.is_set():
+                received.append(_read_all(p))
+                time.sleep(0.005)
+
+        reader = threading.Thread(target=late_reader)
+        reader.start()
+        log.drain(timeout_s=5.0)  # the pipe is full until the reader comes, 0.2 s later
+        drained.set()
+        reader.join()
+        received.append(_read_all(p))
+        assert len(b"".join(received).splitlines()) == 100
+        started = time.monotonic()
+        for n in range(100):
+            log.line(call_soon, 1_700_000_000.0, fields, float(n))
+        log.drain(timeout_s=0.3)  # nobody reads any more: give up after the timeout
+        assert 0.25 < time.monotonic() - started < 2.0
+    finally:
+        p.close()
+
+
+def test_a_file_gets_every_line_in_one_write(tmp_path: Any) -> None:
+    with open(tmp_path / "stderr", "wb") as regular:
+        call_soon = _CallSoon()
+        log = AccessLog(enabled=True, fd=regular.fileno(), max_backlog_bytes=1000)
+        fields = log.fields("GET", b"/readyz", 200, None, None)
+        for n in range(500):  # far past the backlog bound: a file never holds anything back
+            log.line(call_soon, 1_700_000_000.0, fields, float(n))
+        call_soon.run()
+        assert log.dropped_lines == 0 and not log._backlog
+    assert len((tmp_path / "stderr").read_bytes().splitlines()) == 500
+
+
 # ---- metrics ----------------------------------------------------------------------------
 
 FAMILIES = [
@@ -267,6 +361,7 @@ FAMILIES = [
     ("azwi_netproxy_exchange_duration_seconds", "histogram"),
     ("azwi_netproxy_cached_tokens", "gauge"),
     ("azwi_netproxy_earliest_token_expiry_seconds", "gauge"),
+    ("azwi_netproxy_access_log_dropped_lines_total", "counter"),
 ]
 
 
@@ -279,6 +374,7 @@ def test_metrics_render_families_and_values() -> None:
     metrics.count_exchange("throttled", 12.0)
     metrics.count_cache("hit")
     metrics.cached_tokens = lambda: 3
+    metrics.access_lines_dropped = lambda: 7
     metrics.earliest_expiry = lambda: time.time() + 100
     body, content_type = metrics.render()
     text = body.decode()
@@ -294,6 +390,7 @@ def test_metrics_render_families_and_values() -> None:
     assert 'azwi_netproxy_exchange_duration_seconds_bucket{le="+Inf"} 2.0' in text
     assert "azwi_netproxy_exchange_duration_seconds_count 2.0" in text
     assert "azwi_netproxy_cached_tokens 3.0" in text
+    assert "azwi_netproxy_access_log_dropped_lines_total 7.0" in text
     [expiry] = re.findall(r"^azwi_netproxy_earliest_token_expiry_seconds ([0-9.e+]+)$", text, re.M)
     assert 95 < float(expiry) <= 100
 

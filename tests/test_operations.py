@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import concurrent.futures
 import datetime as dt
+import fcntl
 import json
 import os
 import re
 import signal
 import socket
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -31,14 +33,17 @@ from prometheus_client.parser import text_string_to_metric_families
 from support.fake_entra import DEFAULT_EXPIRES_IN, FakeEntraClient, decode_fake_token
 from support.fake_imds import FakeImdsClient
 from support.proxyproc import (
+    PROXY_UID,
     Pod,
     ProxyProcess,
     RawConnection,
     RawResponse,
+    as_uid,
     base_env,
     free_port,
     http_request,
     new_guid,
+    proxy_argv,
     run_proxy_command,
     start_proxy,
     token_target,
@@ -56,6 +61,7 @@ LEVEL_NAMES = {"debug", "info", "warn", "error", "fatal"}
 INSTANCE_TARGET = "/metadata/instance?api-version=2021-02-01"
 # ServerLimits.shutdown_grace_s: the drain bound the issue asks for.
 SHUTDOWN_GRACE_S = 5.0
+F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 
 
 # ---- helpers --------------------------------------------------------------------------------
@@ -370,6 +376,70 @@ def test_metrics_count_a_scripted_sequence_exactly(
     assert DEFAULT_EXPIRES_IN - elapsed - 10 <= remaining <= DEFAULT_EXPIRES_IN + 10, remaining
     assert ("azwi_netproxy_process_resident_memory_bytes", frozenset()) in samples
     assert len(exchanges_for(entra, res_a)) == len(exchanges_for(entra, res_b)) == 1
+
+
+def test_a_stalled_log_reader_never_stalls_token_answers(
+        python_for_other_uids: str, proxy_env: Callable[..., dict[str, str]],
+        entra: FakeEntraClient) -> None:
+    # A container's stderr is a pipe (blocking, created by the runtime as another uid) that
+    # the runtime drains. Here nobody drains it, and it holds 16 KB: the proxy must go on
+    # answering, keep what it can, drop and count the rest, and never tear a line.
+    read_fd, write_fd = os.pipe()
+    fcntl.fcntl(write_fd, F_SETPIPE_SZ, 16384)
+    port, metrics_port = free_port(), free_port()
+    argv = as_uid(PROXY_UID, proxy_argv(python_for_other_uids, port, [f"--metrics-port={metrics_port}"]))
+    proc = subprocess.Popen(argv, env=proxy_env(), stdin=subprocess.DEVNULL, stdout=write_fd,
+                            stderr=write_fd, cwd="/")
+    os.close(write_fd)
+    os.set_blocking(read_fd, False)
+    try:
+        wait_for(lambda: _ready(port), 20, "the proxy's /readyz")
+        resource = unique_resource("stalled-log")
+        target = token_target(resource)
+        request = f"GET {target} HTTP/1.1\r\nHost: 169.254.169.254\r\nMetadata: true\r\n\r\n".encode()
+        requests = 6000  # about 2 MB of access lines: more than the pipe and the 1 MB backlog
+        with RawConnection(port, timeout_s=10) as conn:
+            for _ in range(requests):
+                conn.send(request)
+                assert conn.read_response().status == 200
+        dropped_key = ("azwi_netproxy_access_log_dropped_lines_total", frozenset())
+        assert scrape(metrics_port)[dropped_key] > 0
+        # The reader comes back: the kept lines arrive whole and in order, then new ones.
+        received = _read_until_quiet(read_fd, quiet_s=0.5)
+        assert http_request(port, "/readyz").status == 200
+        received += _read_until_quiet(read_fd, quiet_s=0.5)
+        entries = [json.loads(line) for line in received.splitlines()]
+        token_lines = [e for e in entries if e.get("uri") == target]
+        assert 0 < len(token_lines) < requests
+        # Every token answer was either logged or counted as dropped (the count also has
+        # lines of /readyz and /metrics requests).
+        assert len(token_lines) + scrape(metrics_port)[dropped_key] >= requests
+        assert entries[-1]["uri"] == "/readyz"
+    finally:
+        proc.terminate()
+        proc.wait(15)
+        os.close(read_fd)
+
+
+def _ready(port: int) -> bool:
+    try:
+        return http_request(port, "/readyz", timeout_s=1).status == 200
+    except OSError:
+        return False
+
+
+def _read_until_quiet(fd: int, quiet_s: float) -> bytes:
+    data = b""
+    last = time.monotonic()
+    while time.monotonic() - last < quiet_s:
+        try:
+            chunk = os.read(fd, 1 << 16)
+        except BlockingIOError:
+            time.sleep(0.01)
+            continue
+        data += chunk
+        last = time.monotonic()
+    return data
 
 
 def test_metrics_port_equal_to_the_proxy_port_exits_2(
