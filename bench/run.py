@@ -200,7 +200,9 @@ class Bench:
                 time.sleep(0.01)
         return str(self.tmp / "ca.pem"), port
 
-    def start_proxy(self, ca_file: str, sts_port: int, port: int, *, log_level: str = "info") -> tuple[subprocess.Popen[bytes], float]:
+    def start_proxy(
+        self, ca_file: str, sts_port: int, port: int, *, log_level: str = "info", log: str = "proxy.log"
+    ) -> tuple[subprocess.Popen[bytes], float]:
         token_file = self.tmp / "sa-token"
         token_file.write_text("eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJzeXN0ZW06c2VydmljZWFjY291bnQ6ZGVmYXVsdDpiZW5jaCJ9.c2ln")
         os.chmod(token_file, 0o644)
@@ -216,11 +218,15 @@ class Bench:
             "AZWI_PASSTHROUGH": "none",
             "PYTHONOPTIMIZE": "2",  # as the proxy image runs it (Dockerfile)
         }
-        argv = [sys.executable, "-m", "azwi_netproxy", f"--proxy-port={port}", f"--log-level={log_level}"]
+        self.metrics_port = free_port()
+        argv = [
+            sys.executable, "-m", "azwi_netproxy", f"--proxy-port={port}", f"--log-level={log_level}",
+            f"--metrics-port={self.metrics_port}",
+        ]
         if os.geteuid() == 0 and shutil.which("setpriv"):
             argv = ["setpriv", "--reuid=1501", "--regid=1501", "--clear-groups", *argv]
         started = time.monotonic()
-        proc = self.start(pinned(SERVER_CPU, argv), env=env, log="proxy.log", piped=True)
+        proc = self.start(pinned(SERVER_CPU, argv), env=env, log=log, piped=True)
         ready = started + wait_ready(port) - started
         return proc, ready
 
@@ -236,6 +242,7 @@ class Bench:
         ca_file, sts_port = self.token_service()
         port = free_port()
         proxy, ready_s = self.start_proxy(ca_file, sts_port, port)
+        metrics_port = self.metrics_port
         url = f"http://127.0.0.1:{port}{TOKEN_PATH}"
         conn = http.client.HTTPConnection("127.0.0.1", port)
         conn.request("GET", TOKEN_PATH, headers={"Metadata": "true"})
@@ -273,7 +280,19 @@ class Bench:
         self.stop(floor)
         self.add("body bytes", str(len(body)), "", "")
         self.add("RSS after warm-up MB", f"{rss_warm:.1f}", "", "")
-        self.add("exec to first 200 on /readyz ms", f"{ready_s * 1000:.0f}", f"{floor_ready * 1000:.0f}", "")
+        # One start is one sample of a noisy figure: four more, and the median of five.
+        starts = [ready_s]
+        for _ in range(4):
+            extra, extra_ready = self.start_proxy(ca_file, sts_port, free_port(), log="proxy-start.log")
+            starts.append(extra_ready)
+            self.stop(extra)
+        ready_s = statistics.median(starts)
+        self.add(
+            "exec to first 200 on /readyz ms (median of 5, range)",
+            f"{ready_s * 1000:.0f} ({min(starts) * 1000:.0f}-{max(starts) * 1000:.0f})",
+            f"{floor_ready * 1000:.0f}",
+            "",
+        )
 
         ka16 = results["keep-alive c=16"]
         nc = results["new connection per request c=16"]
@@ -300,12 +319,18 @@ class Bench:
             nc[0].rps >= 20000 * conn_scale, f"{nc[0].rps:,.0f}/s",
         )
         self.check("RSS after warm-up <= 30 MB", rss_warm <= 30, f"{rss_warm:.1f} MB")
-        self.check("exec to first 200 on /readyz < 200 ms", ready_s < 0.2, f"{ready_s * 1000:.0f} ms")
+        self.check("exec to first 200 on /readyz < 200 ms (median of 5)", ready_s < 0.2, f"{ready_s * 1000:.0f} ms")
 
         self.cold_path(port, sts_port, ca_file)
         self.single_flight(port, sts_port, ca_file)
         if not self.args.quick:
             self.many_keys(proxy.pid, port)
+        # Lines the log drain could not keep up with were dropped (and not written): say so.
+        metrics = http.client.HTTPConnection("127.0.0.1", metrics_port)
+        metrics.request("GET", "/metrics")
+        text = metrics.getresponse().read().decode()
+        dropped = re.search(r"^azwi_netproxy_access_log_dropped_lines_total (\S+)$", text, re.M)
+        self.add("access lines dropped (stderr reader behind)", f"{float(dropped.group(1)) if dropped else float('nan'):,.0f}", "", "")
         self.report()
         return 0 if all(ok for _, ok, _ in self.checks) else 1
 
