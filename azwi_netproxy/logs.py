@@ -93,10 +93,17 @@ _F_GETPIPE_SZ: Final = getattr(fcntl, "F_GETPIPE_SZ", 1032)
 _PIPE_SLACK_BYTES: Final = 8192
 
 
-def pipe_room(fd: int) -> int:
-    """Bytes a pipe (or FIFO) takes now without blocking: its size minus what is queued."""
+def pipe_room(fd: int) -> tuple[int, bool]:
+    """Bytes a pipe (or FIFO) takes now without blocking, and whether it is empty.
+
+    Its size minus what is queued, minus the slack; an empty pipe takes its whole size
+    (every page is free), so a small pipe still makes progress.
+    """
     queued: int = struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0]
-    return int(fcntl.fcntl(fd, _F_GETPIPE_SZ)) - queued - _PIPE_SLACK_BYTES
+    size = int(fcntl.fcntl(fd, _F_GETPIPE_SZ))
+    if queued == 0:
+        return size, True
+    return size - queued - _PIPE_SLACK_BYTES, False
 
 
 class AccessLog:
@@ -244,12 +251,16 @@ class AccessLog:
             end = len(backlog)
             if self._fd_is_pipe:
                 try:
-                    room = pipe_room(self._fd)
+                    room, empty = pipe_room(self._fd)
                 except OSError:  # not countable after all: plain writes, as to a file
                     self._fd_is_pipe = False
                     continue
                 if room < end:
                     end = backlog.rfind(b"\n", 0, max(room, 0)) + 1
+                    if end == 0 and empty:  # one line longer than the whole pipe: never fits
+                        self.dropped_lines += 1
+                        del backlog[: backlog.find(b"\n") + 1 or len(backlog)]
+                        continue
                     if end == 0:
                         break  # the reader is behind: the rest waits for the next flush
             try:

@@ -340,6 +340,28 @@ def test_drain_at_shutdown_waits_for_a_slow_reader_but_not_forever() -> None:
         p.close()
 
 
+def test_a_one_page_pipe_still_gets_lines_and_a_line_longer_than_it_is_dropped() -> None:
+    # Past the per-user pipe budget the kernel hands out small pipes: room is counted
+    # against the slack only while the pipe holds something, so lines still go through.
+    p = _Pipe()
+    try:
+        fcntl.fcntl(p.write_fd, F_SETPIPE_SZ, 4096)
+        call_soon = _CallSoon()
+        log = AccessLog(enabled=True, fd=p.write_fd)
+        small = log.fields("GET", b"/readyz", 200, None, None)
+        huge = log.fields("GET", b"/metadata/instance?q=" + b"a" * 6000, 404, None, None)
+        for duration, fields in ((1.0, small), (2.0, huge), (3.0, small), (4.0, small)):
+            log.line(call_soon, 1_700_000_000.0, fields, duration)
+        received = b""
+        for _ in range(20):
+            log.flush()
+            received += _read_all(p)
+        assert [json.loads(line)["duration_ms"] for line in received.splitlines()] == [1.0, 3.0, 4.0]
+        assert log.dropped_lines == 1 and not log._backlog
+    finally:
+        p.close()
+
+
 def test_a_file_gets_every_line_in_one_write(tmp_path: Any) -> None:
     with open(tmp_path / "stderr", "wb") as regular:
         call_soon = _CallSoon()
