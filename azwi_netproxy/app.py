@@ -102,7 +102,6 @@ class TokenApp:
         passthrough: Passthrough | None,
         metrics: Metrics,
         access_log: AccessLog,
-        schedule_flush: Callable[..., Any],
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._router = router
@@ -112,7 +111,6 @@ class TokenApp:
         self._metrics = metrics
         self._requests = metrics.requests
         self._access = access_log
-        self._schedule_flush = schedule_flush
         self._clock = clock
         self._targets: dict[bytes, _Target] = {}
         self.ready = True
@@ -304,7 +302,7 @@ class TokenApp:
                 # CacheOutcome is a StrEnum: the member is its own string.
                 fields = access.fields("GET", raw_target, 200, target.client_id, outcome)
                 target.log_fields[outcome] = fields
-            access.line(self._schedule_flush, now, fields, (time.monotonic() - started) * 1000.0)
+            access.line(now, fields, (time.monotonic() - started) * 1000.0)
         return response
 
     def _token_response(self, target: _Target, token: Token, now: int) -> Response:
@@ -345,7 +343,6 @@ class TokenApp:
         access = self._access
         if access.enabled:
             access.request(
-                self._schedule_flush,
                 self._clock(),
                 request.method,
                 request.target,

@@ -20,6 +20,7 @@ import struct
 import sys
 import termios
 import time
+from collections.abc import Callable
 from typing import IO, Any, Final
 
 _STD_ATTRS: Final = frozenset(
@@ -129,13 +130,21 @@ class AccessLog:
         "enabled",
     )
 
-    def __init__(self, *, enabled: bool, fd: int = 2, max_backlog_bytes: int = MAX_BACKLOG_BYTES) -> None:
+    def __init__(
+        self,
+        *,
+        enabled: bool,
+        schedule_flush: Callable[[Callable[[], None]], object],
+        fd: int = 2,
+        max_backlog_bytes: int = MAX_BACKLOG_BYTES,
+    ) -> None:
         # A plain attribute, not a property: it is read for every request.
         self.enabled = enabled
         self._fd = fd
         self._pending: list[tuple[float, tuple[str, str], float]] = []
         self._flush_scheduled = False
-        self._schedule_flush: Any = None
+        # Runs `flush` a little later (the proxy: loop.call_later, 50 ms).
+        self._schedule_flush = schedule_flush
         # A container's stderr is a pipe the runtime drains. Should that reader stall, a
         # write to a full pipe would block the event loop and every token answer with it:
         # lines go out only as far as the pipe has room, whole lines only (the logging
@@ -197,7 +206,7 @@ class AccessLog:
             self._fields[key] = fields
         return fields
 
-    def line(self, schedule_flush: Any, now: float, fields: tuple[str, str], duration_ms: float) -> None:
+    def line(self, now: float, fields: tuple[str, str], duration_ms: float) -> None:
         """The hot path's access line: `fields` from `fields()`, kept by the caller.
 
         Only the values are kept here; the line is formatted when the batch is written,
@@ -206,14 +215,12 @@ class AccessLog:
         self._pending.append((now, fields, duration_ms))
         if not self._flush_scheduled:
             self._flush_scheduled = True
-            self._schedule_flush = schedule_flush
-            schedule_flush(self.flush)
+            self._schedule_flush(self.flush)
         elif len(self._pending) >= MAX_BUFFERED_LINES:
             self._write()
 
     def request(
         self,
-        schedule_flush: Any,
         now: float,
         method: str,
         target: bytes,
@@ -224,7 +231,7 @@ class AccessLog:
     ) -> None:
         """An access line for any answer (errors, pass-through, probes)."""
         if self.enabled:
-            self.line(schedule_flush, now, self.fields(method, target, status, client_id, cache), duration_ms)
+            self.line(now, self.fields(method, target, status, client_id, cache), duration_ms)
 
     def flush(self) -> None:
         self._flush_scheduled = False
@@ -239,6 +246,25 @@ class AccessLog:
             time.sleep(0.01)  # a pipe's room is counted, not waited for (see __init__)
             self._write()
 
+    def _writable_end(self, backlog: bytearray) -> int:
+        """How much of `backlog` to write now: all of it to a file; to a pipe, the whole
+        lines it has room for (0: none yet). A line longer than the whole pipe would hold
+        up the rest for ever: it is dropped and counted."""
+        while self._fd_is_pipe and backlog:
+            try:
+                room, empty = pipe_room(self._fd)
+            except OSError:  # not countable after all: plain writes, as to a file
+                self._fd_is_pipe = False
+                break
+            if room >= len(backlog):
+                break
+            end = backlog.rfind(b"\n", 0, max(room, 0)) + 1
+            if end or not empty:
+                return end
+            self.dropped_lines += 1
+            del backlog[: backlog.find(b"\n") + 1 or len(backlog)]
+        return len(backlog)
+
     def _write(self) -> None:
         backlog = self._backlog
         if self._pending:
@@ -248,21 +274,9 @@ class AccessLog:
             else:
                 backlog += data
         while backlog:
-            end = len(backlog)
-            if self._fd_is_pipe:
-                try:
-                    room, empty = pipe_room(self._fd)
-                except OSError:  # not countable after all: plain writes, as to a file
-                    self._fd_is_pipe = False
-                    continue
-                if room < end:
-                    end = backlog.rfind(b"\n", 0, max(room, 0)) + 1
-                    if end == 0 and empty:  # one line longer than the whole pipe: never fits
-                        self.dropped_lines += 1
-                        del backlog[: backlog.find(b"\n") + 1 or len(backlog)]
-                        continue
-                    if end == 0:
-                        break  # the reader is behind: the rest waits for the next flush
+            end = self._writable_end(backlog)
+            if end == 0:
+                break  # the reader is behind: the rest waits for the next flush
             try:
                 with memoryview(backlog) as view:  # released before the backlog shrinks
                     written = os.write(self._fd, view[:end])
@@ -273,6 +287,6 @@ class AccessLog:
                 backlog.clear()
                 return
             del backlog[:written]
-        if backlog and not self._flush_scheduled and self._schedule_flush is not None:
+        if backlog and not self._flush_scheduled:
             self._flush_scheduled = True
             self._schedule_flush(self.flush)

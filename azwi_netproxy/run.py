@@ -110,7 +110,10 @@ async def serve(cfg: ProxyConfig, started: float) -> int:
         tenant_id=cfg.tenant_id,
         identity_map=cfg.identity_map,
     )
-    access_log = AccessLog(enabled=logging.getLogger("azwi_netproxy").isEnabledFor(logging.INFO))
+    access_log = AccessLog(
+        enabled=logging.getLogger("azwi_netproxy").isEnabledFor(logging.INFO),
+        schedule_flush=lambda flush: loop.call_later(ACCESS_LOG_FLUSH_S, flush),
+    )
     metrics.access_lines_dropped = lambda: access_log.dropped_lines
     app = TokenApp(
         router=router,
@@ -119,7 +122,6 @@ async def serve(cfg: ProxyConfig, started: float) -> int:
         passthrough=passthrough,
         metrics=metrics,
         access_log=access_log,
-        schedule_flush=lambda flush: loop.call_later(ACCESS_LOG_FLUSH_S, flush),
     )
     server = HttpServer(app)
     metrics_server: HttpServer | None = None

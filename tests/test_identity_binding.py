@@ -618,7 +618,7 @@ async def test_cache_keys_of_the_two_modes_differ_so_neither_serves_the_others_t
                 router=Router(default_client_id=cfg.default_client_id, tenant_id=cfg.tenant_id,
                               identity_map=cfg.identity_map),
                 cache=cache, endpoint_id=endpoint.endpoint_id, passthrough=None,
-                metrics=Metrics(), access_log=AccessLog(enabled=False), schedule_flush=loop.call_soon)
+                metrics=Metrics(), access_log=AccessLog(enabled=False, schedule_flush=loop.call_soon))
         finally:
             await endpoint.aclose()
     target = b"/metadata/identity/oauth2/token?api-version=2018-02-01&resource=https://vault.azure.net"

@@ -182,7 +182,7 @@ class _CallSoon:
             callback()
 
 
-def _request(log: AccessLog, call_soon: _CallSoon, **overrides: Any) -> None:
+def _request(log: AccessLog, **overrides: Any) -> None:
     fields: dict[str, Any] = {
         "now": 1_700_000_000.25,
         "method": "GET",
@@ -193,13 +193,13 @@ def _request(log: AccessLog, call_soon: _CallSoon, **overrides: Any) -> None:
         "cache": "hit",
     }
     fields.update(overrides)
-    log.request(call_soon, **fields)
+    log.request(**fields)
 
 
 def test_access_line_shape(pipe: _Pipe) -> None:
     call_soon = _CallSoon()
-    log = AccessLog(enabled=True, fd=pipe.write_fd)
-    _request(log, call_soon)
+    log = AccessLog(enabled=True, schedule_flush=call_soon, fd=pipe.write_fd)
+    _request(log)
     assert pipe.read() == b""  # written once per loop turn, not per request
     call_soon.run()
     raw = pipe.read()
@@ -220,9 +220,9 @@ def test_access_line_shape(pipe: _Pipe) -> None:
 
 def test_access_line_without_client_or_cache_and_odd_target(pipe: _Pipe) -> None:
     call_soon = _CallSoon()
-    log = AccessLog(enabled=True, fd=pipe.write_fd)
+    log = AccessLog(enabled=True, schedule_flush=call_soon, fd=pipe.write_fd)
     target = b'/metadata/instance?x="q"\\\xff'
-    _request(log, call_soon, target=target, status=404, client_id=None, cache=None, method='G"T')
+    _request(log, target=target, status=404, client_id=None, cache=None, method='G"T')
     call_soon.run()
     entry = json.loads(pipe.read())
     assert "client_id" not in entry and "cache" not in entry
@@ -233,20 +233,20 @@ def test_access_line_without_client_or_cache_and_odd_target(pipe: _Pipe) -> None
 
 def test_access_log_batches_lines_per_turn(pipe: _Pipe) -> None:
     call_soon = _CallSoon()
-    log = AccessLog(enabled=True, fd=pipe.write_fd)
+    log = AccessLog(enabled=True, schedule_flush=call_soon, fd=pipe.write_fd)
     for status in (200, 400, 503):
-        _request(log, call_soon, status=status)
+        _request(log, status=status)
     assert len(call_soon.callbacks) == 1
     call_soon.run()
     assert [json.loads(line)["status"] for line in pipe.read().splitlines()] == [200, 400, 503]
-    _request(log, call_soon)
+    _request(log)
     assert len(call_soon.callbacks) == 1  # a new turn schedules a new flush
 
 
 def test_access_log_disabled_writes_nothing(pipe: _Pipe) -> None:
     call_soon = _CallSoon()
-    log = AccessLog(enabled=False, fd=pipe.write_fd)
-    _request(log, call_soon)
+    log = AccessLog(enabled=False, schedule_flush=call_soon, fd=pipe.write_fd)
+    _request(log)
     assert call_soon.callbacks == []
     log.flush()
     assert pipe.read() == b""
@@ -255,8 +255,8 @@ def test_access_log_disabled_writes_nothing(pipe: _Pipe) -> None:
 def test_access_log_turns_itself_off_when_stderr_is_gone(pipe: _Pipe) -> None:
     call_soon = _CallSoon()
     # Writing to the pipe's read end fails with EBADF, as a closed stderr would.
-    log = AccessLog(enabled=True, fd=pipe.read_fd)
-    _request(log, call_soon)
+    log = AccessLog(enabled=True, schedule_flush=call_soon, fd=pipe.read_fd)
+    _request(log)
     call_soon.run()  # EBADF: must not raise out of a loop callback
     assert log.enabled is False
 
@@ -281,11 +281,11 @@ def test_a_stalled_reader_never_blocks_and_never_gets_a_torn_line() -> None:
     p = _small_pipe()
     try:
         call_soon = _CallSoon()
-        log = AccessLog(enabled=True, fd=p.write_fd, max_backlog_bytes=20_000)
+        log = AccessLog(enabled=True, schedule_flush=call_soon, fd=p.write_fd, max_backlog_bytes=20_000)
         fields = log.fields("GET", b"/metadata/identity/oauth2/token?n=1", 200, "c", "hit")
         total = 1000  # about 200 KB: far more than the pipe and the backlog hold
         for n in range(total):
-            log.line(call_soon, 1_700_000_000 + n / 1000, fields, float(n))
+            log.line(1_700_000_000 + n / 1000, fields, float(n))
         call_soon.run()
         # Nothing blocked; the pipe is full, a bounded backlog waits, the rest was dropped.
         assert 0 < log.dropped_lines < total
@@ -300,7 +300,7 @@ def test_a_stalled_reader_never_blocks_and_never_gets_a_torn_line() -> None:
         assert len(lines) == total - log.dropped_lines
         durations = [entry["duration_ms"] for entry in lines]
         assert durations == sorted(durations)  # in order, drops only in whole batches
-        log.line(call_soon, 1_700_000_002.0, fields, 0.5)  # and logging goes on
+        log.line(1_700_000_002.0, fields, 0.5)  # and logging goes on
         call_soon.run()
         assert json.loads(_read_all(p))["duration_ms"] == 0.5
     finally:
@@ -311,10 +311,10 @@ def test_drain_at_shutdown_waits_for_a_slow_reader_but_not_forever() -> None:
     p = _small_pipe()
     try:
         call_soon = _CallSoon()
-        log = AccessLog(enabled=True, fd=p.write_fd)
+        log = AccessLog(enabled=True, schedule_flush=call_soon, fd=p.write_fd)
         fields = log.fields("GET", b"/readyz", 200, None, None)
         for n in range(100):
-            log.line(call_soon, 1_700_000_000.0, fields, float(n))
+            log.line(1_700_000_000.0, fields, float(n))
         received: list[bytes] = []
         drained = threading.Event()
 
@@ -333,7 +333,7 @@ def test_drain_at_shutdown_waits_for_a_slow_reader_but_not_forever() -> None:
         assert len(b"".join(received).splitlines()) == 100
         started = time.monotonic()
         for n in range(100):
-            log.line(call_soon, 1_700_000_000.0, fields, float(n))
+            log.line(1_700_000_000.0, fields, float(n))
         log.drain(timeout_s=0.3)  # nobody reads any more: give up after the timeout
         assert 0.25 < time.monotonic() - started < 2.0
     finally:
@@ -347,11 +347,11 @@ def test_a_one_page_pipe_still_gets_lines_and_a_line_longer_than_it_is_dropped()
     try:
         fcntl.fcntl(p.write_fd, F_SETPIPE_SZ, 4096)
         call_soon = _CallSoon()
-        log = AccessLog(enabled=True, fd=p.write_fd)
+        log = AccessLog(enabled=True, schedule_flush=call_soon, fd=p.write_fd)
         small = log.fields("GET", b"/readyz", 200, None, None)
         huge = log.fields("GET", b"/metadata/instance?q=" + b"a" * 6000, 404, None, None)
         for duration, fields in ((1.0, small), (2.0, huge), (3.0, small), (4.0, small)):
-            log.line(call_soon, 1_700_000_000.0, fields, duration)
+            log.line(1_700_000_000.0, fields, duration)
         received = b""
         for _ in range(20):
             log.flush()
@@ -365,10 +365,10 @@ def test_a_one_page_pipe_still_gets_lines_and_a_line_longer_than_it_is_dropped()
 def test_a_file_gets_every_line_in_one_write(tmp_path: Any) -> None:
     with open(tmp_path / "stderr", "wb") as regular:
         call_soon = _CallSoon()
-        log = AccessLog(enabled=True, fd=regular.fileno(), max_backlog_bytes=1000)
+        log = AccessLog(enabled=True, schedule_flush=call_soon, fd=regular.fileno(), max_backlog_bytes=1000)
         fields = log.fields("GET", b"/readyz", 200, None, None)
         for n in range(500):  # far past the backlog bound: a file never holds anything back
-            log.line(call_soon, 1_700_000_000.0, fields, float(n))
+            log.line(1_700_000_000.0, fields, float(n))
         call_soon.run()
         assert log.dropped_lines == 0 and not log._backlog
     assert len((tmp_path / "stderr").read_bytes().splitlines()) == 500
@@ -439,12 +439,12 @@ def test_access_lines_keep_their_order_and_a_full_batch_is_written_at_once(tmp_p
 
     path = tmp_path / "stderr"
     with open(path, "wb") as sink:
-        log = AccessLog(enabled=True, fd=sink.fileno())
         scheduled: list[Any] = []
+        log = AccessLog(enabled=True, schedule_flush=scheduled.append, fd=sink.fileno())
         fields = log.fields("GET", b"/metadata/identity/oauth2/token?x=1", 200, "c", "hit")
-        log.line(scheduled.append, 1_800_000_000.25, fields, 0.5)
-        log.request(scheduled.append, 1_800_000_000.5, "GET", b"/readyz", 200, 0.1, None, None)
-        log.line(scheduled.append, 1_800_000_001.75, fields, 0.7)
+        log.line(1_800_000_000.25, fields, 0.5)
+        log.request(1_800_000_000.5, "GET", b"/readyz", 200, 0.1, None, None)
+        log.line(1_800_000_001.75, fields, 0.7)
         assert len(scheduled) == 1  # one flush scheduled for the whole batch
         scheduled[0]()
         lines = [json.loads(line) for line in path.read_text().splitlines()]
@@ -455,5 +455,5 @@ def test_access_lines_keep_their_order_and_a_full_batch_is_written_at_once(tmp_p
         ]
         # A batch that fills up is written without waiting for the scheduled flush.
         for _ in range(MAX_BUFFERED_LINES + 1):
-            log.line(scheduled.append, 1_800_000_002.0, fields, 0.1)
+            log.line(1_800_000_002.0, fields, 0.1)
         assert len(path.read_text().splitlines()) >= 3 + MAX_BUFFERED_LINES

@@ -48,6 +48,7 @@ from support.proxyproc import (
     start_proxy,
     token_target,
     unique_resource,
+    wait_ready,
 )
 
 pytest_plugins = ["support.fixtures"]
@@ -393,7 +394,7 @@ def test_a_stalled_log_reader_never_stalls_token_answers(
     os.close(write_fd)
     os.set_blocking(read_fd, False)
     try:
-        wait_for(lambda: _ready(port), 20, "the proxy's /readyz")
+        assert wait_ready(proc, port, 20) is None
         resource = unique_resource("stalled-log")
         target = token_target(resource)
         request = f"GET {target} HTTP/1.1\r\nHost: 169.254.169.254\r\nMetadata: true\r\n\r\n".encode()
@@ -419,13 +420,6 @@ def test_a_stalled_log_reader_never_stalls_token_answers(
         proc.terminate()
         proc.wait(15)
         os.close(read_fd)
-
-
-def _ready(port: int) -> bool:
-    try:
-        return http_request(port, "/readyz", timeout_s=1).status == 200
-    except OSError:
-        return False
 
 
 def _read_until_quiet(fd: int, quiet_s: float) -> bytes:

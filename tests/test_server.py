@@ -689,8 +689,7 @@ def _make_app(
         endpoint_id=AUTHORITY,
         passthrough=real_passthrough or fake_passthrough,  # type: ignore[arg-type]
         metrics=metrics,
-        access_log=AccessLog(enabled=False),
-        schedule_flush=asyncio.get_running_loop().call_soon,
+        access_log=AccessLog(enabled=False, schedule_flush=asyncio.get_running_loop().call_soon),
         clock=lambda: float(NOW),
     )
     return AppParts(app, fetcher, fake_passthrough, metrics, cache)

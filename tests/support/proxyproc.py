@@ -350,19 +350,26 @@ def start_proxy(python: str, env: Mapping[str, str], log_dir: Path, *,
         proc = subprocess.Popen(as_uid(uid, proxy_argv(python, port, args)), env=dict(env),
                                 stdout=out, stderr=err, stdin=subprocess.DEVNULL, cwd="/")
     proxy = ProxyProcess(proc, port, stdout_path, stderr_path, dict(env))
-    deadline = time.monotonic() + ready_timeout_s
+    failure = wait_ready(proc, port, ready_timeout_s)
+    if failure is not None:
+        proxy.stop()
+        raise RuntimeError(f"{failure}\n{proxy.log_text()}")
+    return proxy
+
+
+def wait_ready(proc: subprocess.Popen[bytes], port: int, timeout_s: float) -> str | None:
+    """Poll GET /readyz until it answers 200: None, else why not."""
+    deadline = time.monotonic() + timeout_s
     while True:
         if proc.poll() is not None:
-            raise RuntimeError(f"proxy exited with {proc.returncode} before it was ready\n"
-                               f"{proxy.log_text()}")
+            return f"proxy exited with {proc.returncode} before it was ready"
         try:
             if http_request(port, "/readyz", timeout_s=2).status == 200:
-                return proxy
+                return None
         except OSError:
             pass
         if time.monotonic() > deadline:
-            proxy.stop()
-            raise RuntimeError(f"proxy not ready after {ready_timeout_s}s\n{proxy.log_text()}")
+            return f"proxy not ready after {timeout_s}s"
         time.sleep(0.05)
 
 
