@@ -35,6 +35,8 @@ if TYPE_CHECKING:
     # import is a large share of start-up time and /readyz must answer quickly.
     import httpx
 
+    from azwi_netproxy.transport import FormClient
+
 log = logging.getLogger(__name__)
 
 ASSERTION_TYPE: Final = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
@@ -54,7 +56,7 @@ class Endpoint(Protocol):
 
     def token_url(self, tenant_id: str) -> str: ...
 
-    def client(self) -> tuple[httpx.AsyncClient, dict[str, Any]]:
+    def client(self) -> tuple[FormClient, dict[str, Any]]:
         """The client to use now and the request extensions (e.g. sni_hostname)."""
         ...
 
@@ -76,7 +78,7 @@ class AuthorityEndpoint:
         self._timeout_s = timeout_s
         self._ca_file = ca_file
         self._ca_dir = ca_dir
-        self._client: httpx.AsyncClient | None = None
+        self._client: FormClient | None = None
 
     @property
     def endpoint_id(self) -> str:
@@ -85,14 +87,14 @@ class AuthorityEndpoint:
     def token_url(self, tenant_id: str) -> str:
         return f"{self._authority}/{tenant_id}/oauth2/v2.0/token"
 
-    def client(self) -> tuple[httpx.AsyncClient, dict[str, Any]]:
+    def client(self) -> tuple[FormClient, dict[str, Any]]:
         if self._client is None:
             import httpx
 
-            from azwi_netproxy.transport import lean_client
+            from azwi_netproxy.transport import form_client
 
             # trust_env keeps HTTPS_PROXY / NO_PROXY working, as in the Go proxy.
-            self._client = lean_client(
+            self._client = form_client(
                 ssl_context=authority_context(self._ca_file, self._ca_dir),
                 trust_env=True,
                 timeout=httpx.Timeout(self._timeout_s, connect=min(self._timeout_s, 5.0)),
@@ -337,7 +339,7 @@ class Exchanger:
             "client_assertion": assertion,
         }
         with _map_transport_errors(url):
-            response = await client.post(url, data=form, extensions=extensions, timeout=timeout_s)
+            response = await client.post_form(url, form, timeout_s=timeout_s, extensions=extensions)
         status = response.status_code
         if status == 200:
             return _parse_token(response, int(self._clock()))
@@ -363,8 +365,7 @@ def read_assertion_file(path: str) -> Callable[[], str]:
 
     def read() -> str:
         try:
-            with open(path, encoding="utf-8") as handle:
-                text = handle.read().strip()
+            text = _read_bytes(path).decode("utf-8").strip()
         except OSError as exc:
             raise UpstreamUnavailable(
                 f"Cannot read the service account token file {path}: {exc.strerror}",
@@ -379,3 +380,16 @@ def read_assertion_file(path: str) -> Callable[[], str]:
         return text
 
     return read
+
+
+def _read_bytes(path: str) -> bytes:
+    # Plain system calls: open() builds a buffered text reader (codec lookup included),
+    # three times the cost of the read itself, on the cold path of every exchange.
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        chunks = []
+        while chunk := os.read(fd, 65536):
+            chunks.append(chunk)
+    finally:
+        os.close(fd)
+    return b"".join(chunks)

@@ -77,9 +77,7 @@ class Passthrough:
             from azwi_netproxy.transport import lean_client
 
             # No env proxies: the destination is the link-local IMDS, never a proxy.
-            self._client = lean_client(
-                ssl_context=None, trust_env=False, timeout=httpx.Timeout(10.0, connect=3.0)
-            )
+            self._client = lean_client(ssl_context=None, timeout=httpx.Timeout(10.0, connect=3.0))
         return self._client
 
     def is_own_loop(self, request: Request) -> bool:

@@ -22,7 +22,7 @@ import httpx
 from azwi_netproxy.config import IdentityBinding
 from azwi_netproxy.entra import USER_AGENT
 from azwi_netproxy.errors import UpstreamUnavailable
-from azwi_netproxy.transport import lean_client
+from azwi_netproxy.transport import FormClient, form_client
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ class BindingEndpoint:
         self._timeout = httpx.Timeout(timeout_s, connect=min(timeout_s, 5.0))
         self._extensions: dict[str, Any] = {"sni_hostname": binding.sni_name} if binding.sni_name else {}
         self._ca_pem: str | None = None
-        self._client: httpx.AsyncClient | None = None
+        self._client: FormClient | None = None
         self._closing: set[asyncio.Task[None]] = set()
         if binding.ca_data:
             self._install(binding.ca_data)
@@ -58,7 +58,7 @@ class BindingEndpoint:
     def token_url(self, tenant_id: str) -> str:
         return f"{self._base}/{tenant_id}/oauth2/v2.0/token"
 
-    def client(self) -> tuple[httpx.AsyncClient, dict[str, Any]]:
+    def client(self) -> tuple[FormClient, dict[str, Any]]:
         """The client for the CA in force now.
 
         Raises:
@@ -103,7 +103,7 @@ class BindingEndpoint:
     def _install(self, pem: str) -> None:
         context = context_for(pem)
         old = self._client
-        self._client = lean_client(
+        self._client = form_client(
             ssl_context=context,
             trust_env=False,
             timeout=self._timeout,

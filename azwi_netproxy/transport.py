@@ -6,8 +6,9 @@ and httpcore's layers), and importing its asyncio backend adds about 2.5 MB to a
 runs in every pod. The proxy's outbound traffic is tiny and regular: a form POST to one
 token endpoint, or a GET to the node's metadata service, with small answers. This
 transport does exactly that, behind the public `httpx.AsyncBaseTransport` interface, so
-the rest of the code keeps using `httpx.AsyncClient` (requests, timeouts, env proxies
-through httpx's own mounts, exceptions).
+the rest of the code keeps using httpx's requests, responses, timeouts and exceptions: the
+pass-through through `httpx.AsyncClient`, the token exchange through `FormClient` (the
+same request handed straight to the transport; env proxies through httpx's own mounts).
 
 What it supports: http and https (verification by the given SSLContext, SNI from the
 request's `sni_hostname` extension, as httpcore does), Content-Length, chunked and
@@ -22,7 +23,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+import urllib.request
 from collections import deque
+from collections.abc import Mapping
 from typing import Any, Final
 
 import httptools
@@ -33,6 +36,9 @@ log = logging.getLogger(__name__)
 MAX_RESPONSE_BYTES: Final = 1024 * 1024
 MAX_IDLE_PER_ORIGIN: Final = 4
 _READ_CHUNK: Final = 65536
+# The codings httpx always decodes (brotli and zstd need optional packages).
+_ACCEPT_ENCODING: Final = "gzip, deflate"
+_MAX_URLS: Final = 64
 
 Origin = tuple[str, str, int, str | None]
 
@@ -221,7 +227,10 @@ class LeanTransport(httpx.AsyncBaseTransport):
         try:
             connection.writer.write(payload)
             try:
-                await asyncio.wait_for(connection.writer.drain(), timeouts.get("write"))
+                # asyncio.timeout, not wait_for: on 3.11 wait_for wraps each await in a task
+                # of its own (and one more loop turn), on the cold path of every exchange.
+                async with asyncio.timeout(timeouts.get("write")):
+                    await connection.writer.drain()
             except TimeoutError as exc:
                 raise httpx.WriteTimeout("writing the request timed out", request=request) from exc
             except OSError as exc:
@@ -230,7 +239,8 @@ class LeanTransport(httpx.AsyncBaseTransport):
                 raise httpx.WriteError(str(exc), request=request) from exc
             while not answer.complete:
                 try:
-                    data = await asyncio.wait_for(connection.reader.read(_READ_CHUNK), timeouts.get("read"))
+                    async with asyncio.timeout(timeouts.get("read")):
+                        data = await connection.reader.read(_READ_CHUNK)
                 except TimeoutError as exc:
                     raise httpx.ReadTimeout("reading the response timed out", request=request) from exc
                 except OSError as exc:
@@ -294,14 +304,127 @@ class LeanTransport(httpx.AsyncBaseTransport):
 
 
 def lean_client(
-    *, ssl_context: ssl.SSLContext | None, trust_env: bool, timeout: httpx.Timeout, **kwargs: Any
+    *, ssl_context: ssl.SSLContext | None, timeout: httpx.Timeout, **kwargs: Any
 ) -> httpx.AsyncClient:
-    """An httpx client on the lean transport (env proxies, if any, still go through httpx's own)."""
+    """An httpx client on the lean transport, direct: httpx applies no environment proxy
+    to a client given its own transport (see FormClient for the exchange, which does)."""
     return httpx.AsyncClient(
         transport=LeanTransport(ssl_context=ssl_context),
         verify=ssl_context if ssl_context is not None else True,
-        trust_env=trust_env,
+        trust_env=False,
         timeout=timeout,
         follow_redirects=False,
         **kwargs,
+    )
+
+
+def environment_proxies_set() -> bool:
+    """Whether HTTP_PROXY, HTTPS_PROXY or ALL_PROXY (any case) is set, as httpx reads them."""
+    proxies = urllib.request.getproxies()
+    return any(proxies.get(scheme) for scheme in ("http", "https", "all"))
+
+
+class FormClient:
+    """Form POSTs for the token exchange: httpx requests and responses, without AsyncClient's layers.
+
+    Profiled on the cold path (py-spy), `AsyncClient.post` spent three quarters of an
+    exchange's CPU outside the transport: merging the URL and headers, cookie extraction
+    through urllib's Request objects, the auth and redirect flows and a byte chunker. An
+    exchange needs none of them (no cookies, auth, redirects or hooks), so the request is
+    built as an `httpx.Request` and handed straight to the transport; the answer is an
+    `httpx.Response`, read, and errors are httpx's own, as before.
+
+    With a proxy in the environment and `trust_env`, every request goes through a plain
+    `httpx.AsyncClient` (httpx's own transports) instead: HTTPS_PROXY, NO_PROXY and their
+    precedence are then exactly httpx's. httpx ignores environment proxies on a client
+    given a transport of its own, so the lean transport cannot serve that case.
+    """
+
+    def __init__(
+        self,
+        *,
+        transport: httpx.AsyncBaseTransport,
+        timeout: httpx.Timeout,
+        headers: Mapping[str, str],
+        trust_env: bool = False,
+        verify: ssl.SSLContext | bool = True,
+    ) -> None:
+        self.transport = transport
+        self._timeout = timeout
+        self._headers = httpx.Headers(
+            {"Accept": "*/*", "Accept-Encoding": _ACCEPT_ENCODING, "Connection": "keep-alive", **headers}
+        )
+        self._urls: dict[str, httpx.URL] = {}
+        self._client: httpx.AsyncClient | None = None
+        if trust_env and environment_proxies_set():
+            self._client = httpx.AsyncClient(
+                verify=verify,
+                trust_env=True,
+                timeout=timeout,
+                headers=self._headers,
+                follow_redirects=False,
+            )
+
+    @property
+    def via_environment_proxy(self) -> bool:
+        return self._client is not None
+
+    async def post_form(
+        self, url: str, form: Mapping[str, str], *, timeout_s: float, extensions: Mapping[str, Any]
+    ) -> httpx.Response:
+        """POST `form` (urlencoded) to `url` and read the answer.
+
+        `timeout_s` bounds each phase (connect no longer than the client's own connect limit).
+        Raises httpx.TimeoutException / httpx.TransportError subclasses, as httpx does.
+        """
+        connect = self._timeout.connect
+        timeouts = {
+            "connect": timeout_s if connect is None else min(timeout_s, connect),
+            "read": timeout_s,
+            "write": timeout_s,
+            "pool": timeout_s,
+        }
+        if self._client is not None:
+            return await self._client.post(
+                url, data=dict(form), extensions=dict(extensions), timeout=httpx.Timeout(**timeouts)
+            )
+        request = httpx.Request(
+            "POST",
+            self._url(url),
+            headers=self._headers,
+            data=dict(form),
+            extensions={**extensions, "timeout": timeouts},
+        )
+        response = await self.transport.handle_async_request(request)
+        try:
+            await response.aread()
+        finally:
+            await response.aclose()
+        return response
+
+    def _url(self, url: str) -> httpx.URL:
+        # Exchanges go to a URL per tenant: parse each once.
+        parsed = self._urls.get(url)
+        if parsed is None:
+            if len(self._urls) >= _MAX_URLS:
+                self._urls.clear()
+            parsed = self._urls[url] = httpx.URL(url)
+        return parsed
+
+    async def aclose(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+        await self.transport.aclose()
+
+
+def form_client(
+    *, ssl_context: ssl.SSLContext | None, trust_env: bool, timeout: httpx.Timeout, headers: Mapping[str, str]
+) -> FormClient:
+    """A FormClient on the lean transport."""
+    return FormClient(
+        transport=LeanTransport(ssl_context=ssl_context),
+        timeout=timeout,
+        headers=headers,
+        trust_env=trust_env,
+        verify=ssl_context if ssl_context is not None else True,
     )

@@ -36,6 +36,7 @@ from azwi_netproxy.errors import (
 from azwi_netproxy.imds import scope_for
 from azwi_netproxy.tlsreload import BindingEndpoint
 from azwi_netproxy.tokens import CacheKey, Token
+from azwi_netproxy.transport import FormClient
 
 NOW = 1_700_000_000
 TENANT = "00000000-0000-0000-0000-00000000000a"
@@ -80,7 +81,9 @@ class MockEndpoint:
     """An Endpoint whose client talks to a FakeEntra through httpx.MockTransport."""
 
     def __init__(self, entra_fake: FakeEntra) -> None:
-        self._client = httpx.AsyncClient(transport=httpx.MockTransport(entra_fake))
+        self._client = FormClient(
+            transport=httpx.MockTransport(entra_fake), timeout=httpx.Timeout(5.0), headers={}
+        )
 
     @property
     def endpoint_id(self) -> str:
@@ -89,7 +92,7 @@ class MockEndpoint:
     def token_url(self, tenant_id: str) -> str:
         return f"{AUTHORITY}/{tenant_id}/oauth2/v2.0/token"
 
-    def client(self) -> tuple[httpx.AsyncClient, dict[str, Any]]:
+    def client(self) -> tuple[FormClient, dict[str, Any]]:
         return self._client, {}
 
     async def aclose(self) -> None:
@@ -281,13 +284,17 @@ PERMANENT = [
         "aadsts700016",
     ),
     (
-        httpx.Response(401, json={"error": "invalid_client", "error_description": "AADSTS7000215: Invalid secret"}),
+        httpx.Response(
+            401, json={"error": "invalid_client", "error_description": "AADSTS7000215: Invalid secret"}
+        ),
         "invalid_client",
         "AADSTS7000215",
         "invalid-client-401",
     ),
     (
-        httpx.Response(400, json={"error": "invalid_request", "error_description": "AADSTS90002: Tenant not found"}),
+        httpx.Response(
+            400, json={"error": "invalid_request", "error_description": "AADSTS90002: Tenant not found"}
+        ),
         "invalid_request",
         "AADSTS90002",
         "aadsts90002",
@@ -478,7 +485,9 @@ def test_read_assertion_file_failures(tmp_path: Path, content: str | None, messa
 
 
 @pytest.mark.parametrize(
-    "authority", ["https://login.microsoftonline.com/", "https://login.microsoftonline.com"], ids=["slash", "bare"]
+    "authority",
+    ["https://login.microsoftonline.com/", "https://login.microsoftonline.com"],
+    ids=["slash", "bare"],
 )
 async def test_authority_endpoint_url(authority: str) -> None:
     endpoint = AuthorityEndpoint(authority, timeout_s=5.0)
@@ -488,6 +497,32 @@ async def test_authority_endpoint_url(authority: str) -> None:
         client, extensions = endpoint.client()
         assert endpoint.client()[0] is client
         assert extensions == {}
+    finally:
+        await endpoint.aclose()
+
+
+async def test_authority_endpoint_goes_through_an_environment_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
+    """As the Go proxy's HTTP client does (ProxyFromEnvironment); the tunnel itself is
+    tested in test_transport against a real CONNECT proxy."""
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:3128")
+    monkeypatch.setenv("NO_PROXY", "")
+    endpoint = AuthorityEndpoint("https://login.microsoftonline.com", timeout_s=5.0)
+    try:
+        assert endpoint.client()[0].via_environment_proxy
+    finally:
+        await endpoint.aclose()
+
+
+async def test_binding_endpoint_never_goes_through_an_environment_proxy(
+    monkeypatch: pytest.MonkeyPatch, ca_pems: tuple[str, str]
+) -> None:
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:3128")
+    monkeypatch.setenv("NO_PROXY", "")
+    endpoint = BindingEndpoint(
+        IdentityBinding(token_proxy_url="https://10.0.0.1", ca_data=ca_pems[0]), timeout_s=5.0
+    )
+    try:
+        assert not endpoint.client()[0].via_environment_proxy
     finally:
         await endpoint.aclose()
 
@@ -507,7 +542,9 @@ async def binding_endpoints() -> Any:
         await endpoint.aclose()
 
 
-async def test_binding_endpoint_url_and_sni(binding_endpoints: list[BindingEndpoint], ca_pems: tuple[str, str]) -> None:
+async def test_binding_endpoint_url_and_sni(
+    binding_endpoints: list[BindingEndpoint], ca_pems: tuple[str, str]
+) -> None:
     binding = IdentityBinding(
         token_proxy_url="https://10.0.0.1:443/base/", sni_name="token.aks.example", ca_data=ca_pems[0]
     )

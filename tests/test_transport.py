@@ -35,7 +35,14 @@ import pytest
 import trustme
 from support.loops import LOOP_FACTORIES, runner
 
-from azwi_netproxy.transport import MAX_IDLE_PER_ORIGIN, MAX_RESPONSE_BYTES, LeanTransport, lean_client
+from azwi_netproxy.transport import (
+    MAX_IDLE_PER_ORIGIN,
+    MAX_RESPONSE_BYTES,
+    FormClient,
+    LeanTransport,
+    form_client,
+    lean_client,
+)
 
 T = TypeVar("T")
 
@@ -677,7 +684,7 @@ def test_tls_handshake_never_answered_is_a_connect_timeout(run: Any) -> None:
     async def scenario() -> None:
         async with Upstream(Conn.until_peer_closes) as upstream:
             timeout = httpx.Timeout(2.0, connect=SHORT_READ_S)
-            async with lean_client(ssl_context=None, trust_env=False, timeout=timeout) as client:
+            async with lean_client(ssl_context=None, timeout=timeout) as client:
                 started = time.monotonic()
                 with pytest.raises(httpx.ConnectTimeout):
                     await client.get(upstream.url(scheme="https"))
@@ -792,9 +799,7 @@ def test_tls_with_sni_extension_verifies_the_name_and_reuses(run: Any, ca: trust
 
     async def scenario() -> None:
         async with Upstream(replying(echo_path), ssl_context=server_context(ca, seen_sni)) as upstream:
-            async with lean_client(
-                ssl_context=client_context(ca), trust_env=False, timeout=TIMEOUT
-            ) as client:
+            async with lean_client(ssl_context=client_context(ca), timeout=TIMEOUT) as client:
                 for path in ("/one", "/two"):
                     got = await client.get(
                         upstream.url(path, scheme="https"), extensions={"sni_hostname": SNI_NAME}
@@ -809,9 +814,7 @@ def test_tls_with_sni_extension_verifies_the_name_and_reuses(run: Any, ca: trust
 def test_tls_without_sni_extension_fails_verification(run: Any, ca: trustme.CA) -> None:
     async def scenario() -> None:
         async with Upstream(replying(echo_path), ssl_context=server_context(ca, [])) as upstream:
-            async with lean_client(
-                ssl_context=client_context(ca), trust_env=False, timeout=TIMEOUT
-            ) as client:
+            async with lean_client(ssl_context=client_context(ca), timeout=TIMEOUT) as client:
                 with pytest.raises(httpx.ConnectError) as caught:
                     await client.get(upstream.url(scheme="https"))
             assert any(isinstance(e, ssl.SSLCertVerificationError) for e in causes(caught.value))
@@ -823,7 +826,7 @@ def test_tls_with_an_untrusted_ca_fails(run: Any, ca: trustme.CA) -> None:
     async def scenario() -> None:
         async with Upstream(replying(echo_path), ssl_context=server_context(ca, [])) as upstream:
             other = client_context(trustme.CA())
-            async with lean_client(ssl_context=other, trust_env=False, timeout=TIMEOUT) as client:
+            async with lean_client(ssl_context=other, timeout=TIMEOUT) as client:
                 with pytest.raises(httpx.ConnectError) as caught:
                     await client.get(upstream.url(scheme="https"), extensions={"sni_hostname": SNI_NAME})
             assert any(isinstance(e, ssl.SSLCertVerificationError) for e in causes(caught.value))
@@ -841,7 +844,7 @@ def test_streamed_raw_bytes_stay_encoded_while_content_is_decoded(run: Any) -> N
 
     async def scenario() -> None:
         async with Upstream(replying(lambda conn, request: reply)) as upstream:
-            async with lean_client(ssl_context=None, trust_env=False, timeout=TIMEOUT) as client:
+            async with lean_client(ssl_context=None, timeout=TIMEOUT) as client:
                 streamed = await client.send(client.build_request("GET", upstream.url()), stream=True)
                 try:
                     raw = b"".join([chunk async for chunk in streamed.aiter_raw()])
@@ -909,3 +912,175 @@ def test_cancelled_request_closes_its_connection(run: Any) -> None:
             assert upstream.accepts == 2
 
     run(scenario())
+
+
+# ---- FormClient: the token exchange's POST ----------------------------------------------
+
+EXCHANGE_FORM = {
+    "grant_type": "client_credentials",
+    "client_id": "11111111-1111-1111-1111-111111111111",
+    "scope": "https://vault.azure.net/.default",
+    "client_assertion_type": "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
+    "client_assertion": "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJ4In0.c2ln+/=",
+}
+TOKEN_JSON = b'{"access_token":"abc","expires_in":3599,"token_type":"Bearer"}'
+
+
+def ip_server_context(ca: trustme.CA) -> ssl.SSLContext:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ca.issue_cert("127.0.0.1").configure_cert(context)
+    return context
+
+
+def test_form_client_sends_what_async_client_post_sends(run: Any, ca: trustme.CA) -> None:
+    """The same bytes on the wire as httpx.AsyncClient.post, which it stands in for."""
+    headers = {"User-Agent": "azwi-netproxy/test"}
+    gzipped = response(
+        gzip.compress(TOKEN_JSON), b"Content-Type: application/json", b"Content-Encoding: gzip"
+    )
+
+    async def scenario() -> None:
+        async with Upstream(
+            replying(lambda conn, request: gzipped), ssl_context=ip_server_context(ca)
+        ) as upstream:
+            url = upstream.url("/tenant/oauth2/v2.0/token", scheme="https")
+            async with lean_client(
+                ssl_context=client_context(ca), timeout=TIMEOUT, headers=headers
+            ) as reference:
+                await reference.post(url, data=EXCHANGE_FORM)
+            client = form_client(
+                ssl_context=client_context(ca), trust_env=True, timeout=TIMEOUT, headers=headers
+            )
+            try:
+                assert not client.via_environment_proxy  # NO_PROXY=* and no proxy set (conftest)
+                answers = [
+                    await client.post_form(url, EXCHANGE_FORM, timeout_s=2.0, extensions={}) for _ in range(2)
+                ]
+            finally:
+                await client.aclose()
+            expected = upstream.conns[0].requests[0]
+            assert expected.startswith(b"POST /tenant/oauth2/v2.0/token HTTP/1.1\r\n")
+            assert b"\r\nAccept-Encoding: gzip, deflate\r\n" in expected
+            assert b"\r\nContent-Type: application/x-www-form-urlencoded\r\n" in expected
+            assert expected.endswith(
+                b"\r\n\r\ngrant_type=client_credentials&client_id=11111111-1111-1111-1111-111111111111"
+                b"&scope=https%3A%2F%2Fvault.azure.net%2F.default"
+                b"&client_assertion_type=urn%3Aietf%3Aparams%3Aoauth%3Aclient-assertion-type%3Ajwt-bearer"
+                b"&client_assertion=eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJ4In0.c2ln%2B%2F%3D"
+            )
+            # Both exchanges on the form client's one kept-alive connection, byte for byte.
+            assert upstream.accepts == 2
+            assert upstream.conns[1].requests == [expected, expected]
+            for answer in answers:
+                assert answer.status_code == 200
+                assert answer.json() == {"access_token": "abc", "expires_in": 3599, "token_type": "Bearer"}
+
+    run(scenario())
+
+
+def test_form_client_timeout_is_the_calls_own(run: Any) -> None:
+    async def script(conn: Conn) -> None:
+        await conn.read_request()
+        await conn.until_peer_closes()  # never answers
+
+    async def scenario() -> None:
+        async with Upstream(script) as upstream:
+            client = form_client(ssl_context=None, trust_env=False, timeout=TIMEOUT, headers={})
+            try:
+                started = time.monotonic()
+                with pytest.raises(httpx.ReadTimeout):
+                    await client.post_form(
+                        upstream.url(), EXCHANGE_FORM, timeout_s=SHORT_READ_S, extensions={}
+                    )
+                assert SHORT_READ_S <= time.monotonic() - started < TIMEOUT.read  # type: ignore[operator]
+            finally:
+                await client.aclose()
+
+    run(scenario())
+
+
+class ConnectProxy:
+    """An HTTP CONNECT proxy on loopback that records the tunnels it opened."""
+
+    def __init__(self) -> None:
+        self.tunnels: list[bytes] = []
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.port = 0
+
+    async def __aenter__(self) -> ConnectProxy:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._server.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+            method, target, _ = head.split(b"\r\n", 1)[0].split(b" ", 2)
+            assert method == b"CONNECT", head
+            self.tunnels.append(target)
+            host, port = target.rsplit(b":", 1)
+            up_reader, up_writer = await asyncio.open_connection(host.decode(), int(port))
+            writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+
+            async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+                with contextlib.suppress(ConnectionError):
+                    while data := await src.read(65536):
+                        dst.write(data)
+                        await dst.drain()
+                dst.close()
+
+            await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            self._tasks.discard(task)
+            writer.close()
+
+
+@pytest.mark.parametrize("no_proxy", ["", "127.0.0.1"], ids=["proxied", "no-proxy"])
+def test_form_client_honours_https_proxy_and_no_proxy(
+    run: Any, ca: trustme.CA, monkeypatch: pytest.MonkeyPatch, no_proxy: str
+) -> None:
+    async def scenario() -> None:
+        async with (
+            ConnectProxy() as proxy,
+            Upstream(
+                replying(lambda conn, request: response(TOKEN_JSON)), ssl_context=ip_server_context(ca)
+            ) as upstream,
+        ):
+            monkeypatch.setenv("HTTPS_PROXY", f"http://127.0.0.1:{proxy.port}")
+            monkeypatch.setenv("NO_PROXY", no_proxy)
+            client = form_client(ssl_context=client_context(ca), trust_env=True, timeout=TIMEOUT, headers={})
+            try:
+                assert client.via_environment_proxy
+                url = upstream.url("/tenant/oauth2/v2.0/token", scheme="https")
+                answer = await client.post_form(url, EXCHANGE_FORM, timeout_s=2.0, extensions={})
+            finally:
+                await client.aclose()
+            assert answer.json()["access_token"] == "abc"
+            assert upstream.conns[0].requests[0].startswith(b"POST /tenant/oauth2/v2.0/token HTTP/1.1\r\n")
+            expected = [] if no_proxy else [b"127.0.0.1:%d" % upstream.port]
+            assert proxy.tunnels == expected
+
+    run(scenario())
+
+
+def test_form_client_without_trust_env_ignores_proxies(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")
+    monkeypatch.delenv("NO_PROXY")
+    assert not FormClient(transport=LeanTransport(), timeout=TIMEOUT, headers={}).via_environment_proxy
+    assert FormClient(
+        transport=LeanTransport(), timeout=TIMEOUT, headers={}, trust_env=True
+    ).via_environment_proxy
