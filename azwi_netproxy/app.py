@@ -36,7 +36,6 @@ log = logging.getLogger(__name__)
 _TEXT: Final = b"text/plain; charset=utf-8"
 _MEMO_LIMIT: Final = 2048
 _MEMO_TARGET_BYTES: Final = 1024
-_TOKEN_OK: Final = ("token", 200)
 AsyncResponse = Coroutine[Any, Any, Response]
 
 
@@ -109,7 +108,6 @@ class TokenApp:
         self._endpoint_id = endpoint_id
         self._passthrough = passthrough
         self._metrics = metrics
-        self._requests = metrics.requests
         self._access = access_log
         self._clock = clock
         self._targets: dict[bytes, _Target] = {}
@@ -166,7 +164,8 @@ class TokenApp:
             hit = peek(key)
             if hit is None:
                 return None
-            return token_answer(raw_target, target, *hit, started)
+            token, outcome = hit
+            return token_answer(raw_target, target, token, outcome, started)
 
         return answer
 
@@ -293,8 +292,13 @@ class TokenApp:
         once per second and token, and the constant parts of the log line once per outcome.
         """
         now = self._clock()
-        response = self._token_response(target, token, int(now))
-        self._requests[_TOKEN_OK] += 1
+        second = int(now)
+        memo = target.memo
+        if memo is not None and memo[0] == second and memo[1] is token:
+            response = memo[2]
+        else:
+            response = self._token_response(target, token, second)
+        self._metrics.token_ok += 1
         access = self._access
         if access.enabled:
             fields = target.log_fields.get(outcome)
@@ -302,13 +306,11 @@ class TokenApp:
                 # CacheOutcome is a StrEnum: the member is its own string.
                 fields = access.fields("GET", raw_target, 200, target.client_id, outcome)
                 target.log_fields[outcome] = fields
-            access.line(now, fields, (time.monotonic() - started) * 1000.0)
+            access.line(now, fields, int((time.monotonic() - started) * 1_000_000))
         return response
 
     def _token_response(self, target: _Target, token: Token, now: int) -> Response:
-        memo = target.memo
-        if memo is not None and memo[0] == now and memo[1] is token:
-            return memo[2]
+        """Render the 200 for `token` at second `now`, and keep it for the rest of that second."""
         body = imds.render_token(
             access_token=token.access_token,
             client_id=target.client_id,
@@ -347,7 +349,7 @@ class TokenApp:
                 request.method,
                 request.target,
                 response.status,
-                (time.monotonic() - started) * 1000.0,
+                int((time.monotonic() - started) * 1_000_000),
                 client_id,
                 cache,
             )

@@ -48,6 +48,11 @@ class CacheOutcome(enum.StrEnum):
     STALE = "stale"  # the exchange failed transiently; a still-valid cached token was served
 
 
+# Read on every hit: a module global is a dict lookup, an enum member an attribute
+# lookup through the enum's metaclass.
+_HIT: Final = CacheOutcome.HIT
+
+
 @dataclass(frozen=True, slots=True)
 class _Failure:
     until: float
@@ -61,7 +66,8 @@ class TokenCache:
     """Single-flight, refresh-ahead cache of Entra tokens in front of an async `fetch`.
 
     `on_event`, when given, is called with the outcome's value each time a token is
-    served ("hit", "miss", "refresh", "stale"), and with "evict" and "refresh_failed".
+    served ("miss", "refresh", "stale"), and with "evict" and "refresh_failed". Hits are
+    counted in `hits` instead: a call per hit cost as much as the lookup itself.
     """
 
     def __init__(
@@ -95,6 +101,7 @@ class TokenCache:
         self._refresh_not_before: dict[CacheKey, float] = {}
         self._tasks: set[asyncio.Task[Token]] = set()
         self._closed = False
+        self.hits = 0
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -114,9 +121,8 @@ class TokenCache:
             return None
         self._entries.move_to_end(key)
         if now < token.refresh_on:
-            if self._on_event is not None:
-                self._on_event("hit")
-            return token, CacheOutcome.HIT
+            self.hits += 1
+            return token, _HIT
         if not self._closed and key not in self._inflight:
             not_before = self._refresh_not_before.get(key)
             if not_before is None or now >= not_before:

@@ -88,6 +88,7 @@ MAX_BUFFERED_LINES: Final = 128
 # lines are dropped whole, and counted, until the reader catches up.
 MAX_BACKLOG_BYTES: Final = 1 << 20
 _DIGITS3: Final = tuple(f"{n:03d}" for n in range(1000))
+_DECIMALS3: Final = tuple(f".{n:03d}" for n in range(1000))
 _F_GETPIPE_SZ: Final = getattr(fcntl, "F_GETPIPE_SZ", 1032)
 # A pipe frees its buffer a page at a time: a partly read first page and a partly filled
 # last one can hold up to two pages of room that a write cannot use.
@@ -141,7 +142,7 @@ class AccessLog:
         # A plain attribute, not a property: it is read for every request.
         self.enabled = enabled
         self._fd = fd
-        self._pending: list[tuple[float, tuple[str, str], float]] = []
+        self._pending: list[tuple[float, tuple[str, str], int]] = []
         self._flush_scheduled = False
         # Runs `flush` a little later (the proxy: loop.call_later, 50 ms).
         self._schedule_flush = schedule_flush
@@ -164,20 +165,31 @@ class AccessLog:
         self._fields: dict[tuple[str, bytes, int, str | None, str | None], tuple[str, str]] = {}
 
     def _format_pending(self) -> str:
-        # One pass, no calls per line: this runs for every request the proxy answers.
+        # One pass, no calls per line but str() of the whole milliseconds: this runs for
+        # every request the proxy answers. Integer arithmetic and table lookups zero-pad
+        # in a fraction of a format spec's time (`:.3f` alone cost about 250 ns a line),
+        # and parts go straight into one list for one join.
         parts: list[str] = []
-        append = parts.append
         second = self._second
         prefix = self._prefix
-        for now, (head, tail), duration_ms in self._pending:
-            whole = int(now)
+        digits = _DIGITS3
+        decimals = _DECIMALS3
+        for now, (head, tail), duration_us in self._pending:
+            whole, micros = divmod(int(now * 1_000_000), 1_000_000)
             if whole != second:
                 second = whole
                 stamp = dt.datetime.fromtimestamp(whole, dt.UTC).strftime("%Y-%m-%dT%H:%M:%S")
                 prefix = f'{{"level":"info","timestamp":"{stamp}.'
-            # Two table lookups zero-pad the microseconds in half a format spec's time.
-            millis, micros = divmod(int((now - whole) * 1_000_000), 1000)
-            append(f"{prefix}{_DIGITS3[millis]}{_DIGITS3[micros]}{head}{duration_ms:.3f}{tail}")
+            millis, rest = divmod(duration_us, 1000)
+            parts += (
+                prefix,
+                digits[micros // 1000],
+                digits[micros % 1000],
+                head,
+                str(millis),
+                decimals[rest],
+                tail,
+            )
         self._second, self._prefix = second, prefix
         self._pending.clear()
         return "".join(parts)
@@ -206,13 +218,13 @@ class AccessLog:
             self._fields[key] = fields
         return fields
 
-    def line(self, now: float, fields: tuple[str, str], duration_ms: float) -> None:
+    def line(self, now: float, fields: tuple[str, str], duration_us: int) -> None:
         """The hot path's access line: `fields` from `fields()`, kept by the caller.
 
         Only the values are kept here; the line is formatted when the batch is written,
         which keeps the batch small in memory between writes.
         """
-        self._pending.append((now, fields, duration_ms))
+        self._pending.append((now, fields, duration_us))
         if not self._flush_scheduled:
             self._flush_scheduled = True
             self._schedule_flush(self.flush)
@@ -225,13 +237,13 @@ class AccessLog:
         method: str,
         target: bytes,
         status: int,
-        duration_ms: float,
+        duration_us: int,
         client_id: str | None,
         cache: str | None,
     ) -> None:
         """An access line for any answer (errors, pass-through, probes)."""
         if self.enabled:
-            self.line(now, self.fields(method, target, status, client_id, cache), duration_ms)
+            self.line(now, self.fields(method, target, status, client_id, cache), duration_us)
 
     def flush(self) -> None:
         self._flush_scheduled = False

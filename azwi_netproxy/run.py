@@ -100,6 +100,7 @@ async def serve(cfg: ProxyConfig, started: float) -> int:
     cache = TokenCache(exchanger, max_entries=cfg.cache_max_entries, on_event=metrics.count_cache)
     metrics.earliest_expiry = cache.earliest_expiry
     metrics.cached_tokens = lambda: len(cache)
+    metrics.cache_hits = lambda: cache.hits
     passthrough = (
         Passthrough(cfg.metadata_ip, cfg.metadata_port, run_as_uid=os.getuid())
         if cfg.passthrough == "all"

@@ -188,7 +188,7 @@ def _request(log: AccessLog, **overrides: Any) -> None:
         "method": "GET",
         "target": b"/metadata/identity/oauth2/token?api-version=1&resource=x",
         "status": 200,
-        "duration_ms": 1.23456,
+        "duration_us": 1235,
         "client_id": "11111111-1111-1111-1111-111111111111",
         "cache": "hit",
     }
@@ -216,6 +216,27 @@ def test_access_line_shape(pipe: _Pipe) -> None:
     assert entry["message"] == "successfully acquired token"
     assert entry["uri"] == "/metadata/identity/oauth2/token?api-version=1&resource=x"
     assert (entry["status"], entry["duration_ms"], entry["cache"]) == (200, 1.235, "hit")
+
+
+@pytest.mark.parametrize(
+    ("now", "duration_us", "timestamp", "duration"),
+    [
+        (1_700_000_000.0, 0, "2023-11-14T22:13:20.000000Z", b'"duration_ms":0.000,'),
+        (1_700_000_000.000001, 999, "2023-11-14T22:13:20.000001Z", b'"duration_ms":0.999,'),
+        (1_700_000_000.999999, 1000, "2023-11-14T22:13:20.999999Z", b'"duration_ms":1.000,'),
+        (1_700_000_059.5, 1_234_567, "2023-11-14T22:14:19.500000Z", b'"duration_ms":1234.567,'),
+    ],
+)
+def test_access_line_timestamp_and_duration_digits(
+    pipe: _Pipe, now: float, duration_us: int, timestamp: str, duration: bytes
+) -> None:
+    call_soon = _CallSoon()
+    log = AccessLog(enabled=True, schedule_flush=call_soon, fd=pipe.write_fd)
+    _request(log, now=now, duration_us=duration_us)
+    call_soon.run()
+    raw = pipe.read()
+    assert duration in raw  # three decimals, as the upstream logger writes milliseconds
+    assert json.loads(raw)["timestamp"] == timestamp
 
 
 def test_access_line_without_client_or_cache_and_odd_target(pipe: _Pipe) -> None:
@@ -285,7 +306,7 @@ def test_a_stalled_reader_never_blocks_and_never_gets_a_torn_line() -> None:
         fields = log.fields("GET", b"/metadata/identity/oauth2/token?n=1", 200, "c", "hit")
         total = 1000  # about 200 KB: far more than the pipe and the backlog hold
         for n in range(total):
-            log.line(1_700_000_000 + n / 1000, fields, float(n))
+            log.line(1_700_000_000 + n / 1000, fields, n * 1000)
         call_soon.run()
         # Nothing blocked; the pipe is full, a bounded backlog waits, the rest was dropped.
         assert 0 < log.dropped_lines < total
@@ -300,7 +321,7 @@ def test_a_stalled_reader_never_blocks_and_never_gets_a_torn_line() -> None:
         assert len(lines) == total - log.dropped_lines
         durations = [entry["duration_ms"] for entry in lines]
         assert durations == sorted(durations)  # in order, drops only in whole batches
-        log.line(1_700_000_002.0, fields, 0.5)  # and logging goes on
+        log.line(1_700_000_002.0, fields, 500)  # and logging goes on
         call_soon.run()
         assert json.loads(_read_all(p))["duration_ms"] == 0.5
     finally:
@@ -314,7 +335,7 @@ def test_drain_at_shutdown_waits_for_a_slow_reader_but_not_forever() -> None:
         log = AccessLog(enabled=True, schedule_flush=call_soon, fd=p.write_fd)
         fields = log.fields("GET", b"/readyz", 200, None, None)
         for n in range(100):
-            log.line(1_700_000_000.0, fields, float(n))
+            log.line(1_700_000_000.0, fields, n * 1000)
         received: list[bytes] = []
         drained = threading.Event()
 
@@ -333,7 +354,7 @@ def test_drain_at_shutdown_waits_for_a_slow_reader_but_not_forever() -> None:
         assert len(b"".join(received).splitlines()) == 100
         started = time.monotonic()
         for n in range(100):
-            log.line(1_700_000_000.0, fields, float(n))
+            log.line(1_700_000_000.0, fields, n * 1000)
         log.drain(timeout_s=0.3)  # nobody reads any more: give up after the timeout
         assert 0.25 < time.monotonic() - started < 2.0
     finally:
@@ -350,7 +371,7 @@ def test_a_one_page_pipe_still_gets_lines_and_a_line_longer_than_it_is_dropped()
         log = AccessLog(enabled=True, schedule_flush=call_soon, fd=p.write_fd)
         small = log.fields("GET", b"/readyz", 200, None, None)
         huge = log.fields("GET", b"/metadata/instance?q=" + b"a" * 6000, 404, None, None)
-        for duration, fields in ((1.0, small), (2.0, huge), (3.0, small), (4.0, small)):
+        for duration, fields in ((1000, small), (2000, huge), (3000, small), (4000, small)):
             log.line(1_700_000_000.0, fields, duration)
         received = b""
         for _ in range(20):
@@ -368,7 +389,7 @@ def test_a_file_gets_every_line_in_one_write(tmp_path: Any) -> None:
         log = AccessLog(enabled=True, schedule_flush=call_soon, fd=regular.fileno(), max_backlog_bytes=1000)
         fields = log.fields("GET", b"/readyz", 200, None, None)
         for n in range(500):  # far past the backlog bound: a file never holds anything back
-            log.line(1_700_000_000.0, fields, float(n))
+            log.line(1_700_000_000.0, fields, n * 1000)
         call_soon.run()
         assert log.dropped_lines == 0 and not log._backlog
     assert len((tmp_path / "stderr").read_bytes().splitlines()) == 500
@@ -389,12 +410,13 @@ FAMILIES = [
 
 def test_metrics_render_families_and_values() -> None:
     metrics = Metrics()
-    metrics.count_request("token", 200)
-    metrics.count_request("token", 200)
+    metrics.count_request("token", 200)  # a 200 after a miss
+    metrics.token_ok += 4  # cache hits: counted apart, one family when scraped
     metrics.count_request("passthrough", 503)
     metrics.count_exchange("success", 0.03)
     metrics.count_exchange("throttled", 12.0)
-    metrics.count_cache("hit")
+    metrics.count_cache("miss")
+    metrics.cache_hits = lambda: 4
     metrics.cached_tokens = lambda: 3
     metrics.access_lines_dropped = lambda: 7
     metrics.earliest_expiry = lambda: time.time() + 100
@@ -403,10 +425,11 @@ def test_metrics_render_families_and_values() -> None:
     assert content_type.startswith(b"text/plain")
     for family, kind in FAMILIES:
         assert f"# TYPE {family} {kind}\n" in text, family
-    assert 'azwi_netproxy_requests_total{route="token",status="200"} 2.0' in text
+    assert 'azwi_netproxy_requests_total{route="token",status="200"} 5.0' in text
     assert 'azwi_netproxy_requests_total{route="passthrough",status="503"} 1.0' in text
     assert 'azwi_netproxy_exchanges_total{outcome="success"} 1.0' in text
-    assert 'azwi_netproxy_cache_events_total{event="hit"} 1.0' in text
+    assert 'azwi_netproxy_cache_events_total{event="hit"} 4.0' in text
+    assert 'azwi_netproxy_cache_events_total{event="miss"} 1.0' in text
     assert 'azwi_netproxy_exchange_duration_seconds_bucket{le="0.05"} 1.0' in text
     assert 'azwi_netproxy_exchange_duration_seconds_bucket{le="10.0"} 1.0' in text
     assert 'azwi_netproxy_exchange_duration_seconds_bucket{le="+Inf"} 2.0' in text
@@ -442,9 +465,9 @@ def test_access_lines_keep_their_order_and_a_full_batch_is_written_at_once(tmp_p
         scheduled: list[Any] = []
         log = AccessLog(enabled=True, schedule_flush=scheduled.append, fd=sink.fileno())
         fields = log.fields("GET", b"/metadata/identity/oauth2/token?x=1", 200, "c", "hit")
-        log.line(1_800_000_000.25, fields, 0.5)
-        log.request(1_800_000_000.5, "GET", b"/readyz", 200, 0.1, None, None)
-        log.line(1_800_000_001.75, fields, 0.7)
+        log.line(1_800_000_000.25, fields, 500)
+        log.request(1_800_000_000.5, "GET", b"/readyz", 200, 100, None, None)
+        log.line(1_800_000_001.75, fields, 700)
         assert len(scheduled) == 1  # one flush scheduled for the whole batch
         scheduled[0]()
         lines = [json.loads(line) for line in path.read_text().splitlines()]
@@ -455,5 +478,5 @@ def test_access_lines_keep_their_order_and_a_full_batch_is_written_at_once(tmp_p
         ]
         # A batch that fills up is written without waiting for the scheduled flush.
         for _ in range(MAX_BUFFERED_LINES + 1):
-            log.line(1_800_000_002.0, fields, 0.1)
+            log.line(1_800_000_002.0, fields, 100)
         assert len(path.read_text().splitlines()) >= 3 + MAX_BUFFERED_LINES

@@ -738,7 +738,7 @@ def test_token_miss_then_hit(run: Any) -> None:
                 "resource": "https://vault.azure.net",
                 "token_type": "Bearer",
             }
-        assert parts.metrics.requests[("token", 200)] == 2
+        assert parts.metrics.token_ok == 2
 
     app_test(run, scenario)
 
@@ -802,7 +802,7 @@ def test_fast_path_answers_exactly_as_the_full_path(run: Any) -> None:
                     replies[0].status, replies[0].headers, replies[0].body
                 )
             assert "connection" not in replies[0].headers
-            assert parts.metrics.requests[("token", 200)] == 5
+            assert parts.metrics.token_ok == 5
             assert len(parts.fetcher.keys) == 1
         await parts.cache.aclose()
 
