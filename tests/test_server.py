@@ -34,13 +34,13 @@ from azwi_netproxy.errors import (
     UpstreamThrottled,
     UpstreamUnavailable,
 )
-from azwi_netproxy.http11 import MAX_TARGET_BYTES, Request, Response
+from azwi_netproxy.http11 import MAX_TARGET_BYTES, Request, Response, serialize
 from azwi_netproxy.identitymap import IdentityMap, parse_identity_map
 from azwi_netproxy.logs import AccessLog
 from azwi_netproxy.metrics import Metrics
 from azwi_netproxy.passthrough import Passthrough
 from azwi_netproxy.router import Router
-from azwi_netproxy.server import HttpProtocol, HttpServer, ServerLimits
+from azwi_netproxy.server import HttpProtocol, HttpServer, ServerLimits, ServerState
 from azwi_netproxy.tokens import CacheKey, Token
 
 T = TypeVar("T")
@@ -807,6 +807,32 @@ def test_fast_path_answers_exactly_as_the_full_path(run: Any) -> None:
         await parts.cache.aclose()
 
     app_test(run, scenario)
+
+
+def test_fast_path_shares_the_bytes_the_full_path_made_in_the_same_second() -> None:
+    # One copy of a token answer's bytes per cached key and second, not two (memory).
+    state = ServerState(limits=ServerLimits())
+    loop = asyncio.new_event_loop()
+    protocol = HttpProtocol(FakeHandler(), state, loop)
+    loop.close()  # never run: the protocol only needs it to exist
+    for _ in range(3):  # a second may tick between the two reads of the clock: try again
+        response = Response(200, b'{"access_token":"x"}')
+        date = state.date.value()
+        response.wire = serialize(response, date=date, head=False, keep_alive=True)
+        response.wire_for = (state.date.second, True, False, False)
+        shared = protocol._keep_alive_wire(response)
+        if state.date.value() == date:
+            assert shared is response.wire
+            break
+    else:
+        pytest.fail("the clock kept moving")
+    stale = Response(200, b'{"access_token":"y"}')
+    stale.wire, stale.wire_for = b"old bytes", (state.date.second - 1, True, False, False)
+    fresh = protocol._keep_alive_wire(stale)
+    assert fresh.startswith(b"HTTP/1.1 200 OK\r\n") and fresh.endswith(b'{"access_token":"y"}')
+    head_wire = Response(200, b"z")
+    head_wire.wire, head_wire.wire_for = b"head bytes", (state.date.second, True, True, False)
+    assert protocol._keep_alive_wire(head_wire) != b"head bytes"  # made for a HEAD: not shared
 
 
 def test_same_bytes_refused_then_accepted_per_request(run: Any) -> None:
