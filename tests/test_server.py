@@ -674,7 +674,11 @@ class AppParts:
 
 
 def _make_app(
-    *, passthrough: bool = True, only_listed: bool = False, real_passthrough: Passthrough | None = None
+    *,
+    passthrough: bool = True,
+    only_listed: bool = False,
+    real_passthrough: Passthrough | None = None,
+    access_log: AccessLog | None = None,
 ) -> AppParts:
     identity_map = (
         parse_identity_map(f"onlyListed: true\nidentities:\n  - clientID: {LISTED}\n") if only_listed else IdentityMap()
@@ -689,7 +693,7 @@ def _make_app(
         endpoint_id=AUTHORITY,
         passthrough=real_passthrough or fake_passthrough,  # type: ignore[arg-type]
         metrics=metrics,
-        access_log=AccessLog(enabled=False, schedule_flush=asyncio.get_running_loop().call_soon),
+        access_log=access_log or AccessLog(enabled=False, schedule_flush=asyncio.get_running_loop().call_soon),
         clock=lambda: float(NOW),
     )
     return AppParts(app, fetcher, fake_passthrough, metrics, cache)
@@ -807,6 +811,34 @@ def test_fast_path_answers_exactly_as_the_full_path(run: Any) -> None:
         await parts.cache.aclose()
 
     app_test(run, scenario)
+
+
+def test_fast_path_logs_and_counts_every_hit(run: Any, tmp_path: Any) -> None:
+    # The fast path writes the same access line as the general path, one per request.
+    async def scenario() -> None:
+        with open(tmp_path / "stderr", "wb") as sink:
+            access_log = AccessLog(
+                enabled=True, schedule_flush=asyncio.get_running_loop().call_soon, fd=sink.fileno()
+            )
+            parts = _make_app(access_log=access_log)
+            async with serving(parts.app) as (_, clients):
+                conn = await clients.open()
+                for _ in range(6):
+                    await conn.send(TOKEN_GET)
+                    assert (await conn.reply()).status == 200
+            access_log.flush()
+            await parts.cache.aclose()
+        lines = [json.loads(line) for line in (tmp_path / "stderr").read_text().splitlines()]
+        assert [line["cache"] for line in lines] == ["miss"] + ["hit"] * 5
+        for line in lines:
+            assert line["message"] == "successfully acquired token"
+            assert (line["method"], line["status"], line["client_id"]) == ("GET", 200, DEFAULT)
+            assert line["uri"] == TOKEN_GET.split(b" ")[1].decode()
+            assert 0 <= line["duration_ms"] < 1000
+        assert parts.metrics.token_ok == 6
+        assert parts.cache.hits == 5
+
+    run(scenario())
 
 
 def test_fast_path_shares_the_bytes_the_full_path_made_in_the_same_second() -> None:
