@@ -999,54 +999,28 @@ def test_form_client_timeout_is_the_calls_own(run: Any) -> None:
     run(scenario())
 
 
-class ConnectProxy:
-    """An HTTP CONNECT proxy on loopback that records the tunnels it opened."""
+def connect_proxy(tunnels: list[bytes]) -> Script:
+    """An HTTP CONNECT proxy, as an Upstream script: records each tunnel's target, then relays."""
 
-    def __init__(self) -> None:
-        self.tunnels: list[bytes] = []
-        self._server: asyncio.Server | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
-        self.port = 0
+    async def relay(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError):
+            while data := await source.read(65536):
+                sink.write(data)
+                await sink.drain()
+        sink.close()
 
-    async def __aenter__(self) -> ConnectProxy:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        assert self._server is not None
-        self._server.close()
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self._server.wait_closed()
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._tasks.add(task)
-        try:
-            head = await reader.readuntil(b"\r\n\r\n")
+    async def script(conn: Conn) -> None:
+        with contextlib.suppress(asyncio.IncompleteReadError):
+            head = await conn.reader.readuntil(b"\r\n\r\n")
             method, target, _ = head.split(b"\r\n", 1)[0].split(b" ", 2)
             assert method == b"CONNECT", head
-            self.tunnels.append(target)
+            tunnels.append(target)
             host, port = target.rsplit(b":", 1)
             up_reader, up_writer = await asyncio.open_connection(host.decode(), int(port))
-            writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+            conn.writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+            await asyncio.gather(relay(conn.reader, up_writer), relay(up_reader, conn.writer))
 
-            async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-                with contextlib.suppress(ConnectionError):
-                    while data := await src.read(65536):
-                        dst.write(data)
-                        await dst.drain()
-                dst.close()
-
-            await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
-        except (ConnectionError, asyncio.IncompleteReadError):
-            pass
-        finally:
-            self._tasks.discard(task)
-            writer.close()
+    return script
 
 
 @pytest.mark.parametrize("no_proxy", ["", "127.0.0.1"], ids=["proxied", "no-proxy"])
@@ -1054,8 +1028,9 @@ def test_form_client_honours_https_proxy_and_no_proxy(
     run: Any, ca: trustme.CA, monkeypatch: pytest.MonkeyPatch, no_proxy: str
 ) -> None:
     async def scenario() -> None:
+        tunnels: list[bytes] = []
         async with (
-            ConnectProxy() as proxy,
+            Upstream(connect_proxy(tunnels)) as proxy,
             Upstream(
                 replying(lambda conn, request: response(TOKEN_JSON)), ssl_context=ip_server_context(ca)
             ) as upstream,
@@ -1072,7 +1047,7 @@ def test_form_client_honours_https_proxy_and_no_proxy(
             assert answer.json()["access_token"] == "abc"
             assert upstream.conns[0].requests[0].startswith(b"POST /tenant/oauth2/v2.0/token HTTP/1.1\r\n")
             expected = [] if no_proxy else [b"127.0.0.1:%d" % upstream.port]
-            assert proxy.tunnels == expected
+            assert tunnels == expected
 
     run(scenario())
 
