@@ -8,7 +8,8 @@ token endpoint, or a GET to the node's metadata service, with small answers. Thi
 transport does exactly that, behind the public `httpx.AsyncBaseTransport` interface, so
 the rest of the code keeps using httpx's requests, responses, timeouts and exceptions: the
 pass-through through `httpx.AsyncClient`, the token exchange through `FormClient` (the
-same request handed straight to the transport; env proxies through httpx's own mounts).
+same request handed straight to the transport; through a plain `httpx.AsyncClient` when
+the environment names a proxy).
 
 What it supports: http and https (verification by the given SSLContext, SNI from the
 request's `sni_hostname` extension, as httpcore does), Content-Length, chunked and
@@ -327,7 +328,7 @@ def environment_proxies_set() -> bool:
 class FormClient:
     """Form POSTs for the token exchange: httpx requests and responses, without AsyncClient's layers.
 
-    Profiled on the cold path (py-spy), `AsyncClient.post` spent three quarters of an
+    Profiled on the cold path (py-spy), `AsyncClient.post` spent about two thirds of an
     exchange's CPU outside the transport: merging the URL and headers, cookie extraction
     through urllib's Request objects, the auth and redirect flows and a byte chunker. An
     exchange needs none of them (no cookies, auth, redirects or hooks), so the request is
