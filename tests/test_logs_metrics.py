@@ -239,6 +239,24 @@ def test_access_line_timestamp_and_duration_digits(
     assert json.loads(raw)["timestamp"] == timestamp
 
 
+def test_one_batch_across_milliseconds_and_seconds_keeps_every_timestamp(pipe: _Pipe) -> None:
+    call_soon = _CallSoon()
+    log = AccessLog(enabled=True, schedule_flush=call_soon, fd=pipe.write_fd)
+    times = [1_700_000_000.0005, 1_700_000_000.0009, 1_700_000_000.0015, 1_700_000_001.0005, 1_700_000_001.0005]
+    for n, now in enumerate(times):
+        _request(log, now=now, duration_us=n * 600)
+    call_soon.run()
+    entries = [json.loads(line) for line in pipe.read().splitlines()]
+    assert [e["timestamp"] for e in entries] == [
+        "2023-11-14T22:13:20.000500Z",
+        "2023-11-14T22:13:20.000900Z",
+        "2023-11-14T22:13:20.001500Z",
+        "2023-11-14T22:13:21.000500Z",
+        "2023-11-14T22:13:21.000500Z",
+    ]
+    assert [e["duration_ms"] for e in entries] == [0.0, 0.6, 1.2, 1.8, 2.4]
+
+
 def test_access_line_without_client_or_cache_and_odd_target(pipe: _Pipe) -> None:
     call_soon = _CallSoon()
     log = AccessLog(enabled=True, schedule_flush=call_soon, fd=pipe.write_fd)
