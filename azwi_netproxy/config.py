@@ -223,6 +223,40 @@ def _check_https_url(value: str, name: str) -> str:
     return value.strip()
 
 
+def _check_proxy_url(value: str, name: str) -> None:
+    """An HTTP proxy as httpx (and Go) take one: http:// or https://, or a bare host:port.
+
+    Raises:
+        ConfigError: another scheme (socks needs a package the image does not ship), no
+            host, or a bad port. Checked at start: at the first exchange it would be a 500.
+    """
+    text = value.strip()
+    parsed = urllib.parse.urlsplit(text if "://" in text else f"http://{text}")
+    # A proxy URL may carry a password: never repeat it in an error.
+    shown = repr(text.replace(parsed.netloc, parsed.netloc.rpartition("@")[2]) if parsed.netloc else text)
+    if parsed.scheme.lower() not in ("http", "https"):
+        raise ConfigError(f"{name}: {shown} is not an http or https proxy URL (socks is not supported)")
+    if not parsed.hostname:
+        raise ConfigError(f"{name}: {shown} has no host")
+    try:
+        parsed.port  # noqa: B018 - raises for a bad port
+    except ValueError:
+        raise ConfigError(f"{name}: {shown} has a bad port") from None
+
+
+def _check_environment_proxies(environ: Mapping[str, str]) -> None:
+    """The proxy variables httpx reads once HTTPS_PROXY or HTTP_PROXY sends exchanges through
+    a proxy (ALL_PROXY too, then). ALL_PROXY alone is ignored, as the Go proxy ignores it."""
+    values = {
+        scheme: (environ.get(f"{scheme}_proxy") or environ.get(f"{scheme.upper()}_PROXY") or "").strip()
+        for scheme in ("https", "http", "all")
+    }
+    if values["https"] or values["http"]:
+        for scheme, value in values.items():
+            if value:
+                _check_proxy_url(value, f"{scheme.upper()}_PROXY")
+
+
 def _load_binding(environ: Mapping[str, str]) -> IdentityBinding | None:
     url = environ.get("AZURE_KUBERNETES_TOKEN_PROXY", "").strip()
     sni = environ.get("AZURE_KUBERNETES_SNI_NAME", "").strip() or None
@@ -282,6 +316,8 @@ def load_proxy(
         raise ConfigError(f"AZURE_AUTHORITY_HOST: {authority!r} is not an https URL")
     if parsed.scheme == "http" and parsed.hostname not in ("localhost", "127.0.0.1"):
         raise ConfigError(f"AZURE_AUTHORITY_HOST: {authority!r} must use https")
+
+    _check_environment_proxies(environ)
 
     metadata_ip = parse_ipv4(environ.get("METADATA_IP") or DEFAULT_METADATA_IP, "METADATA_IP")
     metadata_port = parse_port(environ.get("METADATA_PORT") or DEFAULT_METADATA_PORT, "METADATA_PORT")

@@ -320,9 +320,10 @@ def lean_client(
 
 
 def environment_proxies_set() -> bool:
-    """Whether HTTP_PROXY, HTTPS_PROXY or ALL_PROXY (any case) is set, as httpx reads them."""
+    """Whether HTTPS_PROXY or HTTP_PROXY (any case) is set: the variables the Go proxy's
+    client reads (it ignores ALL_PROXY; httpx reads it too once it handles proxies)."""
     proxies = urllib.request.getproxies()
-    return any(proxies.get(scheme) for scheme in ("http", "https", "all"))
+    return any(proxies.get(scheme) for scheme in ("http", "https"))
 
 
 class FormClient:

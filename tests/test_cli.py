@@ -105,6 +105,7 @@ PROXY_BAD = [
         "binding-ca-data-not-pem",
     ),
     ([], {"METADATA_IP": "::1"}, "METADATA_IP", "metadata-ip"),
+    ([], {"HTTPS_PROXY": "socks5://proxy:1080"}, "HTTPS_PROXY", "https-proxy-socks"),
 ]
 
 

@@ -217,6 +217,21 @@ PROXY_ERRORS = [
     ({**BASE_ENV, "AZWI_PASSTHROUGH": "some"}, {}, "'some' is not one of all, none", "passthrough"),
     (BASE_ENV, {"metrics_port": "8000"}, "--metrics-port must differ from --proxy-port", "metrics-same-port"),
     (BASE_ENV, {"metrics_port": "0"}, "--metrics-port: port 0", "metrics-port-0"),
+    ({**BASE_ENV, "HTTPS_PROXY": "socks5://10.0.0.1:1080"}, {}, "HTTPS_PROXY: 'socks5://", "proxy-socks"),
+    ({**BASE_ENV, "https_proxy": "http://"}, {}, "HTTPS_PROXY: 'http://' has no host", "proxy-no-host"),
+    ({**BASE_ENV, "HTTP_PROXY": "proxy:99999"}, {}, "HTTP_PROXY: 'proxy:99999' has a bad port", "proxy-port"),
+    (
+        {**BASE_ENV, "HTTPS_PROXY": "http://user:s3cret@proxy:99999"},
+        {},
+        "HTTPS_PROXY: 'http://proxy:99999' has a bad port",  # the password is not repeated
+        "proxy-port-credentials",
+    ),
+    (
+        {**BASE_ENV, "HTTPS_PROXY": "http://proxy:3128", "ALL_PROXY": "socks5h://proxy:1080"},
+        {},
+        "ALL_PROXY: 'socks5h://proxy:1080' is not an http or https proxy URL",
+        "all-proxy-socks-with-https-proxy",
+    ),
     (
         {**BASE_ENV, "AZWI_IDENTITY_MAP": "/nope.yaml"},
         {},
@@ -224,6 +239,20 @@ PROXY_ERRORS = [
         "map-missing",
     ),
 ]
+
+
+@pytest.mark.parametrize(
+    "proxies",
+    [
+        {"HTTPS_PROXY": "http://proxy.corp:3128"},
+        {"https_proxy": "proxy.corp:3128", "NO_PROXY": "localhost"},
+        {"HTTP_PROXY": "https://user:secret@proxy.corp"},
+        {"ALL_PROXY": "socks5://proxy.corp:1080"},  # ignored on its own, as the Go proxy does
+    ],
+    ids=["https", "bare-host-port", "http-with-credentials", "all-proxy-alone"],
+)
+def test_proxy_environment_accepted(proxies: dict[str, str]) -> None:
+    _load_proxy({**BASE_ENV, **proxies}, {})
 
 
 @pytest.mark.parametrize(

@@ -1052,6 +1052,13 @@ def test_form_client_honours_https_proxy_and_no_proxy(
     run(scenario())
 
 
+def test_form_client_ignores_all_proxy_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    # As the Go proxy's client does: ALL_PROXY is not one of the variables it reads.
+    monkeypatch.setenv("ALL_PROXY", "http://127.0.0.1:9")
+    monkeypatch.delenv("NO_PROXY")
+    assert not FormClient(transport=LeanTransport(), timeout=TIMEOUT, headers={}, trust_env=True).via_environment_proxy
+
+
 def test_form_client_without_trust_env_ignores_proxies(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")
     monkeypatch.delenv("NO_PROXY")
