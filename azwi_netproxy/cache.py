@@ -102,24 +102,40 @@ class TokenCache:
         self._tasks: set[asyncio.Task[Token]] = set()
         self._closed = False
         self.hits = 0
+        # The key peek() served last, with its token. Under load one key is asked for
+        # again and again: it is already the most recently used, so asking again needs
+        # neither a lookup (a CacheKey's hash is four strings' worth) nor an LRU touch.
+        # Only _store() changes entries and order, and it resets these.
+        self._recent_key: CacheKey | None = None
+        self._recent_token: Token | None = None
+
+    @property
+    def clock(self) -> Clock:
+        """The clock every expiry is judged by; a reading of it may be passed to peek()."""
+        return self._clock
 
     def __len__(self) -> int:
         return len(self._entries)
 
-    def peek(self, key: CacheKey) -> tuple[Token, CacheOutcome] | None:
+    def peek(self, key: CacheKey, now: float | None = None) -> tuple[Token, CacheOutcome] | None:
         """The cached token for `key` if it may be served now, else None (then await get()).
 
+        `now`, when given, is a reading of `clock` the caller already took.
         Past the token's `refresh_on` this starts a background refresh (one per key, not
         again within `refresh_retry_s` of a failed one) and answers REFRESH.
         Must be called from the event loop's thread while it runs.
         """
-        token = self._entries.get(key)
+        recent = key is self._recent_key
+        token = self._recent_token if recent else self._entries.get(key)
         if token is None:
             return None
-        now = self._clock()
+        if now is None:
+            now = self._clock()
         if now >= token.expires_on - self._min_remaining_s:
             return None
-        self._entries.move_to_end(key)
+        if not recent:
+            self._entries.move_to_end(key)
+            self._recent_key, self._recent_token = key, token
         if now < token.refresh_on:
             self.hits += 1
             return token, _HIT
@@ -207,6 +223,7 @@ class TokenCache:
     def _store(self, key: CacheKey, token: Token) -> None:
         self._entries[key] = token
         self._entries.move_to_end(key)
+        self._recent_key, self._recent_token = key, token
         self._failures.pop(key, None)
         self._refresh_not_before.pop(key, None)
         while len(self._entries) > self._max_entries:

@@ -536,6 +536,47 @@ async def test_lru_evicts_least_recently_used(
     assert len(fetcher.calls) == 5
 
 
+async def test_asking_again_for_the_last_key_keeps_lru_order_and_sees_every_new_token(
+    fetcher: FakeFetcher, clock: FakeClock, events: list[str]
+) -> None:
+    # peek() answers the key it served last without a lookup or an LRU touch: that must
+    # not let it serve a replaced token, nor keep a key that another touch made older.
+    cache = TokenCache(
+        fetcher, clock=clock, max_entries=2, min_remaining_s=MIN_REMAINING_S,
+        refresh_retry_s=REFRESH_RETRY_S, failure_backoff_s=BACKOFF_S, on_event=events.append,
+    )
+    first, second, third = key(1), key(2), key(3)
+    old, _ = await cache.get(first)
+    await cache.get(second)
+    for _ in range(3):  # once through the lookup, then as the key served last
+        assert cache.peek(first) == (old, CacheOutcome.HIT)
+    await cache.get(third)  # second is the least recently used, not first
+    assert cache.peek(second) is None
+    assert cache.peek(first) == (old, CacheOutcome.HIT)
+    assert cache.hits == 4
+
+    clock.set(old.refresh_on)
+    assert cache.peek(first) == (old, CacheOutcome.REFRESH)
+    await settle()  # the background refresh stored a new token for first
+    served = cache.peek(first)
+    assert served is not None
+    new, outcome = served
+    assert (new.access_token, outcome) == ("secret-token-client-1-4", CacheOutcome.HIT)
+    assert cache.peek(first) == (new, CacheOutcome.HIT)
+
+    clock.set(new.expires_on - MIN_REMAINING_S)  # too little left, even for the last key
+    assert cache.peek(first) is None
+    await cache.aclose()
+
+
+async def test_peek_judges_by_the_reading_it_is_given(cache: TokenCache, clock: FakeClock) -> None:
+    token, _ = await cache.get(KEY)
+    assert cache.peek(KEY, token.refresh_on - 1) == (token, CacheOutcome.HIT)
+    assert cache.peek(KEY, token.expires_on - MIN_REMAINING_S) is None
+    assert cache.peek(KEY) == (token, CacheOutcome.HIT)  # the clock itself has not moved
+    assert cache.clock is clock
+
+
 async def test_earliest_expiry(cache: TokenCache, clock: FakeClock) -> None:
     assert cache.earliest_expiry() is None
     await cache.get(KEY)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import logging
 import socket
@@ -679,12 +680,13 @@ def _make_app(
     only_listed: bool = False,
     real_passthrough: Passthrough | None = None,
     access_log: AccessLog | None = None,
+    clock: Callable[[], float] = lambda: float(NOW),
 ) -> AppParts:
     identity_map = (
         parse_identity_map(f"onlyListed: true\nidentities:\n  - clientID: {LISTED}\n") if only_listed else IdentityMap()
     )
     fetcher = FakeFetcher()
-    cache = TokenCache(fetcher, clock=lambda: float(NOW))
+    cache = TokenCache(fetcher, clock=clock)
     fake_passthrough = FakePassthrough() if passthrough else None
     metrics = Metrics()
     app = TokenApp(
@@ -694,7 +696,6 @@ def _make_app(
         passthrough=real_passthrough or fake_passthrough,  # type: ignore[arg-type]
         metrics=metrics,
         access_log=access_log or AccessLog(enabled=False, schedule_flush=asyncio.get_running_loop().call_soon),
-        clock=lambda: float(NOW),
     )
     return AppParts(app, fetcher, fake_passthrough, metrics, cache)
 
@@ -839,6 +840,58 @@ def test_fast_path_logs_and_counts_every_hit(run: Any, tmp_path: Any) -> None:
         assert parts.cache.hits == 5
 
     run(scenario())
+
+
+def test_fast_path_logs_no_negative_duration_when_the_wall_clock_steps_back(run: Any, tmp_path: Any) -> None:
+    # The fast path times a hit on the wall clock it reads anyway (one reading fewer).
+    readings = itertools.count()
+
+    def stepping_back() -> float:
+        return NOW + 0.5 - next(readings) * 0.0003  # 0.3 ms back at every reading
+
+    async def scenario() -> None:
+        with open(tmp_path / "stderr", "wb") as sink:
+            access_log = AccessLog(
+                enabled=True, schedule_flush=asyncio.get_running_loop().call_soon, fd=sink.fileno()
+            )
+            parts = _make_app(access_log=access_log, clock=stepping_back)
+            async with serving(parts.app) as (_, clients):
+                conn = await clients.open()
+                for _ in range(6):
+                    await conn.send(TOKEN_GET)
+                    assert (await conn.reply()).status == 200
+            access_log.flush()
+            await parts.cache.aclose()
+        lines = [json.loads(line) for line in (tmp_path / "stderr").read_text().splitlines()]
+        assert [line["cache"] for line in lines] == ["miss"] + ["hit"] * 5
+        assert [line["duration_ms"] for line in lines[2:]] == [0] * 4  # the fast path's hits
+        assert parts.cache.hits == 5
+
+    run(scenario())
+
+
+def test_one_connection_alternating_requests_gets_each_its_own_answer(run: Any) -> None:
+    # A connection remembers the request it last answered on the fast path by its bytes.
+    other_get = TOKEN_GET.replace(b"vault.azure.net", b"storage.azure.com")
+
+    async def scenario(parts: AppParts) -> None:
+        async with serving(parts.app) as (_, clients):
+            conn = await clients.open()
+            resources = []
+            for request in (TOKEN_GET, other_get) * 4 + (TOKEN_GET, TOKEN_GET, other_get, other_get):
+                await conn.send(request)
+                reply = await conn.reply()
+                assert reply.status == 200
+                resources.append(reply.json()["resource"])
+            assert resources == ["https://vault.azure.net", "https://storage.azure.com"] * 4 + [
+                "https://vault.azure.net", "https://vault.azure.net",
+                "https://storage.azure.com", "https://storage.azure.com",
+            ]
+            assert len(parts.fetcher.keys) == 2
+            assert parts.cache.hits == 10
+        await parts.cache.aclose()
+
+    app_test(run, scenario)
 
 
 def test_fast_path_shares_the_bytes_the_full_path_made_in_the_same_second() -> None:
