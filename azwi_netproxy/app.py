@@ -134,7 +134,7 @@ class TokenApp:
             if hit is None:
                 return self._token_miss(request, target, key, started)
             response = self._token_answer(request.target, target, *hit, started)
-            if request.fast is None and request.keep_alive and request.http_version == "1.1":
+            if request.fast is None and request.http_version == "1.1":
                 request.fast = self._fast_hit(request, target, key)
             return response
         if route is imds.Route.READY:
@@ -153,7 +153,7 @@ class TokenApp:
     def _fast_hit(self, request: Request, target: _Target, key: CacheKey) -> Callable[[], Response | None]:
         """The answer to this very request again, without dispatch, while it is a cache hit.
 
-        Set on a memoised Request (identical bytes, parsed once) after a keep-alive GET was
+        Set on a memoised Request (identical bytes, parsed once) after an HTTP/1.1 GET was
         answered from the cache: the server then calls it instead of dispatch. It still
         asks the cache (expiry, refresh ahead), counts the request and logs it. None means
         a miss: the server takes the normal path, which awaits the exchange.

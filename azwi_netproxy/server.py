@@ -85,7 +85,9 @@ class HttpProtocol(asyncio.Protocol):
         self._app = app
         self._state = state
         self._loop = loop
-        self._reader = RequestReader(state.request_memo)
+        # Made when a chunk is not a request the fast path knows: a client that opens a
+        # connection per token request never needs one.
+        self._reader: RequestReader | None = None
         self._queue: deque[Request | ProtocolError] = deque()
         self._busy = False
         self._closed = False
@@ -134,7 +136,7 @@ class HttpProtocol(asyncio.Protocol):
             return
         self.activity += 1
         reader = self._reader
-        was_reading = reader.reading_request
+        was_reading = reader is not None and reader.reading_request
         if not was_reading and not self._busy and not self._queue and not self._state.shutting_down:
             # The fastest path: these exact bytes were a complete request before and the
             # handler left a way to answer them again (a cache hit, see Request.fast).
@@ -144,14 +146,21 @@ class HttpProtocol(asyncio.Protocol):
                 if response is not None:
                     if known is not self._known:
                         self._known, self._known_bytes = known, data
-                    # Request.fast is only set on keep-alive HTTP/1.1 GETs, so the bytes
-                    # depend on the response alone (its Date: the second it was made in).
-                    wire = response.keep_alive_wire
-                    if wire is None:
-                        wire = response.keep_alive_wire = self._keep_alive_wire(response)
-                    self.deadline = None
-                    self._transport.write(wire)  # type: ignore[union-attr]  # set while open
+                    # Request.fast is only set on HTTP/1.1 GETs, so the bytes depend on
+                    # the response (its Date: the second it was made in) and keep-alive.
+                    if known.keep_alive:
+                        wire = response.keep_alive_wire
+                        if wire is None:
+                            wire = response.keep_alive_wire = self._keep_alive_wire(response)
+                        self.deadline = None
+                        self._transport.write(wire)  # type: ignore[union-attr]  # set while open
+                        return
+                    # A client that opens a connection per token request.
+                    self._transport.write(self._close_wire(response))  # type: ignore[union-attr]
+                    self._close()
                     return
+        if reader is None:
+            reader = self._reader = RequestReader(self._state.request_memo)
         try:
             requests = reader.feed(data)
         except ProtocolError as exc:
@@ -234,6 +243,20 @@ class HttpProtocol(asyncio.Protocol):
             return response.wire
         return serialize(response, date=date_value, head=False, keep_alive=True)
 
+    def _close_wire(self, response: Response) -> bytes:
+        """The bytes of `response` to an HTTP/1.1 GET with `Connection: close`, this second.
+
+        Kept in `_send`'s memo (`wire`, `wire_for`), as `_send` would make them.
+        """
+        date = self._state.date
+        date_value = date.value()
+        wire_for = (date.second, False, False, False)
+        wire = response.wire
+        if wire is None or response.wire_for != wire_for:
+            wire = response.wire = serialize(response, date=date_value, head=False, keep_alive=False)
+            response.wire_for = wire_for
+        return wire
+
     def _send(self, request: Request, response: Response) -> None:
         transport = self._transport
         if transport is None or self._closed:
@@ -260,7 +283,7 @@ class HttpProtocol(asyncio.Protocol):
         if not keep_alive:
             self._close()
             return
-        if self._reader.reading_request and not self._busy and not self._queue:
+        if self._reading_request and not self._busy and not self._queue:
             # The next request began while this one was answered: its header clock starts now.
             self.deadline = self._loop.time() + state.limits.header_timeout_s
 
@@ -328,7 +351,7 @@ class HttpProtocol(asyncio.Protocol):
 
     def shutdown(self) -> None:
         """Close now if idle; otherwise finish the request in flight and close after it."""
-        if not self._busy and not self._queue and not self._reader.reading_request:
+        if not self._busy and not self._queue and not self._reading_request:
             self._close()
 
     @property
@@ -338,7 +361,11 @@ class HttpProtocol(asyncio.Protocol):
     @property
     def waiting_for_request(self) -> bool:
         """Idle between requests: what the keep-alive timeout applies to."""
-        return not self._busy and not self._queue and not self._reader.reading_request
+        return not self._busy and not self._queue and not self._reading_request
+
+    @property
+    def _reading_request(self) -> bool:
+        return self._reader is not None and self._reader.reading_request
 
 
 class HttpServer:

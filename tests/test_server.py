@@ -814,6 +814,55 @@ def test_fast_path_answers_exactly_as_the_full_path(run: Any) -> None:
     app_test(run, scenario)
 
 
+def test_a_connection_per_request_is_answered_on_the_fast_path_as_on_the_full_one(
+    run: Any, tmp_path: Any
+) -> None:
+    # Clients that open a connection per token request (curl, old SDKs) send the same
+    # bytes each time: from the second one on they skip dispatch too, and still get
+    # `Connection: close`, the close itself, the same answer, a count and a line each.
+    close_get = TOKEN_GET.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n")
+
+    async def scenario() -> None:
+        with open(tmp_path / "stderr", "wb") as sink:
+            access_log = AccessLog(
+                enabled=True, schedule_flush=asyncio.get_running_loop().call_soon, fd=sink.fileno()
+            )
+            parts = _make_app(access_log=access_log)
+            async with serving(parts.app) as (server, clients):
+                replies = []
+                for _ in range(5):
+                    conn = await clients.open()
+                    await conn.send(close_get)
+                    replies.append(await conn.reply())
+                    assert await conn.eof() == b""
+                known = server.state.request_memo[close_get]
+                assert known.fast is not None  # the fast path was there to take
+                # A keep-alive client, then the same client asking to close.
+                conn = await clients.open()
+                for request in (TOKEN_GET, TOKEN_GET, close_get):
+                    await conn.send(request)
+                    replies.append(await conn.reply())
+                assert await conn.eof() == b""
+            access_log.flush()
+            await parts.cache.aclose()
+        for reply in replies:
+            reply.headers.pop("date")
+        closing = replies[:5] + replies[-1:]
+        for reply in closing:
+            assert (reply.status, reply.headers, reply.body) == (
+                closing[0].status, closing[0].headers, closing[0].body
+            )
+        assert closing[0].headers["connection"] == "close"
+        assert "connection" not in replies[5].headers and replies[5].body == closing[0].body
+        assert parts.metrics.token_ok == 8
+        assert parts.cache.hits == 7
+        assert len(parts.fetcher.keys) == 1
+        lines = [json.loads(line) for line in (tmp_path / "stderr").read_text().splitlines()]
+        assert [line["cache"] for line in lines] == ["miss"] + ["hit"] * 7
+
+    run(scenario())
+
+
 def test_fast_path_logs_and_counts_every_hit(run: Any, tmp_path: Any) -> None:
     # The fast path writes the same access line as the general path, one per request.
     async def scenario() -> None:
