@@ -863,32 +863,34 @@ def test_a_connection_per_request_is_answered_on_the_fast_path_as_on_the_full_on
     run(scenario())
 
 
+async def _logged_keep_alive_hits(
+    tmp_path: Any, count: int, **options: Any
+) -> tuple[AppParts, list[dict[str, Any]]]:
+    """`count` identical token GETs on one keep-alive connection; the access lines they made."""
+    with open(tmp_path / "stderr", "wb") as sink:
+        access_log = AccessLog(enabled=True, schedule_flush=asyncio.get_running_loop().call_soon, fd=sink.fileno())
+        parts = _make_app(access_log=access_log, **options)
+        async with serving(parts.app) as (_, clients):
+            conn = await clients.open()
+            for _ in range(count):
+                await conn.send(TOKEN_GET)
+                assert (await conn.reply()).status == 200
+        access_log.flush()
+        await parts.cache.aclose()
+    return parts, [json.loads(line) for line in (tmp_path / "stderr").read_text().splitlines()]
+
+
 def test_fast_path_logs_and_counts_every_hit(run: Any, tmp_path: Any) -> None:
     # The fast path writes the same access line as the general path, one per request.
-    async def scenario() -> None:
-        with open(tmp_path / "stderr", "wb") as sink:
-            access_log = AccessLog(
-                enabled=True, schedule_flush=asyncio.get_running_loop().call_soon, fd=sink.fileno()
-            )
-            parts = _make_app(access_log=access_log)
-            async with serving(parts.app) as (_, clients):
-                conn = await clients.open()
-                for _ in range(6):
-                    await conn.send(TOKEN_GET)
-                    assert (await conn.reply()).status == 200
-            access_log.flush()
-            await parts.cache.aclose()
-        lines = [json.loads(line) for line in (tmp_path / "stderr").read_text().splitlines()]
-        assert [line["cache"] for line in lines] == ["miss"] + ["hit"] * 5
-        for line in lines:
-            assert line["message"] == "successfully acquired token"
-            assert (line["method"], line["status"], line["client_id"]) == ("GET", 200, DEFAULT)
-            assert line["uri"] == TOKEN_GET.split(b" ")[1].decode()
-            assert 0 <= line["duration_ms"] < 1000
-        assert parts.metrics.token_ok == 6
-        assert parts.cache.hits == 5
-
-    run(scenario())
+    parts, lines = run(_logged_keep_alive_hits(tmp_path, 6))
+    assert [line["cache"] for line in lines] == ["miss"] + ["hit"] * 5
+    for line in lines:
+        assert line["message"] == "successfully acquired token"
+        assert (line["method"], line["status"], line["client_id"]) == ("GET", 200, DEFAULT)
+        assert line["uri"] == TOKEN_GET.split(b" ")[1].decode()
+        assert 0 <= line["duration_ms"] < 1000
+    assert parts.metrics.token_ok == 6
+    assert parts.cache.hits == 5
 
 
 def test_fast_path_logs_no_negative_duration_when_the_wall_clock_steps_back(run: Any, tmp_path: Any) -> None:
@@ -898,25 +900,10 @@ def test_fast_path_logs_no_negative_duration_when_the_wall_clock_steps_back(run:
     def stepping_back() -> float:
         return NOW + 0.5 - next(readings) * 0.0003  # 0.3 ms back at every reading
 
-    async def scenario() -> None:
-        with open(tmp_path / "stderr", "wb") as sink:
-            access_log = AccessLog(
-                enabled=True, schedule_flush=asyncio.get_running_loop().call_soon, fd=sink.fileno()
-            )
-            parts = _make_app(access_log=access_log, clock=stepping_back)
-            async with serving(parts.app) as (_, clients):
-                conn = await clients.open()
-                for _ in range(6):
-                    await conn.send(TOKEN_GET)
-                    assert (await conn.reply()).status == 200
-            access_log.flush()
-            await parts.cache.aclose()
-        lines = [json.loads(line) for line in (tmp_path / "stderr").read_text().splitlines()]
-        assert [line["cache"] for line in lines] == ["miss"] + ["hit"] * 5
-        assert [line["duration_ms"] for line in lines[2:]] == [0] * 4  # the fast path's hits
-        assert parts.cache.hits == 5
-
-    run(scenario())
+    parts, lines = run(_logged_keep_alive_hits(tmp_path, 6, clock=stepping_back))
+    assert [line["cache"] for line in lines] == ["miss"] + ["hit"] * 5
+    assert [line["duration_ms"] for line in lines[2:]] == [0] * 4  # the fast path's hits
+    assert parts.cache.hits == 5
 
 
 def test_one_connection_alternating_requests_gets_each_its_own_answer(run: Any) -> None:
