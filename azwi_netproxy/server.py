@@ -151,12 +151,12 @@ class HttpProtocol(asyncio.Protocol):
                     if known.keep_alive:
                         wire = response.keep_alive_wire
                         if wire is None:
-                            wire = response.keep_alive_wire = self._keep_alive_wire(response)
+                            wire = response.keep_alive_wire = self._wire(response, keep_alive=True)
                         self.deadline = None
                         self._transport.write(wire)  # type: ignore[union-attr]  # set while open
                         return
                     # A client that opens a connection per token request.
-                    self._transport.write(self._close_wire(response))  # type: ignore[union-attr]
+                    self._transport.write(self._wire(response, keep_alive=False))  # type: ignore[union-attr]
                     self._close()
                     return
         if reader is None:
@@ -231,29 +231,26 @@ class HttpProtocol(asyncio.Protocol):
         self._drain_queue()
 
     # ---- output ----
-    def _keep_alive_wire(self, response: Response) -> bytes:
-        """The bytes of `response` to a keep-alive HTTP/1.1 GET, made in this second.
+    def _wire(
+        self, response: Response, *, keep_alive: bool, head: bool = False, http10_keep_alive: bool = False
+    ) -> bytes:
+        """The bytes of `response` framed so, made at most once per second and framing.
 
-        `_send` usually made them already for the first request of the second: share that
-        copy (one per cached key and second, about 1.5 KB each) rather than make another.
+        They are kept on the response (`wire`, `wire_for`): a reused Response, a cache hit
+        within the same second, is not serialised again, whichever path answers it.
         """
         date = self._state.date
         date_value = date.value()
-        if response.wire is not None and response.wire_for == (date.second, True, False, False):
-            return response.wire
-        return serialize(response, date=date_value, head=False, keep_alive=True)
-
-    def _close_wire(self, response: Response) -> bytes:
-        """The bytes of `response` to an HTTP/1.1 GET with `Connection: close`, this second.
-
-        Kept in `_send`'s memo (`wire`, `wire_for`), as `_send` would make them.
-        """
-        date = self._state.date
-        date_value = date.value()
-        wire_for = (date.second, False, False, False)
+        wire_for = (date.second, keep_alive, head, http10_keep_alive)
         wire = response.wire
         if wire is None or response.wire_for != wire_for:
-            wire = response.wire = serialize(response, date=date_value, head=False, keep_alive=False)
+            wire = response.wire = serialize(
+                response,
+                date=date_value,
+                head=head,
+                keep_alive=keep_alive,
+                http10_keep_alive=http10_keep_alive,
+            )
             response.wire_for = wire_for
         return wire
 
@@ -263,21 +260,12 @@ class HttpProtocol(asyncio.Protocol):
             return
         state = self._state
         keep_alive = request.keep_alive and not response.close and not state.shutting_down
-        head = request.method == "HEAD"
-        date = state.date.value()
-        http10_keep_alive = keep_alive and request.http_version == "1.0"
-        wire_for = (state.date.second, keep_alive, head, http10_keep_alive)
-        if response.wire_for == wire_for and response.wire is not None:
-            wire = response.wire
-        else:
-            wire = serialize(
-                response,
-                date=date,
-                head=head,
-                keep_alive=keep_alive,
-                http10_keep_alive=http10_keep_alive,
-            )
-            response.wire, response.wire_for = wire, wire_for
+        wire = self._wire(
+            response,
+            keep_alive=keep_alive,
+            head=request.method == "HEAD",
+            http10_keep_alive=keep_alive and request.http_version == "1.0",
+        )
         transport.write(wire)
         self.activity += 1
         if not keep_alive:

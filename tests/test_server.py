@@ -941,7 +941,7 @@ def test_fast_path_shares_the_bytes_the_full_path_made_in_the_same_second() -> N
         date = state.date.value()
         response.wire = serialize(response, date=date, head=False, keep_alive=True)
         response.wire_for = (state.date.second, True, False, False)
-        shared = protocol._keep_alive_wire(response)
+        shared = protocol._wire(response, keep_alive=True)
         if state.date.value() == date:
             assert shared is response.wire
             break
@@ -949,11 +949,11 @@ def test_fast_path_shares_the_bytes_the_full_path_made_in_the_same_second() -> N
         pytest.fail("the clock kept moving")
     stale = Response(200, b'{"access_token":"y"}')
     stale.wire, stale.wire_for = b"old bytes", (state.date.second - 1, True, False, False)
-    fresh = protocol._keep_alive_wire(stale)
+    fresh = protocol._wire(stale, keep_alive=True)
     assert fresh.startswith(b"HTTP/1.1 200 OK\r\n") and fresh.endswith(b'{"access_token":"y"}')
     head_wire = Response(200, b"z")
     head_wire.wire, head_wire.wire_for = b"head bytes", (state.date.second, True, True, False)
-    assert protocol._keep_alive_wire(head_wire) != b"head bytes"  # made for a HEAD: not shared
+    assert protocol._wire(head_wire, keep_alive=True) != b"head bytes"  # made for a HEAD: not shared
 
 
 def test_same_bytes_refused_then_accepted_per_request(run: Any) -> None:
