@@ -227,13 +227,19 @@ def _check_proxy_url(value: str, name: str) -> None:
     """An HTTP proxy as httpx (and Go) take one: http:// or https://, or a bare host:port.
 
     Raises:
-        ConfigError: another scheme (socks needs a package the image does not ship), no
-            host, or a bad port. Checked at start: at the first exchange it would be a 500.
+        ConfigError: a blank value or one with spaces around it (httpx would take it as it
+            is, a host named by the spaces), another scheme (socks needs a package the
+            image does not ship), no host, or a bad port. Checked at start: at the first
+            exchange it would be a 500.
     """
     text = value.strip()
+    if not text:
+        raise ConfigError(f"{name} is blank: unset it, or give a proxy URL")
     parsed = urllib.parse.urlsplit(text if "://" in text else f"http://{text}")
     # A proxy URL may carry a password: never repeat it in an error.
     shown = repr(text.replace(parsed.netloc, parsed.netloc.rpartition("@")[2]) if parsed.netloc else text)
+    if text != value:
+        raise ConfigError(f"{name}: {shown} has blank space around it")
     if parsed.scheme.lower() not in ("http", "https"):
         raise ConfigError(f"{name}: {shown} is not an http or https proxy URL (socks is not supported)")
     if not parsed.hostname:
@@ -244,15 +250,35 @@ def _check_proxy_url(value: str, name: str) -> None:
         raise ConfigError(f"{name}: {shown} has a bad port") from None
 
 
+def environment_proxies(environ: Mapping[str, str]) -> dict[str, str]:
+    """The `<scheme>_proxy` variables as httpx reads them, through urllib's getproxies.
+
+    A lower-case name wins over any other spelling, and an empty lower-case one unsets
+    the scheme; under CGI (REQUEST_METHOD set) only a lower-case http_proxy counts. The
+    values are not stripped: httpx does not strip them either.
+    """
+    proxies: dict[str, str] = {}
+    for name, value in environ.items():
+        if value and name.lower().endswith("_proxy"):
+            proxies[name.lower()[:-6]] = value
+    if "REQUEST_METHOD" in environ:
+        proxies.pop("http", None)
+    for name, value in environ.items():
+        if name.endswith("_proxy"):
+            if value:
+                proxies[name.lower()[:-6]] = value
+            else:
+                proxies.pop(name.lower()[:-6], None)
+    return proxies
+
+
 def _check_environment_proxies(environ: Mapping[str, str]) -> None:
     """The proxy variables httpx reads once HTTPS_PROXY or HTTP_PROXY sends exchanges through
     a proxy (ALL_PROXY too, then). ALL_PROXY alone is ignored, as the Go proxy ignores it."""
-    values = {
-        scheme: (environ.get(f"{scheme}_proxy") or environ.get(f"{scheme.upper()}_PROXY") or "").strip()
-        for scheme in ("https", "http", "all")
-    }
-    if values["https"] or values["http"]:
-        for scheme, value in values.items():
+    proxies = environment_proxies(environ)
+    if proxies.get("https") or proxies.get("http"):
+        for scheme in ("https", "http", "all"):
+            value = proxies.get(scheme)
             if value:
                 _check_proxy_url(value, f"{scheme.upper()}_PROXY")
 

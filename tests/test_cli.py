@@ -106,6 +106,8 @@ PROXY_BAD = [
     ),
     ([], {"METADATA_IP": "::1"}, "METADATA_IP", "metadata-ip"),
     ([], {"HTTPS_PROXY": "socks5://proxy:1080"}, "HTTPS_PROXY", "https-proxy-socks"),
+    ([], {"HTTPS_PROXY": " "}, "HTTPS_PROXY is blank", "https-proxy-blank"),
+    ([], {"HTTPS_PROXY": " http://proxy:3128"}, "has blank space around it", "https-proxy-spaced"),
 ]
 
 

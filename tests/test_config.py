@@ -7,6 +7,9 @@ Depends: azwi_netproxy.config; the identity map parser through it.
 
 from __future__ import annotations
 
+import os
+import urllib.request
+
 import pytest
 
 from azwi_netproxy import config
@@ -232,6 +235,25 @@ PROXY_ERRORS = [
         "ALL_PROXY: 'socks5h://proxy:1080' is not an http or https proxy URL",
         "all-proxy-socks-with-https-proxy",
     ),
+    ({**BASE_ENV, "HTTPS_PROXY": "  "}, {}, "HTTPS_PROXY is blank: unset it", "proxy-blank"),
+    (
+        {**BASE_ENV, "HTTP_PROXY": "http://proxy:3128", "https_proxy": " http://proxy:3128"},
+        {},
+        "HTTPS_PROXY: 'http://proxy:3128' has blank space around it",
+        "proxy-leading-space",
+    ),
+    (
+        {**BASE_ENV, "HTTPS_PROXY": "http://user:s3cret@proxy:3128\n"},
+        {},
+        "HTTPS_PROXY: 'http://proxy:3128' has blank space around it",  # the password is not repeated
+        "proxy-trailing-newline-credentials",
+    ),
+    (
+        {**BASE_ENV, "https_proxy": "socks5://proxy:1080", "HTTPS_PROXY": "http://proxy:3128"},
+        {},
+        "HTTPS_PROXY: 'socks5://proxy:1080'",  # httpx takes the lower-case one
+        "proxy-lower-case-wins",
+    ),
     (
         {**BASE_ENV, "AZWI_IDENTITY_MAP": "/nope.yaml"},
         {},
@@ -248,11 +270,40 @@ PROXY_ERRORS = [
         {"https_proxy": "proxy.corp:3128", "NO_PROXY": "localhost"},
         {"HTTP_PROXY": "https://user:secret@proxy.corp"},
         {"ALL_PROXY": "socks5://proxy.corp:1080"},  # ignored on its own, as the Go proxy does
+        # An empty lower-case variable unsets the scheme for httpx: the other is never read.
+        {"https_proxy": "", "HTTPS_PROXY": "socks5://proxy.corp:1080"},
+        {"HTTPS_PROXY": "", "HTTP_PROXY": ""},
     ],
-    ids=["https", "bare-host-port", "http-with-credentials", "all-proxy-alone"],
+    ids=["https", "bare-host-port", "http-with-credentials", "all-proxy-alone", "empty-lower-case-unsets", "empty"],
 )
 def test_proxy_environment_accepted(proxies: dict[str, str]) -> None:
     _load_proxy({**BASE_ENV, **proxies}, {})
+
+
+@pytest.mark.parametrize(
+    "environ",
+    [
+        {"HTTPS_PROXY": "http://upper:1"},
+        {"https_proxy": "http://lower:1", "HTTPS_PROXY": "http://upper:1"},
+        {"HTTPS_PROXY": "http://upper:1", "https_proxy": "http://lower:1"},
+        {"https_proxy": "", "HTTPS_PROXY": "http://upper:1"},
+        {"HTTPS_PROXY": "", "https_proxy": "http://lower:1"},
+        {"Https_Proxy": "http://mixed:1"},
+        {"Https_Proxy": "http://mixed:1", "https_proxy": ""},
+        {"HTTPS_PROXY": "  ", "HTTP_PROXY": " http://spaced:1 "},
+        {"HTTP_PROXY": "http://upper:1", "REQUEST_METHOD": "GET"},
+        {"http_proxy": "http://lower:1", "REQUEST_METHOD": "GET"},
+        {"ALL_PROXY": "socks5://all:1", "NO_PROXY": "localhost,.corp", "PATH": "/bin"},
+        {},
+    ],
+)
+def test_environment_proxies_reads_what_httpx_reads(
+    monkeypatch: pytest.MonkeyPatch, environ: dict[str, str]
+) -> None:
+    # httpx takes its proxies from urllib.request.getproxies(); the start-up checks must
+    # judge the very values it will use (a blank or spaced one would fail every exchange).
+    monkeypatch.setattr(os, "environ", dict(environ))
+    assert config.environment_proxies(environ) == urllib.request.getproxies()
 
 
 @pytest.mark.parametrize(
