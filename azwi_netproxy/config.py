@@ -12,6 +12,7 @@ Rules:
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 import ssl
 import urllib.parse
@@ -306,6 +307,30 @@ def _load_binding(environ: Mapping[str, str]) -> IdentityBinding | None:
     return IdentityBinding(token_proxy_url=url, sni_name=sni, ca_file=ca_file, ca_data=ca_data)
 
 
+def _check_trust_store(
+    ca_file: str | None, ca_dir: str | None, read_text: Callable[[str], str]
+) -> None:
+    """SSL_CERT_FILE and SSL_CERT_DIR, which replace the system store for every exchange.
+
+    Raises:
+        ConfigError: a file that cannot be read or holds no PEM certificate, or a directory
+            list none of whose directories exists. Either would fail every exchange (the Go
+            proxy then has an empty root pool); a missing directory among others is allowed,
+            as Go and OpenSSL skip it.
+    """
+    if ca_file:
+        try:
+            text = read_text(ca_file)
+        except OSError as exc:
+            raise ConfigError(f"SSL_CERT_FILE: cannot read {ca_file}: {exc.strerror}") from None
+        except UnicodeDecodeError:
+            text = ""
+        if "-----BEGIN CERTIFICATE-----" not in text:
+            raise ConfigError(f"SSL_CERT_FILE: {ca_file} holds no PEM certificate")
+    if ca_dir and not any(os.path.isdir(directory) for directory in ca_dir.split(":") if directory):
+        raise ConfigError(f"SSL_CERT_DIR: {ca_dir!r} names no existing directory")
+
+
 def load_proxy(
     flags: Mapping[str, object],
     environ: Mapping[str, str],
@@ -373,6 +398,10 @@ def load_proxy(
     if default_client_id is not None and not _GUID.match(default_client_id):
         raise ConfigError(f"AZURE_CLIENT_ID: {default_client_id!r} is not a client ID (a GUID)")
 
+    ssl_cert_file = environ.get("SSL_CERT_FILE", "").strip() or None
+    ssl_cert_dir = environ.get("SSL_CERT_DIR", "").strip() or None
+    _check_trust_store(ssl_cert_file, ssl_cert_dir, read_text)
+
     return ProxyConfig(
         proxy_port=proxy_port,
         probe=False,
@@ -387,6 +416,6 @@ def load_proxy(
         metadata_port=metadata_port,
         passthrough=passthrough,  # type: ignore[arg-type]
         metrics_port=metrics_port,
-        ssl_cert_file=environ.get("SSL_CERT_FILE", "").strip() or None,
-        ssl_cert_dir=environ.get("SSL_CERT_DIR", "").strip() or None,
+        ssl_cert_file=ssl_cert_file,
+        ssl_cert_dir=ssl_cert_dir,
     )

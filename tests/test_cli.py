@@ -108,6 +108,7 @@ PROXY_BAD = [
     ([], {"HTTPS_PROXY": "socks5://proxy:1080"}, "HTTPS_PROXY", "https-proxy-socks"),
     ([], {"HTTPS_PROXY": " "}, "HTTPS_PROXY is blank", "https-proxy-blank"),
     ([], {"HTTPS_PROXY": " http://proxy:3128"}, "has blank space around it", "https-proxy-spaced"),
+    ([], {"SSL_CERT_FILE": "/nonexistent/ca.pem"}, "SSL_CERT_FILE: cannot read", "ssl-cert-file-missing"),
 ]
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -254,6 +255,9 @@ PROXY_ERRORS = [
         "HTTPS_PROXY: 'socks5://proxy:1080'",  # httpx takes the lower-case one
         "proxy-lower-case-wins",
     ),
+    ({**BASE_ENV, "SSL_CERT_FILE": "/nope.pem"}, {}, "SSL_CERT_FILE: cannot read /nope.pem: No such file", "ca-file-missing"),
+    ({**BASE_ENV, "SSL_CERT_FILE": "/etc/map.yaml"}, {}, "SSL_CERT_FILE: /etc/map.yaml holds no PEM certificate", "ca-file-not-pem"),
+    ({**BASE_ENV, "SSL_CERT_DIR": "/nope:/nope2"}, {}, "SSL_CERT_DIR: '/nope:/nope2' names no existing directory", "ca-dir-missing"),
     (
         {**BASE_ENV, "AZWI_IDENTITY_MAP": "/nope.yaml"},
         {},
@@ -313,9 +317,17 @@ def test_environment_proxies_reads_what_httpx_reads(
 )
 def test_proxy_errors(env: dict[str, str], flags: dict[str, object], message: str) -> None:
     with pytest.raises(ConfigError) as info:
-        _load_proxy(env, flags)
+        _load_proxy(env, flags, files={"/etc/map.yaml": "identities: []\n"})
     assert message in str(info.value)
     assert "\n" not in str(info.value)
+
+
+def test_trust_store_accepted(tmp_path: Path) -> None:
+    bundle = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
+    env = {**BASE_ENV, "SSL_CERT_FILE": " /etc/ssl/bundle.pem ", "SSL_CERT_DIR": f"/nope:{tmp_path}"}
+    cfg = _load_proxy(env, files={"/etc/ssl/bundle.pem": bundle})
+    # One existing directory among missing ones is enough, as for Go and OpenSSL.
+    assert (cfg.ssl_cert_file, cfg.ssl_cert_dir) == ("/etc/ssl/bundle.pem", f"/nope:{tmp_path}")
 
 
 @pytest.mark.parametrize(
