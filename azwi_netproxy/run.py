@@ -157,6 +157,12 @@ async def serve(cfg: ProxyConfig, started: float) -> int:
             "passthrough": cfg.passthrough,
         },
     )
+    if not os.access(cfg.federated_token_file, os.R_OK):
+        # Not fatal: a late mount is answered 503 with Retry-After until the file is there.
+        log.warning(
+            "cannot read the federated token file yet: token requests fail until it can be read",
+            extra={"path": cfg.federated_token_file},
+        )
     # Import httpx now that /readyz answers, so the first exchange does not pay for it.
     loop.call_later(0.05, _warm_imports)
     background: set[asyncio.Task[None]] = set()

@@ -265,6 +265,7 @@ def test_full_debug_run_logs_json_lines_and_never_a_token(
     assert entries[start]["metrics_port"] == metrics_port
     assert messages[-1] == "stopped", messages
     assert "shutting down" in messages
+    assert not any("federated token file" in m for m in messages), messages  # it was readable
     assert any(e["level"] == "debug" for e in entries), messages
 
     tokens = [e for e in entries if e["message"] == "successfully acquired token"]

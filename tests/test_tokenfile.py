@@ -183,6 +183,9 @@ def test_the_proxy_recovers_when_the_token_is_mounted(
         time.sleep(0.3)
     assert answer.status == 200, answer
     assert [r["form"]["client_assertion"] for r in entra.exchanges()] == [volume.read()]
+    # The operator was told at start, once, which file was missing.
+    warned = [line for line in proxy.log_text().splitlines() if "cannot read the federated token file" in line]
+    assert len(warned) == 1 and '"level":"warn"' in warned[0] and str(directory / "token") in warned[0], warned
 
 
 # ---- rotation while exchanges are in flight -----------------------------------------------
