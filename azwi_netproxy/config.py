@@ -33,6 +33,8 @@ DEFAULT_METADATA_IP: Final = "169.254.169.254"
 DEFAULT_METADATA_PORT: Final = 80
 DEFAULT_AUTHORITY_HOST: Final = "https://login.microsoftonline.com/"
 LOG_LEVELS: Final = ("debug", "info", "warning", "error")
+# A tenant in the token URL's path: a GUID or a domain name, as azidentity accepts one.
+_TENANT: Final = re.compile(r"^[0-9A-Za-z.-]+$")
 _GUID: Final = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
 
 
@@ -358,6 +360,8 @@ def load_proxy(
     tenant_id = environ.get("AZURE_TENANT_ID", "").strip()
     if not tenant_id:
         raise ConfigError("AZURE_TENANT_ID is not set (the workload identity webhook injects it)")
+    if not _TENANT.match(tenant_id):
+        raise ConfigError(f"AZURE_TENANT_ID: {tenant_id!r} is not a tenant ID (a GUID or a domain name)")
     token_file = environ.get("AZURE_FEDERATED_TOKEN_FILE", "").strip()
     if not token_file:
         raise ConfigError("AZURE_FEDERATED_TOKEN_FILE is not set (the workload identity webhook injects it)")

@@ -197,6 +197,11 @@ def test_probe_needs_no_environment() -> None:
     assert cfg.proxy_port == 8123
 
 
+@pytest.mark.parametrize("tenant", [TENANT, "contoso.onmicrosoft.com", " contoso-eu.example.com "])
+def test_tenant_is_a_guid_or_a_domain(tenant: str) -> None:
+    assert _load_proxy({**BASE_ENV, "AZURE_TENANT_ID": tenant}).tenant_id == tenant.strip()
+
+
 def test_proxy_reads_the_identity_map() -> None:
     files = {"/etc/map.yaml": f"onlyListed: true\nidentities:\n  - clientID: {CLIENT}\n"}
     cfg = _load_proxy({**BASE_ENV, "AZWI_IDENTITY_MAP": "/etc/map.yaml"}, files=files)
@@ -208,6 +213,8 @@ PROXY_ERRORS = [
     ({"AZURE_FEDERATED_TOKEN_FILE": "/t"}, {}, "AZURE_TENANT_ID is not set", "missing-tenant"),
     ({"AZURE_TENANT_ID": " ", "AZURE_FEDERATED_TOKEN_FILE": "/t"}, {}, "AZURE_TENANT_ID is not set", "blank-tenant"),
     ({"AZURE_TENANT_ID": TENANT}, {}, "AZURE_FEDERATED_TOKEN_FILE is not set", "missing-token-file"),
+    ({**BASE_ENV, "AZURE_TENANT_ID": "contoso/../x"}, {}, "AZURE_TENANT_ID: 'contoso/../x' is not a tenant ID", "tenant-path"),
+    ({**BASE_ENV, "AZURE_TENANT_ID": "a b"}, {}, "AZURE_TENANT_ID: 'a b' is not a tenant ID", "tenant-space"),
     (BASE_ENV, {"proxy_port": "0"}, "--proxy-port: port 0 is out of range", "port-0"),
     (BASE_ENV, {"proxy_port": "65536"}, "--proxy-port: port 65536 is out of range", "port-65536"),
     (BASE_ENV, {"proxy_port": "abc"}, "--proxy-port: 'abc' is not a port number", "port-abc"),
