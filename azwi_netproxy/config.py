@@ -215,6 +215,12 @@ def _check_https_url(value: str, name: str) -> str:
         raise ConfigError(f"{name}: {value!r} must be an https URL")
     if not parsed.hostname:
         raise ConfigError(f"{name}: {value!r} has no host")
+    _check_url_rest(parsed, value, name)
+    return value.strip()
+
+
+def _check_url_rest(parsed: urllib.parse.SplitResult, value: str, name: str) -> None:
+    """No user info, query or fragment, and a valid port: a path is appended to this URL."""
     if parsed.username is not None or parsed.password is not None:
         raise ConfigError(f"{name}: must not contain user info")
     if parsed.query or parsed.fragment or value.strip().endswith(("?", "#")):
@@ -223,7 +229,6 @@ def _check_https_url(value: str, name: str) -> str:
         parsed.port  # noqa: B018 - raises for a bad port
     except ValueError:
         raise ConfigError(f"{name}: {value!r} has a bad port") from None
-    return value.strip()
 
 
 def _check_proxy_url(value: str, name: str) -> None:
@@ -371,6 +376,8 @@ def load_proxy(
         raise ConfigError(f"AZURE_AUTHORITY_HOST: {authority!r} is not an https URL")
     if parsed.scheme == "http" and parsed.hostname not in ("localhost", "127.0.0.1"):
         raise ConfigError(f"AZURE_AUTHORITY_HOST: {authority!r} must use https")
+    # The token URL is the authority followed by a path: these would break every exchange.
+    _check_url_rest(parsed, authority, "AZURE_AUTHORITY_HOST")
 
     _check_environment_proxies(environ)
 
