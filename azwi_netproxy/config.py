@@ -314,6 +314,18 @@ def _load_binding(environ: Mapping[str, str]) -> IdentityBinding | None:
     return IdentityBinding(token_proxy_url=url, sni_name=sni, ca_file=ca_file, ca_data=ca_data)
 
 
+def _read_file(
+    read_text: Callable[[str], str], path: str, name: str, *, not_text: str = "is not UTF-8 text"
+) -> str:
+    """The text of the file variable `name` names, or a ConfigError that says why not."""
+    try:
+        return read_text(path)
+    except OSError as exc:
+        raise ConfigError(f"{name}: cannot read {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{name}: {path} {not_text}") from None
+
+
 def _check_trust_store(
     ca_file: str | None, ca_dir: str | None, read_text: Callable[[str], str]
 ) -> None:
@@ -326,12 +338,7 @@ def _check_trust_store(
             as Go and OpenSSL skip it.
     """
     if ca_file:
-        try:
-            text = read_text(ca_file)
-        except OSError as exc:
-            raise ConfigError(f"SSL_CERT_FILE: cannot read {ca_file}: {exc.strerror}") from None
-        except UnicodeDecodeError:
-            text = ""
+        text = _read_file(read_text, ca_file, "SSL_CERT_FILE", not_text="holds no PEM certificate")
         if "-----BEGIN CERTIFICATE-----" not in text:
             raise ConfigError(f"SSL_CERT_FILE: {ca_file} holds no PEM certificate")
     if ca_dir and not any(os.path.isdir(directory) for directory in ca_dir.split(":") if directory):
@@ -397,12 +404,7 @@ def load_proxy(
     identity_map = IdentityMap()
     map_path = environ.get("AZWI_IDENTITY_MAP", "").strip()
     if map_path:
-        try:
-            text = read_text(map_path)
-        except OSError as exc:
-            raise ConfigError(f"AZWI_IDENTITY_MAP: cannot read {map_path}: {exc.strerror}") from None
-        except UnicodeDecodeError:
-            raise ConfigError(f"AZWI_IDENTITY_MAP: {map_path} is not UTF-8 text") from None
+        text = _read_file(read_text, map_path, "AZWI_IDENTITY_MAP")
         identity_map = parse_identity_map(text, source=map_path)
 
     default_client_id = environ.get("AZURE_CLIENT_ID", "").strip() or None

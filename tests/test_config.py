@@ -333,6 +333,14 @@ def test_proxy_errors(env: dict[str, str], flags: dict[str, object], message: st
     assert "\n" not in str(info.value)
 
 
+def test_a_der_certificate_file_is_refused() -> None:
+    def read_der(path: str) -> str:
+        return b"\x30\x82\x03\xff".decode("utf-8")  # what reading a DER file as text raises
+
+    with pytest.raises(ConfigError, match=r"^SSL_CERT_FILE: /etc/ca.der holds no PEM certificate$"):
+        config.load_proxy({}, {**BASE_ENV, "SSL_CERT_FILE": "/etc/ca.der"}, read_der)
+
+
 def test_trust_store_accepted(tmp_path: Path) -> None:
     bundle = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
     env = {**BASE_ENV, "SSL_CERT_FILE": " /etc/ssl/bundle.pem ", "SSL_CERT_DIR": f"/nope:{tmp_path}"}
