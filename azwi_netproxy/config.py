@@ -411,9 +411,11 @@ def load_proxy(
     if default_client_id is not None and not _GUID.match(default_client_id):
         raise ConfigError(f"AZURE_CLIENT_ID: {default_client_id!r} is not a client ID (a GUID)")
 
+    identity_binding = _load_binding(environ)
     ssl_cert_file = environ.get("SSL_CERT_FILE", "").strip() or None
     ssl_cert_dir = environ.get("SSL_CERT_DIR", "").strip() or None
-    _check_trust_store(ssl_cert_file, ssl_cert_dir, read_text)
+    if identity_binding is None:  # identity binding trusts its own CA, not these
+        _check_trust_store(ssl_cert_file, ssl_cert_dir, read_text)
 
     return ProxyConfig(
         proxy_port=proxy_port,
@@ -423,7 +425,7 @@ def load_proxy(
         default_client_id=default_client_id,
         federated_token_file=token_file,
         authority_host=authority,
-        identity_binding=_load_binding(environ),
+        identity_binding=identity_binding,
         identity_map=identity_map,
         metadata_ip=metadata_ip,
         metadata_port=metadata_port,

@@ -333,6 +333,13 @@ def test_proxy_errors(env: dict[str, str], flags: dict[str, object], message: st
     assert "\n" not in str(info.value)
 
 
+def test_the_trust_store_is_not_checked_under_identity_binding() -> None:
+    # Exchanges then go to the in-cluster token proxy, trusted through its own CA.
+    binding = {"AZURE_KUBERNETES_TOKEN_PROXY": "https://10.0.0.1:8443", "AZURE_KUBERNETES_CA_DATA": PEM}
+    cfg = _load_proxy({**BASE_ENV, **binding, "SSL_CERT_FILE": "/nope.pem"})
+    assert cfg.identity_binding is not None and cfg.ssl_cert_file == "/nope.pem"
+
+
 def test_a_der_certificate_file_is_refused() -> None:
     def read_der(path: str) -> str:
         return b"\x30\x82\x03\xff".decode("utf-8")  # what reading a DER file as text raises
