@@ -26,7 +26,7 @@ from azwi_netproxy.entra import (
     Exchanger,
     read_assertion_file,
 )
-from azwi_netproxy.errors import PassthroughLoop, UpstreamError
+from azwi_netproxy.errors import PassthroughLoop, UpstreamError, UpstreamUnavailable
 from azwi_netproxy.http11 import Request, Response
 from azwi_netproxy.logs import AccessLog
 from azwi_netproxy.metrics import Metrics
@@ -54,8 +54,16 @@ class MetricsApp:
         return Response(200, body, content_type)
 
 
-def _warm_imports() -> None:
-    import azwi_netproxy.transport  # noqa: F401  (httpx and the lean transport)
+def _warm_exchanges(endpoint: Endpoint) -> None:
+    """Import httpx and build the exchange client now that /readyz answers, so that the first
+    exchange pays for neither (loading a trust store file of a system's size takes about
+    40 ms), and a trust store OpenSSL cannot load is reported at start, once."""
+    try:
+        endpoint.client()
+    except UpstreamUnavailable as exc:  # identity binding's CA not there yet: tried at each exchange
+        log.warning("token exchanges cannot start yet", extra={"error": str(exc)})
+    except Exception as exc:  # raised again by every exchange, which answers 500
+        log.error("cannot prepare token exchanges: every exchange will fail", extra={"error": str(exc)})
 
 
 def make_endpoint(cfg: ProxyConfig) -> Endpoint:
@@ -163,8 +171,7 @@ async def serve(cfg: ProxyConfig, started: float) -> int:
             "cannot read the federated token file yet: token requests fail until it can be read",
             extra={"path": cfg.federated_token_file},
         )
-    # Import httpx now that /readyz answers, so the first exchange does not pay for it.
-    loop.call_later(0.05, _warm_imports)
+    loop.call_later(0.05, _warm_exchanges, endpoint)
     background: set[asyncio.Task[None]] = set()
     if passthrough is not None:
         task = loop.create_task(check_passthrough_loop(passthrough))

@@ -20,6 +20,7 @@ import fcntl
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -29,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import trustme
 from prometheus_client.parser import text_string_to_metric_families
 from support.fake_entra import DEFAULT_EXPIRES_IN, FakeEntraClient, decode_fake_token
 from support.fake_imds import FakeImdsClient
@@ -45,6 +47,7 @@ from support.proxyproc import (
     new_guid,
     proxy_argv,
     run_proxy_command,
+    shared_tempdir,
     start_proxy,
     token_target,
     unique_resource,
@@ -266,6 +269,7 @@ def test_full_debug_run_logs_json_lines_and_never_a_token(
     assert messages[-1] == "stopped", messages
     assert "shutting down" in messages
     assert not any("federated token file" in m for m in messages), messages  # it was readable
+    assert not any("token exchanges" in m for m in messages), messages  # the client was built
     assert any(e["level"] == "debug" for e in entries), messages
 
     tokens = [e for e in entries if e["message"] == "successfully acquired token"]
@@ -570,6 +574,33 @@ def test_sigterm_drain_is_bounded_by_the_grace(
     assert code == 0, proxy.log_text()
     assert SHUTDOWN_GRACE_S - 0.5 <= took <= SHUTDOWN_GRACE_S + 2.0, f"exited after {took:.2f}s"
     assert log_entries(proxy)[-1]["message"] == "stopped"
+
+
+def test_a_trust_store_openssl_cannot_load_is_reported_once_at_start(proxy_factory: ProxyFactory) -> None:
+    # PEM markers around a cut certificate pass the start-up check (a full parse of a
+    # system-sized bundle would cost every start about 40 ms); the exchange client, built
+    # in the background once /readyz answers, says what is wrong before any app asks.
+    directory = shared_tempdir("azwi-ops-ca-")
+    try:
+        pem = trustme.CA().cert_pem.bytes().decode()
+        bundle = directory / "cut.pem"
+        bundle.write_text(pem[: len(pem) // 2] + pem[-30:])
+        bundle.chmod(0o644)
+        proxy = proxy_factory(SSL_CERT_FILE=str(bundle))
+        deadline = time.monotonic() + 10
+        while "cannot prepare token exchanges" not in proxy.log_text() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        answer = proxy.token(unique_resource("cut-ca"))
+        assert answer.status == 500, answer
+        code, _ = sigterm_and_wait(proxy)
+        assert code == 0, proxy.log_text()
+        errors = [e for e in log_entries(proxy) if e["message"].startswith("cannot prepare token exchanges")]
+        assert len(errors) == 1 and errors[0]["level"] == "error", errors
+        assert log_entries(proxy).index(errors[0]) < [e["message"] for e in log_entries(proxy)].index(
+            "token request failed"
+        )
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 @pytest.mark.parametrize("busy", ["proxy", "metrics"])
