@@ -35,6 +35,8 @@ DEFAULT_AUTHORITY_HOST: Final = "https://login.microsoftonline.com/"
 LOG_LEVELS: Final = ("debug", "info", "warning", "error")
 # A tenant in the token URL's path: a GUID or a domain name, as azidentity accepts one.
 _TENANT: Final = re.compile(r"^[0-9A-Za-z.-]+$")
+# A server name for TLS: dot-separated labels (underscores tolerated, as some names carry them).
+_HOST_NAME: Final = re.compile(r"^[0-9A-Za-z_-]+(\.[0-9A-Za-z_-]+)*$")
 _GUID: Final = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
 
 
@@ -304,6 +306,9 @@ def _load_binding(environ: Mapping[str, str]) -> IdentityBinding | None:
             )
         return None
     _check_https_url(url, "AZURE_KUBERNETES_TOKEN_PROXY")
+    if sni is not None and not _HOST_NAME.match(sni):
+        # Sent in every handshake and matched against the certificate: it could never verify.
+        raise ConfigError(f"AZURE_KUBERNETES_SNI_NAME: {sni!r} is not a host name")
     if ca_file and ca_data:
         raise ConfigError("AZURE_KUBERNETES_CA_FILE and AZURE_KUBERNETES_CA_DATA are mutually exclusive")
     if ca_data:

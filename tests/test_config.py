@@ -266,6 +266,18 @@ PROXY_ERRORS = [
         "HTTPS_PROXY: 'socks5://proxy:1080'",  # httpx takes the lower-case one
         "proxy-lower-case-wins",
     ),
+    (
+        {**BASE_ENV, "AZURE_KUBERNETES_TOKEN_PROXY": "https://10.0.0.1", "AZURE_KUBERNETES_SNI_NAME": "a b"},
+        {},
+        "AZURE_KUBERNETES_SNI_NAME: 'a b' is not a host name",
+        "sni-space",
+    ),
+    (
+        {**BASE_ENV, "AZURE_KUBERNETES_TOKEN_PROXY": "https://10.0.0.1", "AZURE_KUBERNETES_SNI_NAME": ".svc"},
+        {},
+        "AZURE_KUBERNETES_SNI_NAME: '.svc' is not a host name",
+        "sni-leading-dot",
+    ),
     ({**BASE_ENV, "SSL_CERT_FILE": "/nope.pem"}, {}, "SSL_CERT_FILE: cannot read /nope.pem: No such file", "ca-file-missing"),
     ({**BASE_ENV, "SSL_CERT_FILE": "/etc/map.yaml"}, {}, "SSL_CERT_FILE: /etc/map.yaml holds no PEM certificate", "ca-file-not-pem"),
     ({**BASE_ENV, "SSL_CERT_DIR": "/nope:/nope2"}, {}, "SSL_CERT_DIR: '/nope:/nope2' names no existing directory", "ca-dir-missing"),
