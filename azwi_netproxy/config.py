@@ -282,15 +282,19 @@ def environment_proxies(environ: Mapping[str, str]) -> dict[str, str]:
     return proxies
 
 
-def _check_environment_proxies(environ: Mapping[str, str]) -> None:
-    """The proxy variables httpx reads once HTTPS_PROXY or HTTP_PROXY sends exchanges through
-    a proxy (ALL_PROXY too, then). ALL_PROXY alone is ignored, as the Go proxy ignores it."""
+def exchange_proxies(environ: Mapping[str, str]) -> dict[str, str]:
+    """The proxy variables exchanges go through, by scheme: none unless HTTPS_PROXY or
+    HTTP_PROXY is set (ALL_PROXY alone is ignored, as the Go proxy ignores it), and then
+    what httpx reads, ALL_PROXY included. Judged at start, and decides the exchange client."""
     proxies = environment_proxies(environ)
-    if proxies.get("https") or proxies.get("http"):
-        for scheme in ("https", "http", "all"):
-            value = proxies.get(scheme)
-            if value:
-                _check_proxy_url(value, f"{scheme.upper()}_PROXY")
+    if not (proxies.get("https") or proxies.get("http")):
+        return {}
+    return {scheme: proxies[scheme] for scheme in ("https", "http", "all") if proxies.get(scheme)}
+
+
+def _check_environment_proxies(environ: Mapping[str, str]) -> None:
+    for scheme, value in exchange_proxies(environ).items():
+        _check_proxy_url(value, f"{scheme.upper()}_PROXY")
 
 
 def _load_binding(environ: Mapping[str, str]) -> IdentityBinding | None:

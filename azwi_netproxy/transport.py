@@ -23,14 +23,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import ssl
-import urllib.request
 from collections import deque
 from collections.abc import Mapping
 from typing import Any, Final
 
 import httptools
 import httpx
+
+from azwi_netproxy.config import exchange_proxies
 
 log = logging.getLogger(__name__)
 
@@ -320,10 +322,9 @@ def lean_client(
 
 
 def environment_proxies_set() -> bool:
-    """Whether HTTPS_PROXY or HTTP_PROXY (any case) is set: the variables the Go proxy's
-    client reads (it ignores ALL_PROXY; httpx reads it too once it handles proxies)."""
-    proxies = urllib.request.getproxies()
-    return any(proxies.get(scheme) for scheme in ("http", "https"))
+    """Whether exchanges go through a proxy from the environment, by the rules the start-up
+    checks judged them by (config.exchange_proxies)."""
+    return bool(exchange_proxies(os.environ))
 
 
 class FormClient:
