@@ -5,11 +5,13 @@ Scope: one pod per backend for the module (support.pod's `pod_sandbox`, parametr
     nftables and iptables); the function-scoped `pod` puts back whatever a test changed
     (rules, the proxy), so tests can stop the proxy, clean up the rules or run a mesh.
 Depends: root + netns + nft (the `root` marker), curl, azure-identity in the venv,
+    Node.js 20+ with @azure/identity (scripts/bootstrap.sh; its tests skip without),
     support.pod (the pod), support.netns (responders and probes).
 
-What is asserted is issue 3 end to end, as an app in the pod sees it: curl and
-azure-identity's ManagedIdentityCredential (no endpoint override) as uid 1000 get the
-fake Entra's tokens through the proxy and the node's IMDS sees no token request; other IMDS
+What is asserted is issue 3 end to end, as an app in the pod sees it: curl,
+azure-identity's ManagedIdentityCredential and the JavaScript SDK's ManagedIdentityCredential
+and DefaultAzureCredential (no endpoint override) as uid 1000 get the fake Entra's tokens
+through the proxy and the node's IMDS sees no token request; other IMDS
 paths pass through as uid 1501; with the proxy down nothing reaches IMDS; another pod cannot
 reach the proxy; install, --check, --cleanup and --dry-run on a live pod, next to a mesh's
 rules; and a proxy run as the wrong uid reports its pass-through loop instead of recursing.
@@ -17,8 +19,10 @@ rules; and a proxy run as the wrong uid reports its pass-through loop instead of
 
 from __future__ import annotations
 
+import json
 import signal
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -82,6 +86,13 @@ def assert_token_for(pod: PodSandbox, access_token: str, scope: str) -> None:
     assert exchange["form"]["grant_type"] == "client_credentials"
 
 
+def proxy_access_lines(pod: PodSandbox, offsets: dict[Path, int]) -> list[dict[str, Any]]:
+    """The proxy's access lines (JSON with a "uri") written since `offsets`."""
+    lines = [json.loads(line) for name, text in pod.logs_since(offsets) if "-proxy-" in name
+             for line in text.splitlines() if line.startswith("{")]
+    return [line for line in lines if "uri" in line]
+
+
 def curl_token(pod: PodSandbox) -> str:
     got = pod.curl(TOKEN_URL)
     assert got.status == 200, got
@@ -117,6 +128,42 @@ def test_azure_identity_without_overrides_gets_the_pods_token(pod: PodSandbox) -
     assert got["expires_on"] > time.time()
     assert len(pod.entra_exchanges()) == exchanges_before + 1
     assert token_requests(pod.imds_records()) == []
+
+
+@pytest.mark.root
+@pytest.mark.parametrize(("credential", "scope", "explicit_client_id"), [
+    ("ManagedIdentityCredential", "https://vault.azure.net/.default", False),
+    ("ManagedIdentityCredential", "https://database.windows.net/.default", True),
+    ("DefaultAzureCredential", "https://graph.microsoft.com/.default", False),
+], ids=["managed-identity", "managed-identity-client-id", "default-credential"])
+def test_node_azure_identity_without_overrides_gets_the_pods_token(
+        pod: PodSandbox, credential: str, scope: str, explicit_client_id: bool) -> None:
+    # msal-node asks with api-version 2018-02-01, client_id when given one, and reads
+    # expires_on. DefaultAzureCredential first probes IMDS without the Metadata header and
+    # without a query (any answer means "there is an IMDS"): the proxy must answer that at
+    # once, and neither request may reach the node's IMDS.
+    offsets = pod.log_offsets()
+    exchanges_before = len(pod.entra_exchanges())
+    got = pod.node_sdk_token(credential, scope, pod.identity.client_id if explicit_client_id else None)
+    assert_token_for(pod, got["token"], scope)
+    assert got["expires_on_ms"] / 1000 > time.time() + 3000
+    assert len(pod.entra_exchanges()) == exchanges_before + 1
+    assert token_requests(pod.imds_records()) == []
+    # The proxy's access lines for them (written within 50 ms of the answers).
+    probe = ("/metadata/identity/oauth2/token", 400)
+    deadline = time.monotonic() + 5
+    while True:
+        answered = [(line["uri"], line["status"]) for line in proxy_access_lines(pod, offsets)
+                    if line["uri"].startswith("/metadata/")]
+        if any(status == 200 for _, status in answered) or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    tokens = [uri for uri, status in answered if status == 200]
+    assert len(tokens) == 1, answered
+    assert tokens[0].startswith("/metadata/identity/oauth2/token?api-version=2018-02-01&"), answered
+    assert ("&client_id=" in tokens[0]) == explicit_client_id, answered
+    if credential == "DefaultAzureCredential":
+        assert answered.index(probe) < answered.index((tokens[0], 200)), answered
 
 
 @pytest.mark.root

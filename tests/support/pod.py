@@ -7,7 +7,8 @@ Scope: module (`pod_sandbox`: one pod per backend, parametrised over nftables an
     every test, and `pod_procs` for a test's own responders). The names are unique because
     a plugin's fixtures are visible to every module (support.fixtures has its own `pod`).
 Depends: root + netns + nft (the `root` marker's probe), conftest's `python_for_other_uids`
-    and `package_pythonpath`, trustme, curl, azure-identity in the venv, support.netns,
+    and `package_pythonpath`, trustme, curl, azure-identity in the venv, @azure/identity in
+    the venv's node-sdk folder (scripts/bootstrap.sh), support.netns,
     support.fake_entra, support.fake_imds, support.proxyproc.
 
 What is built (`build_pod`), on the topology of support.netns (POD, IMDS, STS, PEER):
@@ -87,6 +88,21 @@ import json, sys
 from azure.identity import ManagedIdentityCredential
 token = ManagedIdentityCredential().get_token(sys.argv[1])
 print(json.dumps({"token": token.token, "expires_on": token.expires_on}))
+"""
+
+# @azure/identity for JavaScript as an app uses it, with no endpoint override: msal-node asks
+# 169.254.169.254 for the token; DefaultAzureCredential first probes it (see the test).
+NODE_SDK: Final = Path(sys.prefix) / "node-sdk"
+NODE_SDK_SCRIPT: Final = """
+const identity = require("@azure/identity");
+const [kind, scope, clientId] = process.argv.slice(1);
+const credential = kind === "DefaultAzureCredential"
+  ? new identity.DefaultAzureCredential(clientId ? { managedIdentityClientId: clientId } : {})
+  : new identity.ManagedIdentityCredential(clientId ? { clientId } : {});
+credential.getToken(scope).then(
+  (token) => console.log(JSON.stringify({ token: token.token, expires_on_ms: token.expiresOnTimestamp })),
+  (error) => { console.error(error && error.stack ? error.stack : String(error)); process.exit(1); },
+);
 """
 
 T = TypeVar("T")
@@ -344,6 +360,24 @@ class PodSandbox:
         done = netns.run_in(self.topo.pod, [self.python, "-c", SDK_SCRIPT, scope], uid=uid,
                             env=env, timeout=60)
         assert done.returncode == 0, f"azure-identity failed:\n{done.stderr[-3000:]}"
+        doc = json.loads(done.stdout)
+        assert isinstance(doc, dict)
+        return doc
+
+    def node_sdk_token(self, credential: str, scope: str, client_id: str | None = None,
+                       uid: int = CLIENT_UID) -> dict[str, Any]:
+        """@azure/identity's `new <credential>(<client_id>).getToken(scope)` in Node.js as
+        `uid` in POD, in a clean environment (no endpoint override); `credential` is
+        ManagedIdentityCredential or DefaultAzureCredential."""
+        node = shutil.which("node")
+        if node is None or not (NODE_SDK / "node_modules" / "@azure" / "identity").is_dir():
+            pytest.skip("no Node.js 20+ with @azure/identity: scripts/bootstrap.sh installs "
+                        f"it into {NODE_SDK} where this machine or its Debian release has Node.js 20+")
+        env = {"PATH": "/usr/bin:/bin", "HOME": "/tmp", "LANG": "C.UTF-8",
+               "NODE_PATH": str(NODE_SDK / "node_modules")}
+        argv = [node, "-e", NODE_SDK_SCRIPT, credential, scope, *([client_id] if client_id else [])]
+        done = netns.run_in(self.topo.pod, argv, uid=uid, env=env, timeout=60)
+        assert done.returncode == 0, f"@azure/identity failed:\n{done.stderr[-3000:]}"
         doc = json.loads(done.stdout)
         assert isinstance(doc, dict)
         return doc
