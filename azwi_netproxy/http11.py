@@ -195,9 +195,10 @@ class Response:
     # HEAD): a reused Response (a cache hit within the same second) is not rendered twice.
     wire: bytes | None = None
     wire_for: tuple[int, bool, bool, bool] | None = None
-    # The same for the fast path's commonest case (keep-alive HTTP/1.1 GET), which needs
-    # no check.
+    # The same for the fast path's two cases (an HTTP/1.1 GET kept alive, or with
+    # `Connection: close`), which need no check.
     keep_alive_wire: bytes | None = None
+    close_wire: bytes | None = None
 
 
 _REASONS: Final = {status.value: status.phrase.encode("ascii") for status in HTTPStatus}

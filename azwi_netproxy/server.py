@@ -156,7 +156,10 @@ class HttpProtocol(asyncio.Protocol):
                         self._transport.write(wire)  # type: ignore[union-attr]  # set while open
                         return
                     # A client that opens a connection per token request.
-                    self._transport.write(self._wire(response, keep_alive=False))  # type: ignore[union-attr]
+                    wire = response.close_wire
+                    if wire is None:
+                        wire = response.close_wire = self._wire(response, keep_alive=False)
+                    self._transport.write(wire)  # type: ignore[union-attr]
                     self._close()
                     return
         if reader is None:
