@@ -49,7 +49,7 @@ NODE_SDK="$VENV/node-sdk"
 NODE_SDK_PACKAGE="@azure/identity@4.13.1"
 node_major() { node -p 'process.versions.node.split(".")[0]' 2>/dev/null || echo 0; }
 if ! command -v npm >/dev/null || (($(node_major) < 20)); then
-    candidate="$(apt-cache policy nodejs 2>/dev/null | awk '/Candidate:/ {print $2}' | sed -E 's/^[0-9]+://; s/[^0-9].*//')"
+    candidate="$(apt-cache policy nodejs 2>/dev/null | awk '/Candidate:/ {print $2}' | sed -E 's/^[0-9]+://; s/[^0-9].*//' || true)"
     if [[ "$candidate" =~ ^[0-9]+$ ]] && ((candidate >= 20)); then
         echo "bootstrap: installing nodejs npm" >&2
         DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nodejs npm >/dev/null
