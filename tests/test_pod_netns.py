@@ -163,6 +163,7 @@ def test_node_azure_identity_without_overrides_gets_the_pods_token(
     assert tokens[0].startswith("/metadata/identity/oauth2/token?api-version=2018-02-01&"), answered
     assert ("&client_id=" in tokens[0]) == explicit_client_id, answered
     if credential == "DefaultAzureCredential":
+        assert probe in answered, answered
         assert answered.index(probe) < answered.index((tokens[0], 200)), answered
 
 
