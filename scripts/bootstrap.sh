@@ -42,25 +42,32 @@ fi
 # packages ship deliberately broken .py files (test data): compileall's status is ignored.
 "$VENV/bin/python" -OO -m compileall -q "$VENV/lib" >/dev/null 2>&1 || true
 
-# A JavaScript app as well: @azure/identity (msal-node under it), pinned, in the venv's
-# folder for the pod tests. It needs Node.js 20 or later; where neither this machine nor
-# its Debian release has that (Debian 12's nodejs is 18), those tests skip and say why.
-NODE_SDK="$VENV/node-sdk"
-NODE_SDK_PACKAGE="@azure/identity@4.13.1"
+# For the tests (AZWI_WITH_NODE_SDK=1, set by scripts/test.sh), a JavaScript app as well:
+# @azure/identity (msal-node under it), pinned, in the venv's folder for the pod tests. It
+# needs Node.js 20 or later; where neither this machine nor its Debian release has that
+# (Debian 12's nodejs is 18), those tests skip and say why.
 node_major() { node -p 'process.versions.node.split(".")[0]' 2>/dev/null || echo 0; }
-if ! command -v npm >/dev/null || (($(node_major) < 20)); then
-    candidate="$(apt-cache policy nodejs 2>/dev/null | awk '/Candidate:/ {print $2}' | sed -E 's/^[0-9]+://; s/[^0-9].*//' || true)"
-    if [[ "$candidate" =~ ^[0-9]+$ ]] && ((candidate >= 20)); then
-        echo "bootstrap: installing nodejs npm" >&2
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nodejs npm >/dev/null
+install_node_sdk() {
+    local sdk="$VENV/node-sdk" package="@azure/identity@4.13.1" candidate installed
+    if ! command -v npm >/dev/null || (($(node_major) < 20)); then
+        candidate="$(apt-cache policy nodejs 2>/dev/null | awk '/Candidate:/ {print $2}' | sed -E 's/^[0-9]+://; s/[^0-9].*//' || true)"
+        if [[ "$candidate" =~ ^[0-9]+$ ]] && ((candidate >= 20)); then
+            echo "bootstrap: installing nodejs npm" >&2
+            DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nodejs npm >/dev/null ||
+                echo "bootstrap: could not install nodejs npm: the JavaScript SDK's tests will skip" >&2
+        fi
     fi
-fi
-if command -v npm >/dev/null && (($(node_major) >= 20)); then
-    installed="$(node -p "require('$NODE_SDK/node_modules/@azure/identity/package.json').version" 2>/dev/null || true)"
-    if [[ "$installed" != "${NODE_SDK_PACKAGE##*@}" ]]; then
-        rm -rf "$NODE_SDK"
-        npm install --prefix "$NODE_SDK" --no-audit --no-fund --loglevel=error "$NODE_SDK_PACKAGE" >/dev/null
+    if ! command -v npm >/dev/null || (($(node_major) < 20)); then
+        return 0
     fi
+    installed="$(node -p "require('$sdk/node_modules/@azure/identity/package.json').version" 2>/dev/null || true)"
+    if [[ "$installed" != "${package##*@}" ]]; then
+        rm -rf "$sdk"
+        npm install --prefix "$sdk" --no-audit --no-fund --loglevel=error "$package" >/dev/null
+    fi
+}
+if [[ "${AZWI_WITH_NODE_SDK:-0}" == 1 ]]; then
+    install_node_sdk
 fi
 chmod -R a+rX "$VENV"
 echo "$VENV"

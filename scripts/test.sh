@@ -2,7 +2,8 @@
 # The full test suite, root-only namespace tests included. Extra arguments go to pytest.
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-VENV="$("$REPO/scripts/bootstrap.sh" | tail -n 1)"
+# The pod tests also run a JavaScript app: the bootstrap adds @azure/identity for them.
+VENV="$(AZWI_WITH_NODE_SDK=1 "$REPO/scripts/bootstrap.sh" | tail -n 1)"
 cd "$REPO"
 # The pytest script (not `python -m pytest`) keeps the checkout off sys.path: the tests use
 # the installed package, which the proxy under uid 1501 can read.
