@@ -371,8 +371,9 @@ class PodSandbox:
         ManagedIdentityCredential or DefaultAzureCredential."""
         node = shutil.which("node")
         if node is None or not (NODE_SDK / "node_modules" / "@azure" / "identity").is_dir():
-            pytest.skip("no Node.js 20+ with @azure/identity: scripts/bootstrap.sh installs "
-                        f"it into {NODE_SDK} where this machine or its Debian release has Node.js 20+")
+            pytest.skip("no Node.js 20+ with @azure/identity: scripts/test.sh installs it (through "
+                        f"scripts/bootstrap.sh) into {NODE_SDK} where this machine or its Debian "
+                        "release has Node.js 20+")
         env = {"PATH": "/usr/bin:/bin", "HOME": "/tmp", "LANG": "C.UTF-8",
                "NODE_PATH": str(NODE_SDK / "node_modules")}
         argv = [node, "-e", NODE_SDK_SCRIPT, credential, scope, *([client_id] if client_id else [])]
