@@ -356,13 +356,7 @@ class PodSandbox:
         A clean environment: nothing tells the SDK where IMDS is, so it goes to
         169.254.169.254 as in production.
         """
-        env = {"PATH": "/usr/bin:/bin", "HOME": "/tmp", "LANG": "C.UTF-8"}
-        done = netns.run_in(self.topo.pod, [self.python, "-c", SDK_SCRIPT, scope], uid=uid,
-                            env=env, timeout=60)
-        assert done.returncode == 0, f"azure-identity failed:\n{done.stderr[-3000:]}"
-        doc = json.loads(done.stdout)
-        assert isinstance(doc, dict)
-        return doc
+        return self._sdk_client("azure-identity", [self.python, "-c", SDK_SCRIPT, scope], uid)
 
     def node_sdk_token(self, credential: str, scope: str, client_id: str | None = None,
                        uid: int = CLIENT_UID) -> dict[str, Any]:
@@ -374,11 +368,16 @@ class PodSandbox:
             pytest.skip("no Node.js 20+ with @azure/identity: scripts/test.sh installs it (through "
                         f"scripts/bootstrap.sh) into {NODE_SDK} where this machine or its Debian "
                         "release has Node.js 20+")
-        env = {"PATH": "/usr/bin:/bin", "HOME": "/tmp", "LANG": "C.UTF-8",
-               "NODE_PATH": str(NODE_SDK / "node_modules")}
         argv = [node, "-e", NODE_SDK_SCRIPT, credential, scope, *([client_id] if client_id else [])]
+        return self._sdk_client("@azure/identity", argv, uid,
+                                NODE_PATH=str(NODE_SDK / "node_modules"))
+
+    def _sdk_client(self, sdk: str, argv: list[str], uid: int, **env: str) -> dict[str, Any]:
+        """Run an SDK client script in POD as `uid` in a clean environment (nothing tells the
+        SDK where IMDS is); the JSON object it prints."""
+        env = {"PATH": "/usr/bin:/bin", "HOME": "/tmp", "LANG": "C.UTF-8", **env}
         done = netns.run_in(self.topo.pod, argv, uid=uid, env=env, timeout=60)
-        assert done.returncode == 0, f"@azure/identity failed:\n{done.stderr[-3000:]}"
+        assert done.returncode == 0, f"{sdk} failed:\n{done.stderr[-3000:]}"
         doc = json.loads(done.stdout)
         assert isinstance(doc, dict)
         return doc
