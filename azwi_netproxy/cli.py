@@ -7,6 +7,7 @@ The only module that sees argv and os.environ. Exit codes: 0 success, 1 runtime 
 from __future__ import annotations
 
 import os
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -37,55 +38,95 @@ def _config_error(prog: str, exc: ConfigError) -> int:
     return 2
 
 
-class ProxyFlags:
-    """The sidecar's few flags, parsed without argparse.
+_GO_TRUE: Final = frozenset({"1", "t", "T", "TRUE", "true", "True"})
+_GO_FALSE: Final = frozenset({"0", "f", "F", "FALSE", "false", "False"})
+_GO_LEGACY_OCTAL: Final = re.compile(r"[+-]?0[0-7_]+")
 
-    argparse (with gettext) stays in memory for the life of the process: about 0.6 MB of
-    a sidecar that runs in every pod, for six flags. Same syntax (`--flag value`,
-    `--flag=value`), same one-line errors and exit code 2.
+
+def go_int(text: str) -> int:
+    """An integer as Go's strconv.ParseInt(text, 0, 64) reads it, which upstream's flags use.
+
+    Base prefixes 0x, 0o, 0b, a leading 0 for octal, a sign, underscores between digits;
+    no blank space.
+
+    Raises:
+        ValueError: anything else.
+    """
+    if text != text.strip():
+        raise ValueError(text)
+    if _GO_LEGACY_OCTAL.fullmatch(text):
+        # Go reads a bare leading 0 as octal; Python's base 0 refuses it.
+        return int(text, 8)
+    return int(text, 0)
+
+
+class ProxyFlags:
+    """The sidecar's flags, parsed as upstream's Go `flag` package parses them.
+
+    Not argparse: argparse (with gettext) stays in memory for the life of the process, about
+    0.6 MB of a sidecar that runs in every pod, for six flags; and Go's syntax differs from
+    it (one or two dashes, `-flag=false` for booleans, the next argument taken as a value
+    even when it begins with a dash). Positional arguments, which Go would silently ignore
+    (and with them every flag after the first), are refused instead.
     """
 
     prog: Final = "azwi-netproxy"
-    # name -> (takes a value, help); upstream's flags first, so the webhook's container
-    # args and its postStart hook (`/proxy --proxy-port=N --probe`) work unchanged.
+    # name -> (kind, help); upstream's flags first, so the webhook's container args and its
+    # postStart hook (`/proxy --proxy-port=N --probe --log-level=L`) work unchanged.
     flags: Final = {
-        "--proxy-port": (True, "port on 127.0.0.1 (default 8000)"),
-        "--probe": (False, "exit 0 once /readyz answers 200 (the webhook's postStart hook)"),
-        "--log-level": (True, "debug, info, warning or error (upstream's names accepted too)"),
-        "--version": (False, "print the version and exit"),
-        "--passthrough": (True, "other IMDS paths: all (default, as upstream) or none"),
-        "--metrics-port": (True, "serve Prometheus metrics on this port (0.0.0.0)"),
+        "proxy-port": ("int", "port on 127.0.0.1 (default 8000)"),
+        "probe": ("bool", "exit 0 once /readyz answers 200 (the webhook's postStart hook)"),
+        "log-level": ("string", "debug, info, warning or error (upstream's names accepted too)"),
+        "version": ("bool", "print the version and exit"),
+        "passthrough": ("string", "other IMDS paths: all (default, as upstream) or none"),
+        "metrics-port": ("int", "serve Prometheus metrics on this port (0.0.0.0)"),
     }
+    _choices: Final = {"passthrough": ("all", "none")}
 
     def parse_args(self, argv: Sequence[str] | None = None) -> SimpleNamespace:
-        """Flags as attributes (None when not given); exits on --help, --version or a bad flag."""
-        values: dict[str, object] = {name[2:].replace("-", "_"): None for name in self.flags}
+        """Flags as attributes (None when not given); exits on help, --version or a bad flag."""
+        values: dict[str, object] = {name.replace("-", "_"): None for name in self.flags}
         values["probe"] = False
         args = list(sys.argv[1:] if argv is None else argv)
         while args:
             arg = args.pop(0)
-            if arg in ("-h", "--help"):
+            if arg == "--":
+                break
+            if len(arg) < 2 or arg[0] != "-":
+                self.error(f"unexpected argument {arg!r}: give values as -flag=value")
+            name = arg[2:] if arg.startswith("--") else arg[1:]
+            if not name or name[0] in "-=":
+                self.error(f"bad flag syntax: {arg}")
+            name, has_value, value = name.partition("=")
+            if name in ("h", "help"):
                 self._help()
-            name, has_value, value = arg.partition("=")
             if name not in self.flags:
-                self.error(f"unrecognized arguments: {arg}")
-            takes_value, _ = self.flags[name]
-            key = name[2:].replace("-", "_")
-            if not takes_value:
-                if has_value:
-                    self.error(f"argument {name}: ignored explicit argument {value!r}")
-                if name == "--version":
-                    sys.stdout.write(f"{self.prog} {__version__}\n")
-                    raise SystemExit(0)
-                values[key] = True
+                self.error(f"flag provided but not defined: -{name}")
+            kind, _ = self.flags[name]
+            key = name.replace("-", "_")
+            if kind == "bool":
+                if has_value and value not in _GO_TRUE | _GO_FALSE:
+                    self.error(f"invalid boolean value {value!r} for -{name}: parse error")
+                values[key] = not has_value or value in _GO_TRUE
                 continue
             if not has_value:
-                if not args or (args[0].startswith("--") and args[0] != "--"):
-                    self.error(f"argument {name}: expected one argument")
+                if not args:
+                    self.error(f"flag needs an argument: -{name}")
                 value = args.pop(0)
-            if name == "--passthrough" and value not in ("all", "none"):
-                self.error(f"argument --passthrough: invalid choice: {value!r} (choose from 'all', 'none')")
+            if kind == "int":
+                try:
+                    value = str(go_int(value))
+                except ValueError:
+                    self.error(f"invalid value {value!r} for flag -{name}: parse error")
+            choices = self._choices.get(name)
+            if choices is not None and value not in choices:
+                self.error(f"invalid value {value!r} for flag -{name}: choose from {', '.join(choices)}")
             values[key] = value
+        if args:
+            self.error(f"unexpected argument {args[0]!r}: give values as -flag=value")
+        if values["version"]:
+            sys.stdout.write(f"{self.prog} {__version__}\n")
+            raise SystemExit(0)
         return SimpleNamespace(**values)
 
     def error(self, message: str) -> NoReturn:
@@ -93,9 +134,9 @@ class ProxyFlags:
         raise SystemExit(2)
 
     def _help(self) -> NoReturn:
-        lines = [f"usage: {self.prog} [options]", "", "IMDS token proxy for workload identity", ""]
-        for name, (takes_value, text) in self.flags.items():
-            shown = f"{name} {name[2:].upper().replace('-', '_')}" if takes_value else name
+        lines = [f"usage: {self.prog} [flags]", "", "IMDS token proxy for workload identity", ""]
+        for name, (kind, text) in self.flags.items():
+            shown = f"--{name}" if kind == "bool" else f"--{name} {name.upper().replace('-', '_')}"
             lines.append(f"  {shown:<28} {text}")
         sys.stdout.write("\n".join(lines) + "\n")
         raise SystemExit(0)
@@ -112,9 +153,9 @@ def proxy_main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         return _config_error("azwi-netproxy", exc)
     if cfg.probe:
-        from azwi_netproxy.probe import probe
+        from azwi_netproxy.probe import probe, seconds_since_process_start
 
-        return probe(cfg.proxy_port)
+        return probe(cfg.proxy_port, elapsed_s=seconds_since_process_start())
     logs.configure(cfg.log_level, logger_name="proxy")
     from azwi_netproxy.run import run_proxy
 

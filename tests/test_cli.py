@@ -12,6 +12,8 @@ from __future__ import annotations
 import functools
 import http.server
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -80,10 +82,10 @@ PROXY_BAD = [
     ([], {"AZURE_FEDERATED_TOKEN_FILE": None}, "AZURE_FEDERATED_TOKEN_FILE is not set", "missing-token-file"),
     (["--proxy-port", "0"], {}, "--proxy-port: port 0", "port-0"),
     (["--proxy-port", "65536"], {}, "--proxy-port: port 65536", "port-65536"),
-    (["--proxy-port=abc"], {}, "--proxy-port: 'abc'", "port-abc"),
+    (["--proxy-port=abc"], {}, "invalid value 'abc' for flag -proxy-port", "port-abc"),
     (["--log-level", "chatty"], {}, "--log-level", "log-level"),
-    (["--passthrough", "some"], {}, "argument --passthrough: invalid choice", "passthrough-choice"),
-    (["--no-such-flag"], {}, "unrecognized arguments: --no-such-flag", "unknown-flag"),
+    (["--passthrough", "some"], {}, "invalid value 'some' for flag -passthrough", "passthrough-choice"),
+    (["--no-such-flag"], {}, "flag provided but not defined: -no-such-flag", "unknown-flag"),
     ([], {"AZURE_AUTHORITY_HOST": "not a url"}, "AZURE_AUTHORITY_HOST", "authority-not-url"),
     ([], {"AZURE_AUTHORITY_HOST": "http://login.microsoftonline.com/"}, "must use https", "authority-http"),
     ([], {"AZURE_KUBERNETES_TOKEN_PROXY": "http://p"}, "must be an https URL", "binding-http"),
@@ -135,6 +137,101 @@ def test_proxy_bad_value_exits_2_with_one_line(
     assert out == ""
     assert message in _one_error_line(err, "azwi-netproxy")
     assert started == []
+
+
+# Upstream's `proxy` parses its flags with Go's `flag` package (cmd/proxy/main.go): one or
+# two dashes, `=value` or the next argument, booleans as `-flag` or `-flag=<ParseBool>`,
+# integers as strconv.ParseInt(s, 0, 64) reads them. Each row: argv, the config it means.
+GO_SPELLINGS = [
+    (["-proxy-port=9101"], {"proxy_port": 9101}, "one-dash-equals"),
+    (["--proxy-port", "9101"], {"proxy_port": 9101}, "two-dashes-separate-value"),
+    (["-proxy-port", "9101"], {"proxy_port": 9101}, "one-dash-separate-value"),
+    (["--proxy-port=9101"], {"proxy_port": 9101}, "two-dashes-equals"),
+    (["-proxy-port=0x238d"], {"proxy_port": 9101}, "hex"),
+    (["-proxy-port=0o21615"], {"proxy_port": 9101}, "octal-prefix"),
+    (["-proxy-port=021615"], {"proxy_port": 9101}, "legacy-octal"),
+    (["-proxy-port=0b10001110001101"], {"proxy_port": 9101}, "binary"),
+    (["-proxy-port=9_101"], {"proxy_port": 9101}, "underscore"),
+    (["-proxy-port=+9101"], {"proxy_port": 9101}, "plus-sign"),
+    (["-proxy-port=1", "-proxy-port=9101"], {"proxy_port": 9101}, "last-one-wins"),
+    (["-log-level", "debug"], {"log_level": "debug"}, "log-level-separate-value"),
+    (["-log-level=debug"], {"log_level": "debug"}, "log-level-equals"),
+    (["--log-level="], {"log_level": "warning"}, "log-level-empty-is-mlogs-default"),
+    (["-passthrough", "none"], {"passthrough": "none"}, "our-flag-one-dash"),
+    (["-metrics-port=0x2382"], {"metrics_port": 9090}, "metrics-port-hex"),
+    (["--proxy-port=9101", "--"], {"proxy_port": 9101}, "double-dash-ends-flags"),
+]
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [(a, e) for a, e, _ in GO_SPELLINGS],
+    ids=[name for *_, name in GO_SPELLINGS],
+)
+def test_upstreams_go_flag_spellings_mean_the_same(
+    proxy_env: pytest.MonkeyPatch, started: list[ProxyConfig], argv: list[str], expected: dict[str, object]
+) -> None:
+    assert cli.proxy_main(argv) == 0
+    [cfg] = started
+    assert {name: getattr(cfg, name) for name in expected} == expected
+
+
+PROBE_SPELLINGS = [
+    (["--probe"], True), (["-probe"], True), (["--probe=true"], True), (["-probe=1"], True),
+    (["-probe=t"], True), (["-probe=T"], True), (["-probe=TRUE"], True), (["-probe=True"], True),
+    (["--probe=false"], False), (["-probe=0"], False), (["-probe=f"], False), (["-probe=F"], False),
+    (["-probe=FALSE"], False), (["-probe=False"], False), ([], False),
+]
+
+
+@pytest.mark.parametrize(("argv", "probe"), PROBE_SPELLINGS, ids=[" ".join(a) or "none" for a, _ in PROBE_SPELLINGS])
+def test_probe_takes_gos_boolean_spellings(argv: list[str], probe: bool) -> None:
+    assert cli.proxy_parser().parse_args(argv).probe is probe
+
+
+GO_REFUSED = [
+    (["-probe=yes"], "invalid boolean value 'yes' for -probe", "bool-yes"),
+    (["-probe", "true"], "unexpected argument 'true'", "bool-separate-value"),
+    (["-proxy-port"], "flag needs an argument: -proxy-port", "missing-value"),
+    (["-proxy-port=abc"], "invalid value 'abc' for flag -proxy-port", "not-a-number"),
+    (["-proxy-port=08"], "invalid value '08' for flag -proxy-port", "bad-legacy-octal"),
+    (["-proxy-port= 8000"], "invalid value ' 8000' for flag -proxy-port", "blank-space"),
+    (["-proxy-port=9_"], "invalid value '9_' for flag -proxy-port", "trailing-underscore"),
+    (["---proxy-port=8000"], "bad flag syntax: ---proxy-port=8000", "three-dashes"),
+    (["-=8000"], "bad flag syntax: -=8000", "no-name"),
+    (["-no-such-flag"], "flag provided but not defined: -no-such-flag", "unknown"),
+    (["extra"], "unexpected argument 'extra'", "positional"),
+    (["--", "extra"], "unexpected argument 'extra'", "positional-after-double-dash"),
+    (["-version=maybe"], "invalid boolean value 'maybe' for -version", "version-bad-bool"),
+]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [(a, m) for a, m, _ in GO_REFUSED],
+    ids=[name for *_, name in GO_REFUSED],
+)
+def test_spellings_go_refuses_exit_2_with_one_line(
+    proxy_env: pytest.MonkeyPatch, started: list[ProxyConfig], capsys: pytest.CaptureFixture[str],
+    argv: list[str], message: str,
+) -> None:
+    assert _exit_code(cli.proxy_main, argv) == 2
+    assert message in _one_error_line(capsys.readouterr().err, "azwi-netproxy")
+    assert started == []
+
+
+@pytest.mark.parametrize("argv", [["-h"], ["-help"], ["--help"]])
+def test_help_in_gos_spellings_prints_usage_and_exits_0(
+    capsys: pytest.CaptureFixture[str], argv: list[str]
+) -> None:
+    assert _exit_code(cli.proxy_main, argv) == 0
+    assert "--proxy-port" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv", [["-version"], ["--version=true"]])
+def test_version_in_gos_spellings(capsys: pytest.CaptureFixture[str], argv: list[str]) -> None:
+    assert _exit_code(cli.proxy_main, argv) == 0
+    assert capsys.readouterr().out == f"azwi-netproxy {__version__}\n"
 
 
 MAP_FILES = [
@@ -270,6 +367,19 @@ def test_probe_fails_quickly_when_nothing_listens(
     err = capsys.readouterr().err
     assert f"127.0.0.1:{closed_port}/readyz" in err
     assert err.count("\n") == 1
+
+
+def test_probe_with_nothing_listening_exits_within_10_s_of_its_own_start(closed_port: int) -> None:
+    # CONTRACT.md: the postStart hook's probe gives up with a non-zero exit within 10 s of
+    # its own start, interpreter start included: timed from before the exec, as a kubelet
+    # would see it. It must also have tried for most of that time, not given up at once.
+    begun = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "azwi_netproxy", f"--proxy-port={closed_port}", "--probe"],
+                          capture_output=True, text=True, timeout=30, check=False, env={"PATH": "/usr/bin:/bin"})
+    took_s = time.monotonic() - begun
+    assert done.returncode != 0, done
+    assert 8.0 < took_s < 10.0, took_s
+    assert done.stderr.count("\n") == 1 and "/readyz failed" in done.stderr, done.stderr
 
 
 @pytest.mark.parametrize("ready_server", [503], indirect=True)

@@ -391,7 +391,7 @@ MUTATIONS: list[tuple[str, Callable[[list[dict[str, Any]]], None], str]] = [
     ("httpGet probe", _http_get_probe, "127.0.0.1 only"),
     ("native sidecar without restartPolicy", _no_restart_policy, "restartPolicy: Always"),
     ("bad log level", _bad_proxy_flag, "--log-level"),
-    ("unknown proxy flag", _unknown_proxy_flag, "unrecognized arguments"),
+    ("unknown proxy flag", _unknown_proxy_flag, "flag provided but not defined"),
     ("no tenant", _no_tenant, "AZURE_TENANT_ID"),
     ("bad PROXY_UID", _bad_init_env, "PROXY_UID"),
     ("writable root", _writable_root, "readOnlyRootFilesystem"),
