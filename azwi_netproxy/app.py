@@ -141,7 +141,8 @@ class TokenApp:
             response = self._ready(request)
         elif route is imds.Route.INVALID:
             response = error_response(BadRequest("Invalid request target"))
-        elif route is imds.Route.NEAR_MISS:
+        elif route is imds.Route.REFUSED:
+            self._metrics.passthrough_refused += 1
             response = error_response(
                 NotFound("Not an instance metadata identity endpoint: refused by azwi-netproxy")
             )
@@ -279,9 +280,7 @@ class TokenApp:
 
     # ---- helpers ----
     def _understand(self, raw_target: bytes) -> _Target:
-        text = raw_target.decode("latin-1")
-        path, query = imds.split_target(text)
-        route = imds.classify(path)
+        route, path, query = imds.read_target(raw_target.decode("latin-1"))
         result: _Target
         if route is not imds.Route.TOKEN:
             result = _Target(route, path, query)

@@ -30,6 +30,7 @@ _HEADER_OVERHEAD: Final = 64
 # that was exactly one complete request maps to its parsed Request. Bounded.
 MEMO_REQUEST_BYTES: Final = 2048
 MEMO_ENTRIES: Final = 256
+_VERSIONS: Final = frozenset({"1.0", "1.1"})
 
 
 class ProtocolError(Exception):
@@ -162,6 +163,14 @@ class RequestReader:
         if self._header_bytes > MAX_HEADER_BYTES:
             self._fail(431, "request headers too large")
         self._headers.append((name.lower(), value))
+
+    def on_headers_complete(self) -> None:
+        # CONTRACT.md: only HTTP/1.0 and 1.1 are answered. httptools reads a request line
+        # without a version as HTTP/0.9 *with* the header lines that follow it: the shape
+        # a CRLF injected into an app's URL (an SSRF) produces. Refused before any body.
+        parser = cast(httptools.HttpRequestParser, self._parser)
+        if parser.get_http_version() not in _VERSIONS:
+            self._fail(400, "only HTTP/1.0 and HTTP/1.1 are answered")
 
     def on_body(self, body: bytes) -> None:
         self._body.append(body)

@@ -4,19 +4,18 @@ Rules:
 1. Pure: strings and bytes in, values or BadRequest out. No sockets, no clock calls (the
    caller passes `now`).
 2. Only this module knows IMDS's field names and messages.
-3. A path that *could* be read as the identity endpoint by anything that decodes or
-   normalises it is never classified as pass-through: `classify` looks at the decoded,
-   normalised path, so `/metadata/%69dentity/...` or `//metadata/./identity/...` are
-   refused instead of being forwarded to the node's real IMDS, which would answer with
-   the node's identity.
+3. A target that *could* be read as the identity endpoint by anything that decodes or
+   normalises it is never classified as pass-through (`read_target`): not `//host/...`,
+   not absolute form, not `/metadata/%69dentity/...` nor `/metadata/identity;x/...`. The
+   node's real IMDS would answer those with the node's identity.
 """
 
 from __future__ import annotations
 
 import enum
 import json
-import posixpath
 import re
+import unicodedata
 import urllib.parse
 from typing import Final, NamedTuple
 
@@ -27,6 +26,7 @@ READY_PATHS: Final = frozenset({"/readyz", "/healthz"})
 # Query parameters that select an identity (IMDS's names; principal_id is IMDS's alias of object_id).
 SELECTORS: Final = ("client_id", "object_id", "principal_id", "msi_res_id", "mi_res_id")
 _MAX_QUERY_FIELDS: Final = 32
+_MAX_DECODING_ROUNDS: Final = 8
 _ABSOLUTE_FORM: Final = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 # A "%" not followed by two hex digits: Go's url.ParseQuery (upstream) rejects those.
 _BAD_ESCAPE: Final = re.compile(r"%(?![0-9A-Fa-f]{2})")
@@ -43,7 +43,8 @@ class Route(enum.Enum):
     INVALID = "invalid"  # "*" or authority-form targets: nothing here answers those
     TOKEN = "token"
     READY = "ready"
-    NEAR_MISS = "near_miss"
+    # Could be read as the identity endpoint, or not origin-form: 404, never forwarded.
+    REFUSED = "refused"
     PASSTHROUGH = "passthrough"
 
 
@@ -56,50 +57,76 @@ class TokenRequest(NamedTuple):
     resource_json: str
 
 
-def split_target(target: str) -> tuple[str, str]:
-    """Path and query of an origin-form or absolute-form request target.
+class Target(NamedTuple):
+    route: Route
+    # What is answered or forwarded: the target's own path and query, never re-encoded.
+    path: str
+    query: str
 
-    Absolute form (`GET HTTP://other-host/x`; schemes are case-insensitive, RFC 3986
-    section 3.1) keeps only its path and query: the host named there is never used.
+
+def read_target(target: str) -> Target:
+    """Which handler a request target belongs to, with its path and query.
+
+    CONTRACT.md: only an origin-form target (one leading "/") is passed through, and only
+    if no segment of its path could be read as the identity endpoint. Absolute form
+    (`GET http://host/...`; schemes are case-insensitive, RFC 3986 section 3.1) is answered
+    on the token path only, as Go's server (upstream) routes it by its path; the host named
+    there is never used.
     """
     target = target.partition("#")[0]
     if _ABSOLUTE_FORM.match(target):
         try:
             parts = urllib.parse.urlsplit(target)
         except ValueError:  # e.g. "http://[::1/…": not a target anything here answers
-            return "", ""
-        return parts.path or "/", parts.query
+            return Target(Route.INVALID, "", "")
+        path = parts.path or "/"
+        route = Route.TOKEN if _is_token_path(path) else Route.REFUSED
+        return Target(route, path, parts.query)
     path, _, query = target.partition("?")
-    return path, query
-
-
-def _normalised(path: str) -> str:
-    """The path as the most lenient server could read it: decoded, folded, dot-segments gone."""
-    previous = None
-    decoded = path
-    # Decode until stable so double encoding (%2569) cannot hide a segment either.
-    for _ in range(4):
-        if decoded == previous:
-            break
-        previous, decoded = decoded, urllib.parse.unquote(decoded, errors="replace")
-    decoded = decoded.replace("\\", "/")
-    folded = posixpath.normpath("/" + decoded.lstrip("/"))
-    return folded.lower()
-
-
-def classify(path: str) -> Route:
-    """Which handler a request path belongs to."""
     if not path.startswith("/"):
-        return Route.INVALID
-    # IMDS matches "/metadata" case-insensitively and the rest exactly (upstream does too).
-    if path[:9].lower() == "/metadata" and path[9:] in TOKEN_PATH_TAIL:
-        return Route.TOKEN
+        # "*", authority-form (CONNECT) or garbage: nothing here answers those.
+        return Target(Route.INVALID, path, query)
+    if _is_token_path(path):
+        return Target(Route.TOKEN, path, query)
     if path in READY_PATHS:
-        return Route.READY
-    normalised = _normalised(path)
-    if normalised == "/metadata/identity" or normalised.startswith("/metadata/identity/"):
-        return Route.NEAR_MISS
-    return Route.PASSTHROUGH
+        return Target(Route.READY, path, query)
+    # "//host/x" is a network-path reference: URL parsers read "/x" as its path.
+    if path.startswith("//") or names_identity(path):
+        return Target(Route.REFUSED, path, query)
+    return Target(Route.PASSTHROUGH, path, query)
+
+
+def _is_token_path(path: str) -> bool:
+    # IMDS matches "/metadata" case-insensitively and the rest exactly (upstream does too).
+    return path[:9].lower() == "/metadata" and path[9:] in TOKEN_PATH_TAIL
+
+
+def names_identity(path: str) -> bool:
+    """Whether any segment of `path`, read as leniently as any server or URL parser might,
+    begins with "identity": such a path is never passed through to the node's IMDS, which
+    would answer it with the node's own identity.
+
+    Each segment is percent-decoded until stable (double encoding cannot hide one),
+    backslashes are read as slashes (WHATWG URL parsers do), and it is cut at ";" (path
+    parameters), NFKC-folded (full-width letters), stripped of dots, blank space and
+    control bytes, and compared case-insensitively. No IMDS route outside the token path
+    has such a segment, so the test errs on refusing. Dot segments need no resolving: every
+    segment is looked at, wherever it would end up.
+    """
+    decoded = path
+    for _ in range(_MAX_DECODING_ROUNDS):
+        once = urllib.parse.unquote(decoded, errors="replace")
+        if once == decoded:
+            break
+        decoded = once
+    else:
+        return True  # still decoding: nothing legitimate is encoded that deep
+    for segment in decoded.replace("\\", "/").split("/"):
+        folded = unicodedata.normalize("NFKC", segment.partition(";")[0])
+        cleaned = "".join(ch for ch in folded if ch.isprintable() and not ch.isspace())
+        if cleaned.strip(".").casefold().startswith("identity"):
+            return True
+    return False
 
 
 def parse_token_query(query: str) -> TokenRequest:

@@ -20,45 +20,74 @@ from azwi_netproxy.imds import Route
 
 TOKEN = Route.TOKEN
 READY = Route.READY
-NEAR = Route.NEAR_MISS
+REFUSED = Route.REFUSED
 PASS = Route.PASSTHROUGH
+INVALID = Route.INVALID
 
-CLASSIFY_CASES = [
+# CONTRACT.md: only an origin-form target none of whose segments, decoded and cleaned,
+# begins with "identity" is passed through. Literal rows, not a second reading of the rule.
+TARGET_CASES = [
     ("/metadata/identity/oauth2/token", TOKEN, "token"),
     ("/metadata/identity/oauth2/token/", TOKEN, "token-trailing-slash"),
     ("/METADATA/identity/oauth2/token", TOKEN, "metadata-upper"),
     ("/MetaData/identity/oauth2/token", TOKEN, "metadata-mixed-case"),
-    ("/metadata/IDENTITY/oauth2/token", NEAR, "identity-upper"),
-    ("/metadata/identity/OAUTH2/token", NEAR, "oauth2-upper"),
-    ("/metadata/identity/oauth2/TOKEN", NEAR, "token-upper"),
-    ("/metadata/identity/oauth2/token//", NEAR, "two-trailing-slashes"),
-    ("//metadata/identity/oauth2/token", NEAR, "leading-double-slash"),
-    ("/metadata//identity/oauth2/token", NEAR, "inner-double-slash"),
-    ("/metadata/identity/oauth2//token", NEAR, "double-slash-before-token"),
-    ("/metadata/%69dentity/oauth2/token", NEAR, "percent-encoded-letter"),
-    ("/metadata/%49DENTITY/oauth2/token", NEAR, "percent-encoded-upper"),
-    ("/metadata%2Fidentity/oauth2/token", NEAR, "encoded-slash"),
-    ("/metadata%2fidentity%2foauth2%2ftoken", NEAR, "encoded-slashes-lower"),
-    ("/%6Detadata/identity/oauth2/token", NEAR, "encoded-metadata"),
-    ("/metadata/%2569dentity/oauth2/token", NEAR, "double-encoded"),
-    ("/metadata/%252569dentity/oauth2/token", NEAR, "triple-encoded"),
-    ("/metadata/./identity/oauth2/token", NEAR, "dot-segment"),
-    ("/metadata/instance/../identity/oauth2/token", NEAR, "dot-dot-segment"),
-    ("/metadata/instance/%2e%2e/identity/oauth2/token", NEAR, "encoded-dot-dot"),
-    ("/metadata/identity/oauth2/token/.", NEAR, "trailing-dot"),
-    ("/metadata\\identity\\oauth2\\token", NEAR, "backslashes"),
-    ("/metadata%5Cidentity/oauth2/token", NEAR, "encoded-backslash"),
-    # Not origin-form at all: refused with 400, never passed through.
-    ("\\metadata/identity/oauth2/token", imds.Route.INVALID, "leading-backslash"),
-    ("/metadata/identity", NEAR, "identity-root"),
-    ("/metadata/identity/", NEAR, "identity-root-slash"),
-    ("/metadata/identity/oauth2/token;x=1", NEAR, "path-parameter"),
-    ("/metadata/identity/info", NEAR, "other-identity-endpoint"),
+    ("/metadata/identity/oauth2/token?api-version=1&resource=x", TOKEN, "token-with-query"),
+    ("/metadata/IDENTITY/oauth2/token", REFUSED, "identity-upper"),
+    ("/metadata/identity/OAUTH2/token", REFUSED, "oauth2-upper"),
+    ("/metadata/identity/oauth2/TOKEN", REFUSED, "token-upper"),
+    ("/metadata/identity/oauth2/token//", REFUSED, "two-trailing-slashes"),
+    ("//metadata/identity/oauth2/token", REFUSED, "leading-double-slash"),
+    ("//host/metadata/instance", REFUSED, "network-path-reference"),
+    ("//metadata/instance", REFUSED, "network-path-reference-no-identity"),
+    ("/metadata//identity/oauth2/token", REFUSED, "inner-double-slash"),
+    ("/metadata/identity/oauth2//token", REFUSED, "double-slash-before-token"),
+    ("/metadata/%69dentity/oauth2/token", REFUSED, "percent-encoded-letter"),
+    ("/metadata/%49DENTITY/oauth2/token", REFUSED, "percent-encoded-upper"),
+    ("/metadata%2Fidentity/oauth2/token", REFUSED, "encoded-slash"),
+    ("/metadata%2fidentity%2foauth2%2ftoken", REFUSED, "encoded-slashes-lower"),
+    ("/%6Detadata/identity/oauth2/token", REFUSED, "encoded-metadata"),
+    ("/metadata/%2569dentity/oauth2/token", REFUSED, "double-encoded"),
+    ("/metadata/%252569dentity/oauth2/token", REFUSED, "triple-encoded"),
+    ("/metadata/%" + "25" * 9 + "69dentity", REFUSED, "encoded-past-the-rounds"),
+    ("/metadata/./identity/oauth2/token", REFUSED, "dot-segment"),
+    ("/metadata/instance/../identity/oauth2/token", REFUSED, "dot-dot-segment"),
+    ("/metadata/instance/%2e%2e/identity/oauth2/token", REFUSED, "encoded-dot-dot"),
+    ("/metadata/identity/oauth2/token/.", REFUSED, "trailing-dot-segment"),
+    ("/metadata\\identity\\oauth2\\token", REFUSED, "backslashes"),
+    ("/metadata%5Cidentity/oauth2/token", REFUSED, "encoded-backslash"),
+    ("/metadata/identity", REFUSED, "identity-root"),
+    ("/metadata/identity/", REFUSED, "identity-root-slash"),
+    ("/metadata/identity/oauth2/token;x=1", REFUSED, "path-parameter-on-token"),
+    ("/metadata/identity;x/oauth2/token", REFUSED, "path-parameter-on-identity"),
+    ("/metadata./identity/oauth2/token", REFUSED, "trailing-dot-on-metadata"),
+    ("/metadata/identity./oauth2/token", REFUSED, "trailing-dot-on-identity"),
+    ("/metadata/identity%00/oauth2/token", REFUSED, "nul"),
+    ("/metadata/identity%20/oauth2/token", REFUSED, "trailing-space"),
+    ("/metadata/%20identity/oauth2/token", REFUSED, "leading-space"),
+    ("/metadata/identity%09/oauth2/token", REFUSED, "tab"),
+    ("/metadata/iden%00tity/oauth2/token", REFUSED, "nul-inside"),
+    ("/metadata/%EF%BD%89dentity/oauth2/token", REFUSED, "full-width-i"),
+    ("/metadata/identity%ff/oauth2/token", REFUSED, "invalid-utf8-after"),
+    ("/metadta/identity/oauth2/token", REFUSED, "misspelt-metadata"),
+    ("/metadata/identityoauth2/token", REFUSED, "identity-prefix-of-a-segment"),
+    ("/metadata/identityfoo", REFUSED, "identity-prefix-only"),
+    ("/identity/oauth2/token", REFUSED, "no-metadata-prefix"),
+    ("/anything/else/identity", REFUSED, "identity-anywhere"),
+    ("http://169.254.169.254/metadata/instance", REFUSED, "absolute-form"),
+    ("HTTP://other-host/metadata/instance", REFUSED, "absolute-form-upper-scheme"),
+    ("http://other-host", REFUSED, "absolute-form-no-path"),
+    ("http://other-host/METADATA/identity/oauth2/token/", TOKEN, "absolute-form-token"),
+    ("\\metadata/identity/oauth2/token", INVALID, "leading-backslash"),
+    ("*", INVALID, "asterisk"),
+    ("169.254.169.254:80", INVALID, "authority-form"),
+    ("http://[::1/x", INVALID, "absolute-form-bad-host"),
     ("/metadata/instance", PASS, "instance"),
-    ("/metadata/instance/compute?api-version=2021-02-01", PASS, "instance-with-query-in-path"),
+    ("/metadata/instance/compute?api-version=2021-02-01", PASS, "instance-compute"),
     ("/metadata/versions", PASS, "versions"),
     ("/metadata/scheduledevents", PASS, "scheduled-events"),
-    ("/metadata/identityfoo", PASS, "identity-prefix-only"),
+    ("/metadata/attested/document?api-version=2020-09-01", PASS, "attested"),
+    ("/metadata/instance?x=/identity/oauth2/token", PASS, "identity-in-the-query-only"),
+    ("/metadata/ident", PASS, "ident-is-not-identity"),
     ("/", PASS, "root"),
     ("/readyz", READY, "readyz"),
     ("/healthz", READY, "healthz"),
@@ -67,12 +96,12 @@ CLASSIFY_CASES = [
 
 
 @pytest.mark.parametrize(
-    ("path", "route"),
-    [(path, route) for path, route, _ in CLASSIFY_CASES],
-    ids=[name for _, _, name in CLASSIFY_CASES],
+    ("target", "route"),
+    [(target, route) for target, route, _ in TARGET_CASES],
+    ids=[name for _, _, name in TARGET_CASES],
 )
-def test_classify(path: str, route: Route) -> None:
-    assert imds.classify(path) is route
+def test_read_target_routes(target: str, route: Route) -> None:
+    assert imds.read_target(target).route is route
 
 
 SPLIT_CASES = [
@@ -82,20 +111,16 @@ SPLIT_CASES = [
     ("/p?a=1#frag", ("/p", "a=1"), "fragment-after-query"),
     ("/p#frag?a=1", ("/p", ""), "fragment-before-query"),
     ("/p?a=1?b=2", ("/p", "a=1?b=2"), "second-question-mark-stays-in-query"),
-    ("http://other-host/metadata/instance", ("/metadata/instance", ""), "absolute-form"),
+    ("/p%20q?a=%20", ("/p%20q", "a=%20"), "kept-encoded"),
     (
         "http://169.254.169.254/metadata/identity/oauth2/token?resource=x",
         ("/metadata/identity/oauth2/token", "resource=x"),
         "absolute-form-token",
     ),
-    ("https://other-host:8443/metadata/instance?x=1", ("/metadata/instance", "x=1"), "absolute-https-port"),
-    ("http://other-host", ("/", ""), "absolute-form-no-path"),
-    # RFC 3986 section 3.1: schemes are case-insensitive; llhttp accepts these targets.
-    ("HTTP://other-host/metadata/instance", ("/metadata/instance", ""), "absolute-form-upper-scheme"),
     (
-        "Http://other-host/metadata/identity/oauth2/token?resource=x",
+        "Http://other-host:8443/metadata/identity/oauth2/token?resource=x",
         ("/metadata/identity/oauth2/token", "resource=x"),
-        "absolute-form-mixed-case-scheme",
+        "absolute-form-mixed-case-scheme-and-port",
     ),
 ]
 
@@ -105,15 +130,9 @@ SPLIT_CASES = [
     [(target, expected) for target, expected, _ in SPLIT_CASES],
     ids=[name for _, _, name in SPLIT_CASES],
 )
-def test_split_target(target: str, expected: tuple[str, str]) -> None:
-    assert imds.split_target(target) == expected
-
-
-def test_absolute_form_other_host_is_classified_by_its_path() -> None:
-    path, _ = imds.split_target("http://other-host/metadata/instance")
-    assert imds.classify(path) is PASS
-    path, _ = imds.split_target("http://other-host/METADATA/identity/oauth2/token/")
-    assert imds.classify(path) is TOKEN
+def test_read_target_keeps_path_and_query_as_sent(target: str, expected: tuple[str, str]) -> None:
+    _, path, query = imds.read_target(target)
+    assert (path, query) == expected
 
 
 # ---- the token query ------------------------------------------------------------------
