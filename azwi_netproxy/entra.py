@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -19,7 +20,7 @@ import ssl
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final, Protocol
+from typing import TYPE_CHECKING, Any, Final, NamedTuple, Protocol
 
 from azwi_netproxy import __version__
 from azwi_netproxy.errors import (
@@ -35,8 +36,6 @@ if TYPE_CHECKING:
     # import is a large share of start-up time and /readyz must answer quickly.
     import httpx
 
-    from azwi_netproxy.transport import FormClient
-
 log = logging.getLogger(__name__)
 
 ASSERTION_TYPE: Final = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
@@ -46,6 +45,10 @@ _MAX_ATTEMPTS: Final = 4
 _BACKOFF_BASE_S: Final = 0.4
 _DEFAULT_RETRY_AFTER_S: Final = 5
 _ERROR_CODE: Final = re.compile(r"^[a-z_]{1,64}$")
+_MAX_ANSWER_BYTES: Final = 1024 * 1024
+# Exchanges are rare (a miss, a refresh): one idle connection per client is plenty, and a
+# connection that failed is never the one a second try gets.
+_MAX_IDLE_CONNECTIONS: Final = 1
 
 
 class Endpoint(Protocol):
@@ -56,11 +59,36 @@ class Endpoint(Protocol):
 
     def token_url(self, tenant_id: str) -> str: ...
 
-    def client(self) -> tuple[FormClient, dict[str, Any]]:
+    def client(self) -> tuple[httpx.AsyncClient, dict[str, Any]]:
         """The client to use now and the request extensions (e.g. sni_hostname)."""
         ...
 
     async def aclose(self) -> None: ...
+
+
+def exchange_client(
+    *, ssl_context: ssl.SSLContext, trust_env: bool, timeout_s: float, keepalive_expiry_s: float | None = None
+) -> httpx.AsyncClient:
+    """httpx's own client and transport for exchanges: pooled, idle connections expired.
+
+    `trust_env` lets HTTPS_PROXY / NO_PROXY apply as httpx reads them (the Go proxy honours
+    them too); the trust store is always `ssl_context`, never the environment's.
+    """
+    import httpx
+
+    from azwi_netproxy.outbound import KEEPALIVE_EXPIRY_S
+
+    return httpx.AsyncClient(
+        verify=ssl_context,
+        trust_env=trust_env,
+        timeout=httpx.Timeout(timeout_s, connect=min(timeout_s, 5.0)),
+        limits=httpx.Limits(
+            max_keepalive_connections=_MAX_IDLE_CONNECTIONS,
+            keepalive_expiry=KEEPALIVE_EXPIRY_S if keepalive_expiry_s is None else keepalive_expiry_s,
+        ),
+        headers={"User-Agent": USER_AGENT},
+        follow_redirects=False,
+    )
 
 
 class AuthorityEndpoint:
@@ -73,12 +101,14 @@ class AuthorityEndpoint:
         timeout_s: float,
         ca_file: str | None = None,
         ca_dir: str | None = None,
+        keepalive_expiry_s: float | None = None,
     ) -> None:
         self._authority = authority_host.rstrip("/")
         self._timeout_s = timeout_s
         self._ca_file = ca_file
         self._ca_dir = ca_dir
-        self._client: FormClient | None = None
+        self._keepalive_expiry_s = keepalive_expiry_s
+        self._client: httpx.AsyncClient | None = None
 
     @property
     def endpoint_id(self) -> str:
@@ -87,18 +117,13 @@ class AuthorityEndpoint:
     def token_url(self, tenant_id: str) -> str:
         return f"{self._authority}/{tenant_id}/oauth2/v2.0/token"
 
-    def client(self) -> tuple[FormClient, dict[str, Any]]:
+    def client(self) -> tuple[httpx.AsyncClient, dict[str, Any]]:
         if self._client is None:
-            import httpx
-
-            from azwi_netproxy.transport import form_client
-
-            # trust_env keeps HTTPS_PROXY / NO_PROXY working, as in the Go proxy.
-            self._client = form_client(
+            self._client = exchange_client(
                 ssl_context=authority_context(self._ca_file, self._ca_dir),
                 trust_env=True,
-                timeout=httpx.Timeout(self._timeout_s, connect=min(self._timeout_s, 5.0)),
-                headers={"User-Agent": USER_AGENT},
+                timeout_s=self._timeout_s,
+                keepalive_expiry_s=self._keepalive_expiry_s,
             )
         return self._client, {}
 
@@ -139,7 +164,18 @@ class ExchangePolicy:
     max_attempts: int = _MAX_ATTEMPTS
 
 
-def _retry_after_s(response: httpx.Response) -> int | None:
+class _Answer(NamedTuple):
+    """The token service's answer, read whole (at most 1 MiB, decoded)."""
+
+    status: int
+    headers: httpx.Headers
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+def _retry_after_s(response: _Answer) -> int | None:
     value = response.headers.get("retry-after")
     if not value:
         return None
@@ -158,7 +194,7 @@ def _clean(text: str, limit: int = 1000) -> str:
     return "".join(ch if ch.isprintable() else " " for ch in text)[:limit].strip()
 
 
-def _permanent_error(response: httpx.Response) -> IdentityRejected:
+def _permanent_error(response: _Answer) -> IdentityRejected:
     try:
         body = response.json()
     except (json.JSONDecodeError, UnicodeDecodeError):
@@ -171,10 +207,10 @@ def _permanent_error(response: httpx.Response) -> IdentityRejected:
                 description,
                 entra_error=code if _ERROR_CODE.match(code) else "invalid_request",
             )
-    return IdentityRejected(f"The token service refused the exchange with HTTP {response.status_code}")
+    return IdentityRejected(f"The token service refused the exchange with HTTP {response.status}")
 
 
-def _parse_token(response: httpx.Response, now: int) -> Token:
+def _parse_token(response: _Answer, now: int) -> Token:
     try:
         body = response.json()
         access_token = body["access_token"]
@@ -339,8 +375,8 @@ class Exchanger:
             "client_assertion": assertion,
         }
         with _map_transport_errors(url):
-            response = await client.post_form(url, form, timeout_s=timeout_s, extensions=extensions)
-        status = response.status_code
+            response = await _post(client, url, form, timeout_s=timeout_s, extensions=extensions)
+        status = response.status
         if status == 200:
             return _parse_token(response, int(self._clock()))
         if status == 429 or status in _RETRY_STATUSES or status >= 500:
@@ -353,6 +389,38 @@ class Exchanger:
                 server_retry_after_s=asked,
             )
         raise _permanent_error(response)
+
+
+async def _post(
+    client: httpx.AsyncClient, url: str, form: dict[str, str], *, timeout_s: float, extensions: dict[str, Any]
+) -> _Answer:
+    """POST `form` and read the answer, at most 1 MiB of it.
+
+    A connection that dies before the answer comes back is tried once more at once (a
+    client-credentials grant may be repeated: each one only issues a token), before the
+    exchange's own spaced retries.
+
+    Raises:
+        httpx.HTTPError: as httpx raises them (mapped by the caller).
+        UpstreamUnavailable: the answer is too large.
+    """
+    from azwi_netproxy.outbound import send_once_more_if_dropped
+
+    request = client.build_request("POST", url, data=form, timeout=timeout_s, extensions=extensions)
+    response = await send_once_more_if_dropped(
+        functools.partial(client.send, stream=True), request, repeatable=True
+    )
+    try:
+        body = bytearray()
+        async for chunk in response.aiter_bytes():
+            body += chunk
+            if len(body) > _MAX_ANSWER_BYTES:
+                raise UpstreamUnavailable(
+                    "The token service's answer is larger than 1 MiB", retry_after_s=_DEFAULT_RETRY_AFTER_S
+                )
+    finally:
+        await response.aclose()
+    return _Answer(response.status_code, response.headers, bytes(body))
 
 
 def read_assertion_file(path: str) -> Callable[[], str]:

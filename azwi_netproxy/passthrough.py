@@ -1,11 +1,12 @@
 """Pass-through of non-token paths to the node's real IMDS, as the upstream proxy does.
 
 The destination is fixed (METADATA_IP:METADATA_PORT): the request's Host, absolute-form
-target or headers can never steer it elsewhere. Hop-by-hop headers and X-Forwarded-For
-are dropped both ways. The proxy's own connection is exempt from the NAT redirect only
-while it runs as PROXY_UID; if it is not (a pod-level runAsUser, say), the request comes
-back to this very server. A per-process nonce header catches that: the server answers it
-with 508 at once, and this module turns the 508 into a clear PassthroughLoop error.
+target or headers can never steer it elsewhere. The client's own headers go with it (Host
+included: IMDS ignores it), hop-by-hop headers and X-Forwarded-For dropped both ways, and
+nothing is added but the loop marker. The proxy's own connection is exempt from the NAT
+redirect only while it runs as PROXY_UID; if it is not (a pod-level runAsUser, say), the
+request comes back to this very server. A per-process nonce header catches that: the server
+answers it with 508 at once, and this module turns the 508 into a clear PassthroughLoop error.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import TYPE_CHECKING, Final
 
 from azwi_netproxy.errors import BadRequest, PassthroughLoop, UpstreamUnavailable
 from azwi_netproxy.http11 import Request, Response
+from azwi_netproxy.outbound import KEEPALIVE_EXPIRY_S, send_once_more_if_dropped
 
 if TYPE_CHECKING:
     import httpx
@@ -37,12 +39,13 @@ _HOP_BY_HOP: Final = frozenset(
         b"upgrade",
         b"proxy-connection",
         b"x-forwarded-for",
-        b"host",
+        # Framing: httpx sets it for the body it sends (a chunked one arrives de-chunked).
         b"content-length",
         LOOP_HEADER,
     }
 )
 _MAX_RESPONSE_BYTES: Final = 1024 * 1024
+_TIMEOUTS: Final = {"connect": 3.0, "read": 10.0, "write": 10.0, "pool": 10.0}
 
 
 def _connection_tokens(headers: list[tuple[bytes, bytes]]) -> set[bytes]:
@@ -60,7 +63,13 @@ def forwardable(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]
 
 
 class Passthrough:
-    """Forwards one request at a time to the fixed IMDS address."""
+    """Forwards requests to the fixed IMDS address over httpx's own transport (httpcore).
+
+    The transport, not httpx.AsyncClient: a client adds its default headers (Accept,
+    Accept-Encoding, User-Agent, Connection) to every request, and a pass-through must send
+    the client's own headers and nothing else (CONTRACT.md). httpx.Request adds only what
+    HTTP/1.1 framing needs: Host when the client sent none, Content-Length for a body.
+    """
 
     def __init__(self, metadata_ip: str, metadata_port: int, *, run_as_uid: int) -> None:
         # os.urandom rather than secrets: the same source, without importing hmac and friends.
@@ -68,17 +77,18 @@ class Passthrough:
         self._ip = metadata_ip
         self._port = metadata_port
         self._uid = run_as_uid
-        self._client: httpx.AsyncClient | None = None
+        self._transport: httpx.AsyncHTTPTransport | None = None
 
-    def _http(self) -> httpx.AsyncClient:
-        if self._client is None:
+    def _http(self) -> httpx.AsyncHTTPTransport:
+        if self._transport is None:
             import httpx
 
-            from azwi_netproxy.transport import lean_client
-
-            # No env proxies: the destination is the link-local IMDS, never a proxy.
-            self._client = lean_client(ssl_context=None, timeout=httpx.Timeout(10.0, connect=3.0))
-        return self._client
+            # No environment proxies: the destination is the link-local IMDS, never a proxy.
+            self._transport = httpx.AsyncHTTPTransport(
+                trust_env=False,
+                limits=httpx.Limits(max_keepalive_connections=2, keepalive_expiry=KEEPALIVE_EXPIRY_S),
+            )
+        return self._transport
 
     def is_own_loop(self, request: Request) -> bool:
         return any(n == LOOP_HEADER and v == self.nonce for n, v in request.headers)
@@ -92,7 +102,7 @@ class Passthrough:
         """
         import httpx
 
-        client = self._http()
+        transport = self._http()
         raw_path = path.encode("latin-1", "replace") + (
             b"?" + query.encode("latin-1", "replace") if query else b""
         )
@@ -102,11 +112,18 @@ class Passthrough:
             raise BadRequest("The request target cannot be passed through") from None
         headers = forwardable(request.headers)
         headers.append((LOOP_HEADER, self.nonce))
-        outbound = client.build_request(request.method, url, headers=headers, content=request.body or None)
+        outbound = httpx.Request(
+            request.method,
+            url,
+            headers=headers,
+            content=request.body or None,
+            extensions={"timeout": _TIMEOUTS},
+        )
         try:
-            response = await client.send(outbound, stream=True)
+            response = await send_once_more_if_dropped(transport.handle_async_request, outbound)
             try:
                 body = bytearray()
+                # Raw: the answer's body is relayed as IMDS sent it, Content-Encoding and all.
                 async for chunk in response.aiter_raw():
                     body += chunk
                     if len(body) > _MAX_RESPONSE_BYTES:
@@ -137,5 +154,5 @@ class Passthrough:
         return Response(response.status_code, bytes(body), content_type, rest or None)
 
     async def aclose(self) -> None:
-        if self._client is not None:
-            await self._client.aclose()
+        if self._transport is not None:
+            await self._transport.aclose()

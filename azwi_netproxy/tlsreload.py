@@ -20,9 +20,8 @@ from typing import Any
 import httpx
 
 from azwi_netproxy.config import IdentityBinding
-from azwi_netproxy.entra import USER_AGENT
+from azwi_netproxy.entra import exchange_client
 from azwi_netproxy.errors import UpstreamUnavailable
-from azwi_netproxy.transport import FormClient, form_client
 
 log = logging.getLogger(__name__)
 
@@ -43,10 +42,10 @@ class BindingEndpoint:
     def __init__(self, binding: IdentityBinding, *, timeout_s: float) -> None:
         self._binding = binding
         self._base = binding.token_proxy_url.rstrip("/")
-        self._timeout = httpx.Timeout(timeout_s, connect=min(timeout_s, 5.0))
+        self._timeout_s = timeout_s
         self._extensions: dict[str, Any] = {"sni_hostname": binding.sni_name} if binding.sni_name else {}
         self._ca_pem: str | None = None
-        self._client: FormClient | None = None
+        self._client: httpx.AsyncClient | None = None
         self._closing: set[asyncio.Task[None]] = set()
         if binding.ca_data:
             self._install(binding.ca_data)
@@ -58,7 +57,7 @@ class BindingEndpoint:
     def token_url(self, tenant_id: str) -> str:
         return f"{self._base}/{tenant_id}/oauth2/v2.0/token"
 
-    def client(self) -> tuple[FormClient, dict[str, Any]]:
+    def client(self) -> tuple[httpx.AsyncClient, dict[str, Any]]:
         """The client for the CA in force now.
 
         Raises:
@@ -75,14 +74,21 @@ class BindingEndpoint:
 
     def _reload(self, path: str) -> None:
         try:
-            with open(path, encoding="utf-8") as handle:
-                pem = handle.read()
+            with open(path, "rb") as handle:
+                raw = handle.read()
         except OSError as exc:
             if self._client is not None:
                 log.warning(
                     "cannot read CA file, keeping the last good CA",
                     extra={"path": path, "error": exc.strerror},
                 )
+            return
+        try:
+            # PEM is ASCII: anything else is a file caught mid-write or garbled.
+            pem = raw.decode("ascii")
+        except UnicodeDecodeError:
+            if self._client is not None:
+                log.warning("CA file is not PEM text, keeping the last good CA", extra={"path": path})
             return
         if pem == self._ca_pem:
             return
@@ -92,7 +98,7 @@ class BindingEndpoint:
             return
         try:
             self._install(pem)
-        except ssl.SSLError as exc:
+        except (ssl.SSLError, ValueError) as exc:
             log.warning(
                 "CA file holds no usable certificate, keeping the last good CA",
                 extra={"path": path, "error": str(exc)},
@@ -103,12 +109,8 @@ class BindingEndpoint:
     def _install(self, pem: str) -> None:
         context = context_for(pem)
         old = self._client
-        self._client = form_client(
-            ssl_context=context,
-            trust_env=False,
-            timeout=self._timeout,
-            headers={"User-Agent": USER_AGENT},
-        )
+        # Never an environment proxy: the token proxy is in the cluster.
+        self._client = exchange_client(ssl_context=context, trust_env=False, timeout_s=self._timeout_s)
         self._ca_pem = pem
         if old is not None:
             # Connections verified with the old CA must not be reused.

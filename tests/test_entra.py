@@ -36,7 +36,6 @@ from azwi_netproxy.errors import (
 from azwi_netproxy.imds import scope_for
 from azwi_netproxy.tlsreload import BindingEndpoint
 from azwi_netproxy.tokens import CacheKey, Token
-from azwi_netproxy.transport import FormClient
 
 NOW = 1_700_000_000
 TENANT = "00000000-0000-0000-0000-00000000000a"
@@ -81,9 +80,7 @@ class MockEndpoint:
     """An Endpoint whose client talks to a FakeEntra through httpx.MockTransport."""
 
     def __init__(self, entra_fake: FakeEntra) -> None:
-        self._client = FormClient(
-            transport=httpx.MockTransport(entra_fake), timeout=httpx.Timeout(5.0), headers={}
-        )
+        self._client = httpx.AsyncClient(transport=httpx.MockTransport(entra_fake), timeout=httpx.Timeout(5.0))
 
     @property
     def endpoint_id(self) -> str:
@@ -92,7 +89,7 @@ class MockEndpoint:
     def token_url(self, tenant_id: str) -> str:
         return f"{AUTHORITY}/{tenant_id}/oauth2/v2.0/token"
 
-    def client(self) -> tuple[FormClient, dict[str, Any]]:
+    def client(self) -> tuple[httpx.AsyncClient, dict[str, Any]]:
         return self._client, {}
 
     async def aclose(self) -> None:
@@ -357,7 +354,7 @@ TRANSIENT = [
     (httpx.Response(429), UpstreamThrottled, "429"),
     (httpx.ConnectError("refused"), UpstreamUnavailable, "connect-error"),
     (httpx.ReadTimeout("slow"), UpstreamUnavailable, "read-timeout"),
-    (httpx.RemoteProtocolError("garbage"), UpstreamUnavailable, "protocol-error"),
+    (httpx.ProxyError("502 from the proxy"), UpstreamUnavailable, "proxy-error"),
 ]
 
 
@@ -396,6 +393,34 @@ async def test_transient_errors_give_up_after_max_attempts(
     assert len(harness.delays) == 3
     assert info.value.retry_after_s == 5
     assert harness.results == ["throttled" if error is UpstreamThrottled else "unavailable"]
+
+
+DROPPED = [
+    httpx.RemoteProtocolError("Server disconnected without sending a response."),
+    httpx.ReadError("[Errno 104] Connection reset by peer"),
+    httpx.WriteError("[Errno 32] Broken pipe"),
+]
+
+
+@pytest.mark.parametrize("dropped", DROPPED, ids=["disconnected", "reset", "broken-pipe"])
+async def test_a_connection_dropped_before_the_answer_is_sent_once_more_at_once(
+    harness: Harness, dropped: Exception
+) -> None:
+    fake = FakeEntra(dropped, ok())
+    token = await harness.exchanger(fake)(KEY)
+    assert token.access_token == "eyJ.a.b"
+    assert len(fake.requests) == 2
+    assert harness.delays == [], "the second try is not a spaced retry"
+    assert fake.forms[0] == fake.forms[1]
+
+
+@pytest.mark.parametrize("dropped", DROPPED, ids=["disconnected", "reset", "broken-pipe"])
+async def test_connections_dropped_twice_go_on_to_the_spaced_retries(harness: Harness, dropped: Exception) -> None:
+    fake = FakeEntra(dropped, dropped, ok())
+    await harness.exchanger(fake)(KEY)
+    assert len(fake.requests) == 3
+    assert len(harness.delays) == 1
+    assert harness.results == ["success"]
 
 
 async def test_backoff_is_exponential_with_jitter(harness: Harness) -> None:
@@ -497,32 +522,6 @@ async def test_authority_endpoint_url(authority: str) -> None:
         client, extensions = endpoint.client()
         assert endpoint.client()[0] is client
         assert extensions == {}
-    finally:
-        await endpoint.aclose()
-
-
-async def test_authority_endpoint_goes_through_an_environment_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
-    """As the Go proxy's HTTP client does (ProxyFromEnvironment); the tunnel itself is
-    tested in test_transport against a real CONNECT proxy."""
-    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:3128")
-    monkeypatch.setenv("NO_PROXY", "")
-    endpoint = AuthorityEndpoint("https://login.microsoftonline.com", timeout_s=5.0)
-    try:
-        assert endpoint.client()[0].via_environment_proxy
-    finally:
-        await endpoint.aclose()
-
-
-async def test_binding_endpoint_never_goes_through_an_environment_proxy(
-    monkeypatch: pytest.MonkeyPatch, ca_pems: tuple[str, str]
-) -> None:
-    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:3128")
-    monkeypatch.setenv("NO_PROXY", "")
-    endpoint = BindingEndpoint(
-        IdentityBinding(token_proxy_url="https://10.0.0.1", ca_data=ca_pems[0]), timeout_s=5.0
-    )
-    try:
-        assert not endpoint.client()[0].via_environment_proxy
     finally:
         await endpoint.aclose()
 

@@ -19,6 +19,7 @@ IMDS path the proxy might pass through; they are not recorded.
 from __future__ import annotations
 
 import argparse
+import gzip
 import http.client
 import http.server
 import json
@@ -77,8 +78,15 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def _send_json(self, status: int, doc: Any) -> None:
         body = json.dumps(doc).encode()
+        # Real IMDS compresses when asked; a proxy must relay those bytes as they are, and
+        # must not ask for compression a client did not ask for.
+        gzipped = "gzip" in (self.headers.get("Accept-Encoding") or "").lower()
+        if gzipped:
+            body = gzip.compress(body, mtime=0)
         self.send_response(status)
         self.send_header("Content-Type", "application/json; charset=utf-8")
+        if gzipped:
+            self.send_header("Content-Encoding", "gzip")
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         if self.command != "HEAD":
