@@ -156,10 +156,10 @@ def proxy_main(argv: Sequence[str] | None = None) -> int:
         from azwi_netproxy.probe import probe, seconds_since_process_start
 
         return probe(cfg.proxy_port, elapsed_s=seconds_since_process_start())
-    logs.configure(cfg.log_level, logger_name="proxy")
+    writer = logs.configure(cfg.log_level, logger_name="proxy")
     from azwi_netproxy.run import run_proxy
 
-    return run_proxy(cfg)
+    return run_proxy(cfg, writer)
 
 
 def init_parser() -> argparse.ArgumentParser:
@@ -207,7 +207,11 @@ def init_main(argv: Sequence[str] | None = None) -> int:
         cfg = config.load_init(vars(args), os.environ)
     except ConfigError as exc:
         return _config_error("azwi-netproxy-init", exc)
-    logs.configure(cfg.log_level, logger_name="proxy-init")
+    writer = logs.configure(cfg.log_level, logger_name="proxy-init")
     from azwi_netproxy.initrun import run_init
 
-    return run_init(cfg)
+    try:
+        return run_init(cfg)
+    finally:
+        if writer is not None:
+            writer.drain()

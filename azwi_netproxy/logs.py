@@ -17,7 +17,6 @@ import logging
 import os
 import stat
 import struct
-import sys
 import termios
 import time
 from collections.abc import Callable
@@ -61,14 +60,26 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str, separators=(",", ":"))
 
 
-def configure(level: str, *, logger_name: str, stream: IO[str] | None = None) -> None:
-    """Send every azwi_netproxy log record to `stream` (stderr) as JSON at `level`."""
-    handler = logging.StreamHandler(stream or sys.stderr)
+def configure(level: str, *, logger_name: str, stream: IO[str] | None = None) -> LineWriter | None:
+    """Send every log record to stderr as JSON at `level`; return the writer that does it.
+
+    Records of every level, ours and other libraries' (httpx's, asyncio's, Python warnings),
+    go through one `LineWriter` on stderr, which never blocks: a container's stderr is a pipe
+    whose reader may stall. With `stream` (tests) records go to it instead, blocking, and
+    None is returned.
+    """
+    writer: LineWriter | None = None
+    handler: logging.Handler
+    if stream is None:
+        writer = LineWriter(2)
+        handler = LineHandler(writer)
+    else:
+        handler = logging.StreamHandler(stream)
     handler.setFormatter(JsonFormatter(logger_name))
-    root = logging.getLogger("azwi_netproxy")
-    root.handlers[:] = [handler]
-    root.setLevel({"warning": logging.WARNING}.get(level, getattr(logging, level.upper(), 20)))
-    root.propagate = False
+    ours = logging.getLogger("azwi_netproxy")
+    ours.handlers[:] = [handler]
+    ours.setLevel({"warning": logging.WARNING}.get(level, getattr(logging, level.upper(), 20)))
+    ours.propagate = False
     # httpx/httpcore log full URLs and headers at debug; keep them out of our stream.
     for noisy in ("httpx", "httpcore"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -77,6 +88,28 @@ def configure(level: str, *, logger_name: str, stream: IO[str] | None = None) ->
     loop_logger.handlers[:] = [handler]
     loop_logger.setLevel(logging.WARNING)
     loop_logger.propagate = False
+    if stream is None:
+        # Everything else that logs (or warns) reaches the root logger; without a handler
+        # there, logging's last resort writes to sys.stderr, which blocks on a full pipe.
+        root = logging.getLogger()
+        root.handlers[:] = [handler]
+        root.setLevel(logging.WARNING)
+        logging.captureWarnings(True)
+    return writer
+
+
+class LineHandler(logging.Handler):
+    """A logging handler that writes through a LineWriter: a record never blocks."""
+
+    def __init__(self, writer: LineWriter) -> None:
+        super().__init__()
+        self.writer = writer
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.writer.write((self.format(record) + "\n").encode())
+        except Exception:
+            self.handleError(record)
 
 
 # A write(2) per event-loop turn costs as much as answering a cache hit; lines are kept
@@ -108,8 +141,126 @@ def pipe_room(fd: int) -> tuple[int, bool]:
     return size - queued - _PIPE_SLACK_BYTES, False
 
 
+class LineWriter:
+    """Whole lines to stderr, which may be a pipe nobody reads: a write never blocks.
+
+    A container's stderr is a pipe the runtime drains. Should that reader stall, a write to
+    a full pipe would block the event loop and every token answer with it: lines go out
+    only as far as the pipe has room, whole lines only, and wait in a bounded backlog for
+    the rest; past it new lines are dropped whole and counted. Counting the room (FIONREAD)
+    rather than setting O_NONBLOCK leaves the pipe's other writers alone, and needs no
+    access to a pipe another uid created.
+
+    `ahead`, when set, returns lines that must go out before any new one (the access log's
+    batch), so that lines keep their order; `schedule_flush` (the event loop's, once it
+    runs) brings the backlog back later.
+    """
+
+    __slots__ = (
+        "_backlog",
+        "_fd",
+        "_fd_is_pipe",
+        "_flush_scheduled",
+        "_max_backlog_bytes",
+        "ahead",
+        "closed",
+        "dropped_lines",
+        "schedule_flush",
+    )
+
+    def __init__(
+        self,
+        fd: int = 2,
+        *,
+        max_backlog_bytes: int = MAX_BACKLOG_BYTES,
+        schedule_flush: Callable[[Callable[[], None]], object] | None = None,
+    ) -> None:
+        self._fd = fd
+        try:
+            self._fd_is_pipe = stat.S_ISFIFO(os.fstat(fd).st_mode)
+        except OSError:
+            self._fd_is_pipe = False
+        self._backlog = bytearray()
+        self._max_backlog_bytes = max_backlog_bytes
+        self._flush_scheduled = False
+        self.schedule_flush = schedule_flush
+        self.ahead: Callable[[], bytes] | None = None
+        self.dropped_lines = 0
+        # stderr is gone: nothing left to write to.
+        self.closed = False
+
+    @property
+    def backlog_bytes(self) -> int:
+        return len(self._backlog)
+
+    def write(self, lines: bytes) -> None:
+        """Queue `lines` (whole lines) behind what waits, and write what the pipe takes now."""
+        if self.ahead is not None:
+            lines = self.ahead() + lines
+        if self.closed:
+            return
+        if lines:
+            if len(self._backlog) >= self._max_backlog_bytes:
+                self.dropped_lines += lines.count(b"\n")
+            else:
+                self._backlog += lines
+        self._push()
+
+    def flush(self) -> None:
+        self._flush_scheduled = False
+        self.write(b"")
+
+    def drain(self, timeout_s: float = 2.0) -> None:
+        """Write everything, waiting at most `timeout_s` for a slow reader (at shutdown)."""
+        self._flush_scheduled = True  # the loop is ending: nothing more is scheduled
+        self.write(b"")
+        deadline = time.monotonic() + timeout_s
+        while self._backlog and not self.closed and time.monotonic() < deadline:
+            time.sleep(0.01)  # a pipe's room is counted, not waited for (see above)
+            self._push()
+
+    def _writable_end(self, backlog: bytearray) -> int:
+        """How much of `backlog` to write now: all of it to a file; to a pipe, the whole
+        lines it has room for (0: none yet). A line longer than the whole pipe would hold
+        up the rest for ever: it is dropped and counted."""
+        while self._fd_is_pipe and backlog:
+            try:
+                room, empty = pipe_room(self._fd)
+            except OSError:  # not countable after all: plain writes, as to a file
+                self._fd_is_pipe = False
+                break
+            if room >= len(backlog):
+                break
+            end = backlog.rfind(b"\n", 0, max(room, 0)) + 1
+            if end or not empty:
+                return end
+            self.dropped_lines += 1
+            del backlog[: backlog.find(b"\n") + 1 or len(backlog)]
+        return len(backlog)
+
+    def _push(self) -> None:
+        backlog = self._backlog
+        while backlog:
+            end = self._writable_end(backlog)
+            if end == 0:
+                break  # the reader is behind: the rest waits for the next flush
+            try:
+                with memoryview(backlog) as view:  # released before the backlog shrinks
+                    written = os.write(self._fd, view[:end])
+            except BlockingIOError:
+                break  # a non-blocking descriptor that is full: as above
+            except OSError:
+                self.closed = True
+                backlog.clear()
+                return
+            del backlog[:written]
+        if backlog and not self._flush_scheduled and self.schedule_flush is not None:
+            self._flush_scheduled = True
+            self.schedule_flush(self.flush)
+
+
 class AccessLog:
-    """One line per request, built by hand and written in batches.
+    """One line per request, built by hand and written in batches through a LineWriter.
 
     Going through logging.Logger costs several microseconds per record (record object,
     handler lock, json.dumps of a dict); at tens of thousands of answers a second that is
@@ -117,18 +268,14 @@ class AccessLog:
     """
 
     __slots__ = (
-        "_backlog",
-        "_fd",
-        "_fd_is_pipe",
         "_fields",
         "_flush_scheduled",
-        "_max_backlog_bytes",
         "_pending",
         "_prefix",
         "_schedule_flush",
         "_second",
-        "dropped_lines",
         "enabled",
+        "writer",
     )
 
     def __init__(
@@ -136,33 +283,33 @@ class AccessLog:
         *,
         enabled: bool,
         schedule_flush: Callable[[Callable[[], None]], object],
+        writer: LineWriter | None = None,
         fd: int = 2,
         max_backlog_bytes: int = MAX_BACKLOG_BYTES,
     ) -> None:
         # A plain attribute, not a property: it is read for every request.
         self.enabled = enabled
-        self._fd = fd
+        # The process's one writer on stderr (logs.configure's), else one of its own.
+        self.writer = writer or LineWriter(fd, max_backlog_bytes=max_backlog_bytes)
+        if self.writer.schedule_flush is None:
+            self.writer.schedule_flush = schedule_flush
+        # Other log lines written meanwhile go out after this batch, not before it.
+        self.writer.ahead = self._take_pending
         self._pending: list[tuple[float, tuple[str, str], int]] = []
         self._flush_scheduled = False
         # Runs `flush` a little later (the proxy: loop.call_later, 50 ms).
         self._schedule_flush = schedule_flush
-        # A container's stderr is a pipe the runtime drains. Should that reader stall, a
-        # write to a full pipe would block the event loop and every token answer with it:
-        # lines go out only as far as the pipe has room, whole lines only (the logging
-        # module writes to the same pipe), and wait in a bounded backlog for the rest.
-        # Counting the room (FIONREAD) rather than setting O_NONBLOCK leaves the pipe's
-        # other writers alone, and needs no access to a pipe another uid created.
-        try:
-            self._fd_is_pipe = stat.S_ISFIFO(os.fstat(fd).st_mode)
-        except OSError:
-            self._fd_is_pipe = False
-        self._backlog = bytearray()
-        self._max_backlog_bytes = max_backlog_bytes
-        self.dropped_lines = 0
         self._second = -1
         self._prefix = ""
         # Requests repeat (the same few token URLs); escape each once.
         self._fields: dict[tuple[str, bytes, int, str | None, str | None], tuple[str, str]] = {}
+
+    @property
+    def dropped_lines(self) -> int:
+        return self.writer.dropped_lines
+
+    def _take_pending(self) -> bytes:
+        return self._format_pending().encode() if self._pending else b""
 
     def _format_pending(self) -> str:
         # One pass over the batch: this runs for every request the proxy answers. Integer
@@ -255,53 +402,9 @@ class AccessLog:
     def drain(self, timeout_s: float = 2.0) -> None:
         """Write everything, waiting at most `timeout_s` for a slow reader (at shutdown)."""
         self._flush_scheduled = True  # the loop is ending: nothing more is scheduled
-        self._write()
-        deadline = time.monotonic() + timeout_s
-        while self._backlog and time.monotonic() < deadline:
-            time.sleep(0.01)  # a pipe's room is counted, not waited for (see __init__)
-            self._write()
-
-    def _writable_end(self, backlog: bytearray) -> int:
-        """How much of `backlog` to write now: all of it to a file; to a pipe, the whole
-        lines it has room for (0: none yet). A line longer than the whole pipe would hold
-        up the rest for ever: it is dropped and counted."""
-        while self._fd_is_pipe and backlog:
-            try:
-                room, empty = pipe_room(self._fd)
-            except OSError:  # not countable after all: plain writes, as to a file
-                self._fd_is_pipe = False
-                break
-            if room >= len(backlog):
-                break
-            end = backlog.rfind(b"\n", 0, max(room, 0)) + 1
-            if end or not empty:
-                return end
-            self.dropped_lines += 1
-            del backlog[: backlog.find(b"\n") + 1 or len(backlog)]
-        return len(backlog)
+        self.writer.drain(timeout_s)
 
     def _write(self) -> None:
-        backlog = self._backlog
-        if self._pending:
-            data = self._format_pending().encode()
-            if len(backlog) >= self._max_backlog_bytes:
-                self.dropped_lines += data.count(b"\n")
-            else:
-                backlog += data
-        while backlog:
-            end = self._writable_end(backlog)
-            if end == 0:
-                break  # the reader is behind: the rest waits for the next flush
-            try:
-                with memoryview(backlog) as view:  # released before the backlog shrinks
-                    written = os.write(self._fd, view[:end])
-            except BlockingIOError:
-                break  # a non-blocking descriptor that is full: as above
-            except OSError:
-                self.enabled = False  # stderr is gone: nothing left to log to
-                backlog.clear()
-                return
-            del backlog[:written]
-        if backlog and not self._flush_scheduled:
-            self._flush_scheduled = True
-            self._schedule_flush(self.flush)
+        self.writer.write(b"")  # the batch comes first through `ahead`
+        if self.writer.closed:
+            self.enabled = False

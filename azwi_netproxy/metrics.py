@@ -32,12 +32,14 @@ class Metrics:
         self.token_ok = 0
         self.exchanges: defaultdict[str, int] = defaultdict(int)
         self.cache_events: defaultdict[str, int] = defaultdict(int)
+        # Targets refused because they could name the identity endpoint (or are not origin-form).
+        self.passthrough_refused = 0
         # Histogram of exchange latency: one counter per bucket (+Inf last), and the sum.
         self.exchange_buckets = [0] * (len(EXCHANGE_BUCKETS_S) + 1)
         self.exchange_seconds_sum = 0.0
         self.earliest_expiry: Callable[[], float | None] = lambda: None
         self.cached_tokens: Callable[[], int] = lambda: 0
-        self.access_lines_dropped: Callable[[], int] = lambda: 0
+        self.log_lines_dropped: Callable[[], int] = lambda: 0
         # The cache counts its hits itself (see TokenCache.hits); added to cache_events.
         self.cache_hits: Callable[[], int] = lambda: 0
         self._registry: CollectorRegistry | None = None
@@ -95,6 +97,13 @@ class _Collector:
         for outcome, count in sorted(m.exchanges.items()):
             exchanges.add_metric([outcome], count)
         yield exchanges
+        refused = CounterMetricFamily(
+            f"{NAMESPACE}_passthrough_refused",
+            "Targets refused, never passed through: not origin-form, or a segment that could name "
+            "the identity endpoint",
+        )
+        refused.add_metric([], m.passthrough_refused)
+        yield refused
         cache = CounterMetricFamily(
             f"{NAMESPACE}_cache_events",
             "Token cache events: hit, miss, refresh, stale, evict, refresh_failed",
@@ -118,10 +127,10 @@ class _Collector:
         histogram.add_metric([], cumulative, sum_value=m.exchange_seconds_sum)
         yield histogram
         dropped = CounterMetricFamily(
-            f"{NAMESPACE}_access_log_dropped_lines",
-            "Access lines dropped because the reader of stderr did not keep up",
+            f"{NAMESPACE}_log_dropped_lines",
+            "Log lines (access lines and others) dropped because the reader of stderr did not keep up",
         )
-        dropped.add_metric([], m.access_lines_dropped())
+        dropped.add_metric([], m.log_lines_dropped())
         yield dropped
         size = GaugeMetricFamily(f"{NAMESPACE}_cached_tokens", "Tokens in the cache")
         size.add_metric([], m.cached_tokens())

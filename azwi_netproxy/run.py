@@ -28,7 +28,7 @@ from azwi_netproxy.entra import (
 )
 from azwi_netproxy.errors import PassthroughLoop, UpstreamError, UpstreamUnavailable
 from azwi_netproxy.http11 import Request, Response
-from azwi_netproxy.logs import AccessLog
+from azwi_netproxy.logs import AccessLog, LineWriter
 from azwi_netproxy.metrics import Metrics
 from azwi_netproxy.passthrough import Passthrough
 from azwi_netproxy.router import Router
@@ -95,7 +95,7 @@ async def check_passthrough_loop(passthrough: Passthrough) -> None:
         log.info("instance metadata service not reachable at start-up", extra={"error": str(exc)})
 
 
-async def serve(cfg: ProxyConfig, started: float) -> int:
+async def serve(cfg: ProxyConfig, started: float, writer: LineWriter | None = None) -> int:
     loop = asyncio.get_running_loop()
     metrics = Metrics()
     endpoint = make_endpoint(cfg)
@@ -122,8 +122,9 @@ async def serve(cfg: ProxyConfig, started: float) -> int:
     access_log = AccessLog(
         enabled=logging.getLogger("azwi_netproxy").isEnabledFor(logging.INFO),
         schedule_flush=lambda flush: loop.call_later(ACCESS_LOG_FLUSH_S, flush),
+        writer=writer,
     )
-    metrics.access_lines_dropped = lambda: access_log.dropped_lines
+    metrics.log_lines_dropped = lambda: access_log.dropped_lines
     app = TokenApp(
         router=router,
         cache=cache,
@@ -199,7 +200,8 @@ async def serve(cfg: ProxyConfig, started: float) -> int:
     return 0
 
 
-def run_proxy(cfg: ProxyConfig) -> int:
+def run_proxy(cfg: ProxyConfig, writer: LineWriter | None = None) -> int:
+    """Serve until SIGTERM; `writer` is the one stderr writer logs.configure made, if any."""
     started = time.monotonic()
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(serve(cfg, started))
+        return runner.run(serve(cfg, started, writer))

@@ -406,7 +406,7 @@ class Bench:
         metrics = http.client.HTTPConnection("127.0.0.1", metrics_port)
         metrics.request("GET", "/metrics")
         text = metrics.getresponse().read().decode()
-        dropped = re.search(r"^azwi_netproxy_access_log_dropped_lines_total (\S+)$", text, re.M)
+        dropped = re.search(r"^azwi_netproxy_log_dropped_lines_total (\S+)$", text, re.M)
         self.add("access lines dropped (stderr reader behind)", f"{float(dropped.group(1)) if dropped else float('nan'):,.0f}", "", "")
         self.report()
         return 0 if all(ok for _, ok, _ in self.checks) else 1

@@ -51,7 +51,7 @@ def started(monkeypatch: pytest.MonkeyPatch) -> list[ProxyConfig]:
     """Name: started. Scope: function. Records configs that would have started the proxy."""
     configs: list[ProxyConfig] = []
 
-    def fake_run(cfg: ProxyConfig) -> int:
+    def fake_run(cfg: ProxyConfig, writer: object = None) -> int:
         configs.append(cfg)
         return 0
 

@@ -328,13 +328,13 @@ def test_a_stalled_reader_never_blocks_and_never_gets_a_torn_line() -> None:
         call_soon.run()
         # Nothing blocked; the pipe is full, a bounded backlog waits, the rest was dropped.
         assert 0 < log.dropped_lines < total
-        assert 0 < len(log._backlog) <= 20_000 + MAX_BUFFERED_LINES * 300
+        assert 0 < log.writer.backlog_bytes <= 20_000 + MAX_BUFFERED_LINES * 300
         assert len(call_soon.callbacks) == 1  # the backlog comes back on the next flush
         received = _read_all(p)
         while call_soon.callbacks:  # the reader catches up
             call_soon.run()
             received += _read_all(p)
-        assert not log._backlog and log.enabled
+        assert not log.writer.backlog_bytes and log.enabled
         lines = [json.loads(line) for line in received.splitlines()]  # every line whole
         assert len(lines) == total - log.dropped_lines
         durations = [entry["duration_ms"] for entry in lines]
@@ -396,7 +396,7 @@ def test_a_one_page_pipe_still_gets_lines_and_a_line_longer_than_it_is_dropped()
             log.flush()
             received += _read_all(p)
         assert [json.loads(line)["duration_ms"] for line in received.splitlines()] == [1.0, 3.0, 4.0]
-        assert log.dropped_lines == 1 and not log._backlog
+        assert log.dropped_lines == 1 and not log.writer.backlog_bytes
     finally:
         p.close()
 
@@ -409,20 +409,21 @@ def test_a_file_gets_every_line_in_one_write(tmp_path: Any) -> None:
         for n in range(500):  # far past the backlog bound: a file never holds anything back
             log.line(1_700_000_000.0, fields, n * 1000)
         call_soon.run()
-        assert log.dropped_lines == 0 and not log._backlog
+        assert log.dropped_lines == 0 and not log.writer.backlog_bytes
     assert len((tmp_path / "stderr").read_bytes().splitlines()) == 500
 
 
 # ---- metrics ----------------------------------------------------------------------------
 
 FAMILIES = [
+    ("azwi_netproxy_passthrough_refused_total", "counter"),
     ("azwi_netproxy_requests_total", "counter"),
     ("azwi_netproxy_exchanges_total", "counter"),
     ("azwi_netproxy_cache_events_total", "counter"),
     ("azwi_netproxy_exchange_duration_seconds", "histogram"),
     ("azwi_netproxy_cached_tokens", "gauge"),
     ("azwi_netproxy_earliest_token_expiry_seconds", "gauge"),
-    ("azwi_netproxy_access_log_dropped_lines_total", "counter"),
+    ("azwi_netproxy_log_dropped_lines_total", "counter"),
 ]
 
 
@@ -436,7 +437,7 @@ def test_metrics_render_families_and_values() -> None:
     metrics.count_cache("miss")
     metrics.cache_hits = lambda: 4
     metrics.cached_tokens = lambda: 3
-    metrics.access_lines_dropped = lambda: 7
+    metrics.log_lines_dropped = lambda: 7
     metrics.earliest_expiry = lambda: time.time() + 100
     body, content_type = metrics.render()
     text = body.decode()
@@ -453,7 +454,7 @@ def test_metrics_render_families_and_values() -> None:
     assert 'azwi_netproxy_exchange_duration_seconds_bucket{le="+Inf"} 2.0' in text
     assert "azwi_netproxy_exchange_duration_seconds_count 2.0" in text
     assert "azwi_netproxy_cached_tokens 3.0" in text
-    assert "azwi_netproxy_access_log_dropped_lines_total 7.0" in text
+    assert "azwi_netproxy_log_dropped_lines_total 7.0" in text
     [expiry] = re.findall(r"^azwi_netproxy_earliest_token_expiry_seconds ([0-9.e+]+)$", text, re.M)
     assert 95 < float(expiry) <= 100
 

@@ -31,9 +31,9 @@ from typing import Any
 
 import pytest
 import trustme
-from prometheus_client.parser import text_string_to_metric_families
 from support.fake_entra import DEFAULT_EXPIRES_IN, FakeEntraClient, decode_fake_token
 from support.fake_imds import FakeImdsClient
+from support.metrics import labelled, scrape
 from support.proxyproc import (
     PROXY_UID,
     Pod,
@@ -109,31 +109,6 @@ def assert_no_token_in_output(proxy: ProxyProcess, tokens: list[str]) -> None:
             if part and part != "fake":
                 assert part not in raw, f"a token (part) is in the proxy's log: {part[:12]}..."
     assert proxy.stdout_path.read_text() == ""
-
-
-def scrape(metrics_port: int) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
-    """GET /metrics on the metrics port: {(sample name, labels): value}."""
-    response = http_request(metrics_port, "/metrics", timeout_s=5)
-    assert response.status == 200, response
-    # prometheus-client ≥ 0.22 says version=1.0.0 (Prometheus 3's PrometheusText1.0.0), older 0.0.4.
-    assert re.match(r"text/plain; version=(0\.0\.4|1\.0\.0)",
-                    response.headers["content-type"]), response
-    samples: dict[tuple[str, frozenset[tuple[str, str]]], float] = {}
-    for family in text_string_to_metric_families(response.body.decode()):
-        for sample in family.samples:
-            samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
-    return samples
-
-
-def labelled(samples: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str,
-             label: str | None = None) -> dict[Any, float]:
-    """The values of one sample name, keyed by its labels (or by one label's value)."""
-    found: dict[Any, float] = {}
-    for (sample_name, labels), value in samples.items():
-        if sample_name == name:
-            key: Any = dict(labels).get(label) if label else tuple(sorted(labels))
-            found[key] = value
-    return found
 
 
 def listening_sockets(pid: int) -> set[tuple[str, int]]:
@@ -408,7 +383,7 @@ def test_a_stalled_log_reader_never_stalls_token_answers(
             for _ in range(requests):
                 conn.send(request)
                 assert conn.read_response().status == 200
-        dropped_key = ("azwi_netproxy_access_log_dropped_lines_total", frozenset())
+        dropped_key = ("azwi_netproxy_log_dropped_lines_total", frozenset())
         assert scrape(metrics_port)[dropped_key] > 0
         # The reader comes back: the kept lines arrive whole and in order, then new ones.
         received = _read_until_quiet(read_fd, quiet_s=0.5)
@@ -425,6 +400,46 @@ def test_a_stalled_log_reader_never_stalls_token_answers(
         proc.terminate()
         proc.wait(15)
         os.close(read_fd)
+
+
+def test_a_stalled_log_reader_never_stalls_answers_that_log_warnings(
+        python_for_other_uids: str, proxy_env: Callable[..., dict[str, str]]) -> None:
+    # Issue 16, hole 4: not only access lines. Every failed pass-through logs a warning;
+    # with nobody reading a 16 KB stderr pipe, the proxy must go on answering, drop and
+    # count what does not fit, and never tear a line. At warning level no access line is
+    # written at all: whatever fills the pipe is warnings.
+    unreachable = socket.socket()
+    unreachable.bind(("127.0.0.1", 0))  # bound, never listening: connections are refused
+    read_fd, write_fd = os.pipe()
+    fcntl.fcntl(write_fd, F_SETPIPE_SZ, 16384)
+    port, metrics_port = free_port(), free_port()
+    argv = as_uid(PROXY_UID, proxy_argv(python_for_other_uids, port,
+                                        [f"--metrics-port={metrics_port}", "--log-level=warning"]))
+    env = proxy_env(METADATA_PORT=str(unreachable.getsockname()[1]))
+    proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=write_fd, stderr=write_fd, cwd="/")
+    os.close(write_fd)
+    os.set_blocking(read_fd, False)
+    try:
+        assert wait_ready(proc, port, 20) is None
+        request = b"GET /metadata/instance?api-version=2021-02-01 HTTP/1.1\r\nMetadata: true\r\n\r\n"
+        requests = 4000  # about 1.5 MB of warnings: more than the pipe and the 1 MB backlog hold
+        with RawConnection(port, timeout_s=5) as conn:
+            for n in range(requests):
+                conn.send(request)
+                answer = conn.read_response()  # a blocked event loop would time out here
+                assert answer.status == 503, (n, answer)
+        dropped = scrape(metrics_port)[("azwi_netproxy_log_dropped_lines_total", frozenset())]
+        assert dropped > 0
+        received = _read_until_quiet(read_fd, quiet_s=0.5)
+        entries = [json.loads(line) for line in received.splitlines()]  # every line whole
+        warnings = [e for e in entries if e["message"] == "pass-through failed"]
+        assert warnings and all(e["level"] == "warn" for e in warnings)
+        assert len(warnings) + dropped >= requests
+    finally:
+        proc.terminate()
+        proc.wait(15)
+        os.close(read_fd)
+        unreachable.close()
 
 
 def _read_until_quiet(fd: int, quiet_s: float) -> bytes:
