@@ -94,8 +94,8 @@ class ProjectedCA:
     """`ca.crt -> ..data/ca.crt`, `..data -> ..<stamp>/`: the kubelet's AtomicWriter layout.
 
     `rotate` writes a new timestamped directory and renames a fresh symlink over `..data`,
-    so a reader sees the old or the new bundle, never half of one. `truncate`, `garble`
-    and `unreadable` damage the file in place (what a reader may meet mid-rotation or
+    so a reader sees the old or the new bundle, never half of one. `truncate`, `garble`,
+    `unreadable` and `binary` damage the file in place (what a reader may meet mid-rotation or
     on a misbehaving volume).
     """
 
@@ -136,6 +136,10 @@ class ProjectedCA:
 
     def unreadable(self) -> None:
         self._target().chmod(0o000)
+
+    def binary(self) -> None:
+        """Bytes that are not text at all: a file caught mid-write on a broken volume."""
+        self._target().write_bytes(b"\xff\xfe\x00\x9c-----BEGIN CERTIFICATE-----\x00\xff")
 
 
 # ---- fakes and helpers --------------------------------------------------------------------
@@ -472,7 +476,7 @@ def test_rotated_ca_and_certificate_work_without_restart_on_a_new_connection(
     assert (handshake["sni"], handshake["accepted"]) == (SNI, True)
 
 
-@pytest.mark.parametrize("damage", ["truncate", "garble", "unreadable"])
+@pytest.mark.parametrize("damage", ["truncate", "garble", "unreadable", "binary"])
 def test_damaged_ca_file_mid_rotation_keeps_the_last_good_ca(
         rotating: tuple[BindingServer, ProjectedCA, ProxyProcess], pod: Pod, damage: str) -> None:
     server, projected, proxy = rotating
