@@ -169,8 +169,14 @@ class RequestReader:
         # without a version as HTTP/0.9 *with* the header lines that follow it: the shape
         # a CRLF injected into an app's URL (an SSRF) produces. Refused before any body.
         parser = cast(httptools.HttpRequestParser, self._parser)
-        if parser.get_http_version() not in _VERSIONS:
+        version = parser.get_http_version()
+        if version not in _VERSIONS:
             self._fail(400, "only HTTP/1.0 and HTTP/1.1 are answered")
+        # RFC 9112, section 3.2: a 400 for an HTTP/1.1 request without a Host header, and
+        # for any request with more than one (Go's server, upstream's, does the same).
+        hosts = sum(1 for name, _ in self._headers if name == b"host")
+        if hosts > 1 or (hosts == 0 and version == "1.1"):
+            self._fail(400, "a request needs exactly one Host header")
 
     def on_body(self, body: bytes) -> None:
         self._body.append(body)

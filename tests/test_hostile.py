@@ -254,12 +254,10 @@ def identity_like(path: str) -> bool:
 
 
 def check_upstreams(imds: FakeImdsClient, decoy: Decoy, entra: FakeEntraClient) -> None:
-    """Pass-through reached only the fake IMDS, on its own address, never for identity paths;
-    nothing reached the decoy; the fake Entra saw only token exchanges."""
-    own = f"{imds.host}:{imds.port}"
+    """Pass-through reached only the fake IMDS (its Host header is the client's own, which
+    IMDS ignores), never for identity paths; nothing reached the decoy; the fake Entra saw
+    only token exchanges."""
     for record in imds.records():
-        host = [value for name, value in record["headers"] if name.lower() == "host"]
-        assert host == [own], record
         assert not identity_like(record["path"]), record
     assert decoy.client.records() == []
     for record in entra.records():
@@ -359,7 +357,7 @@ def hostile_requests(draw: st.DrawFn, decoy: Decoy, entra_host: str) -> tuple[by
                          "/metadata/identity/oauth2/token", "100-continue", "h2c"])
         | st.text(LATIN1, max_size=20)), min_size=1, max_size=3), 20)
     draw(st.randoms()).shuffle(headers)
-    body = _mostly(draw, b"", st.sampled_from([b"x=1", b"\r\n\r\nGET / HTTP/1.1\r\n\r\n"]), 10)
+    body = _mostly(draw, b"", st.sampled_from([b"x=1", b"\r\n\r\nGET / HTTP/1.1\r\nHost: 169.254.169.254\r\n\r\n"]), 10)
     if body:
         headers.append(("Content-Length", str(len(body))))
     head = f"{method} {target} {version}" if version else f"{method} {target}"
@@ -431,7 +429,7 @@ def test_hostile_requests_never_crash_leak_or_steer(
 def test_absolute_form_with_a_malformed_host_is_a_400(proxy: ProxyProcess, imds: FakeImdsClient,
                                                       target: str) -> None:
     """A host urlsplit cannot parse (found by the property above) is a client error."""
-    exchange = talk(proxy.port, f"GET {target} HTTP/1.1\r\nMetadata: true\r\nConnection: close\r\n\r\n"
+    exchange = talk(proxy.port, f"GET {target} HTTP/1.1\r\nHost: 169.254.169.254\r\nMetadata: true\r\nConnection: close\r\n\r\n"
                     .encode(), half_close=False, timeout_s=5)
     assert [a.status for a in exchange.answers] == [400], exchange
     assert_imds_error_shape(exchange.answers[0])
@@ -508,7 +506,7 @@ def test_token_path_answers_only_get(proxy: ProxyProcess, entra: FakeEntraClient
 def test_connect_on_the_token_path_is_refused_and_closed(proxy: ProxyProcess,
                                                     entra: FakeEntraClient) -> None:
     # llhttp completes the CONNECT message (405: not GET), then refuses the tunnel (400).
-    exchange = talk(proxy.port, f"CONNECT {TOKEN_PATH} HTTP/1.1\r\nMetadata: true\r\n\r\n".encode(),
+    exchange = talk(proxy.port, f"CONNECT {TOKEN_PATH} HTTP/1.1\r\nHost: 169.254.169.254\r\nMetadata: true\r\n\r\n".encode(),
                     half_close=False)
     assert [a.status for a in exchange.answers] == [405, 400]
     for answer in exchange.answers:
@@ -578,8 +576,8 @@ def test_limits_answer_their_status_then_close(proxy: ProxyProcess, raw: bytes, 
     ("raw", "status"),
     [
         pytest.param(b"GET /" + b"a" * (1 << 20), 414, id="megabyte-request-line"),
-        pytest.param(b"GET / HTTP/1.1\r\nX: " + b"v" * (1 << 20), 431, id="megabyte-header"),
-        pytest.param(b"POST /metadata/instance HTTP/1.1\r\nContent-Length: 1048576\r\n\r\n"
+        pytest.param(b"GET / HTTP/1.1\r\nHost: 169.254.169.254\r\nX: " + b"v" * (1 << 20), 431, id="megabyte-header"),
+        pytest.param(b"POST /metadata/instance HTTP/1.1\r\nHost: 169.254.169.254\r\nContent-Length: 1048576\r\n\r\n"
                      + b"b" * (1 << 20), 413, id="megabyte-body"),
     ],
 )
@@ -631,22 +629,22 @@ KINDS = ["hit", "miss", "readyz", "405", "400", "instance", "near-miss"]
 def _pipelined(kind: str, hot: str) -> tuple[bytes, int, str]:
     """(request, expected status, what identifies its answer)."""
     if kind == "hit":
-        return (f"GET {token_target(hot)} HTTP/1.1\r\nMetadata: true\r\n\r\n".encode(), 200, hot)
+        return (f"GET {token_target(hot)} HTTP/1.1\r\nHost: 169.254.169.254\r\nMetadata: true\r\n\r\n".encode(), 200, hot)
     if kind == "miss":
         resource = unique_resource("pipe")
-        return (f"GET {token_target(resource)} HTTP/1.1\r\nMetadata: true\r\n\r\n".encode(), 200,
+        return (f"GET {token_target(resource)} HTTP/1.1\r\nHost: 169.254.169.254\r\nMetadata: true\r\n\r\n".encode(), 200,
                 resource)
     if kind == "readyz":
-        return b"GET /readyz HTTP/1.1\r\n\r\n", 200, "ok"
+        return b"GET /readyz HTTP/1.1\r\nHost: 169.254.169.254\r\n\r\n", 200, "ok"
     if kind == "405":
-        return (f"DELETE {token_target(hot)} HTTP/1.1\r\nMetadata: true\r\n\r\n".encode(), 405,
+        return (f"DELETE {token_target(hot)} HTTP/1.1\r\nHost: 169.254.169.254\r\nMetadata: true\r\n\r\n".encode(), 405,
                 "GET")
     if kind == "400":
-        return f"GET {token_target(hot)} HTTP/1.1\r\n\r\n".encode(), 400, "metadata header"
+        return f"GET {token_target(hot)} HTTP/1.1\r\nHost: 169.254.169.254\r\n\r\n".encode(), 400, "metadata header"
     if kind == "instance":
-        return (b"GET /metadata/instance?api-version=2021-02-01 HTTP/1.1\r\nMetadata: true\r\n\r\n",
+        return (b"GET /metadata/instance?api-version=2021-02-01 HTTP/1.1\r\nHost: 169.254.169.254\r\nMetadata: true\r\n\r\n",
                 200, "aks-nodepool1")
-    return (f"GET /metadata/%69dentity/oauth2/token?api-version=1&resource={hot} HTTP/1.1\r\n"
+    return (f"GET /metadata/%69dentity/oauth2/token?api-version=1&resource={hot} HTTP/1.1\r\nHost: 169.254.169.254\r\n"
             "Metadata: true\r\n\r\n").encode(), 404, "not_found"
 
 
@@ -665,7 +663,7 @@ def test_pipelined_mixed_requests_are_answered_in_order(
             answer = conn.read_response()
             assert answer.status == status, (kind, request, answer)
             assert mark.encode() in answer.body, (kind, answer.body)
-        conn.send(b"GET /readyz HTTP/1.1\r\n\r\n")
+        conn.send(b"GET /readyz HTTP/1.1\r\nHost: 169.254.169.254\r\n\r\n")
         assert conn.read_response().status == 200
 
 
@@ -739,8 +737,8 @@ def test_slowloris_and_a_connection_flood_are_cut_and_service_goes_on(
     (5 s, swept each second) without an answer; a client that connected first and keeps
     asking is served throughout; afterwards the proxy is healthy."""
     proxy = proxy_factory()
-    slow_header = f"GET {token_target(unique_resource('loris'))} HTTP/1.1\r\nMetadata: true\r\n".encode()
-    slow_body = b"POST /metadata/instance HTTP/1.1\r\nContent-Length: 1000\r\n\r\n" + b"x" * 1000
+    slow_header = f"GET {token_target(unique_resource('loris'))} HTTP/1.1\r\nHost: 169.254.169.254\r\nMetadata: true\r\n".encode()
+    slow_body = b"POST /metadata/instance HTTP/1.1\r\nHost: 169.254.169.254\r\nContent-Length: 1000\r\n\r\n" + b"x" * 1000
 
     async def scenario() -> dict[str, Any]:
         steady_reader, steady_writer = await asyncio.open_connection("127.0.0.1", proxy.port)
@@ -748,7 +746,7 @@ def test_slowloris_and_a_connection_flood_are_cut_and_service_goes_on(
 
         async def keep_asking() -> None:
             for _ in range(40):
-                steady_writer.write(b"GET /readyz HTTP/1.1\r\n\r\n")
+                steady_writer.write(b"GET /readyz HTTP/1.1\r\nHost: 169.254.169.254\r\n\r\n")
                 head = await asyncio.wait_for(steady_reader.readuntil(b"\r\n\r\n"), 5)
                 length = int(re.search(rb"Content-Length: (\d+)", head)[1])  # type: ignore[index]
                 await steady_reader.readexactly(length)
@@ -873,7 +871,7 @@ def test_token_requests_with_a_fresh_uuid_do_not_grow_memos_without_bound(
         for batch in range(20):
             requests = b"".join(
                 f"GET {TOKEN_PATH}?api-version=1&resource=r{uuid.uuid4().hex}{'x' * 200} "
-                f"HTTP/1.1\r\n\r\n".encode() for _ in range(500))
+                f"HTTP/1.1\r\nHost: 169.254.169.254\r\n\r\n".encode() for _ in range(500))
             conn.send(requests)
             for _ in range(500):
                 assert conn.read_response().status == 400, batch

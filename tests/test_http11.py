@@ -33,9 +33,9 @@ TOKEN_GET = (
 READY_GET = b"GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n"
 HTTP10_GET = b"GET /readyz HTTP/1.0\r\n\r\n"
 HTTP10_KEEPALIVE_GET = b"GET /readyz HTTP/1.0\r\nConnection: keep-alive\r\n\r\n"
-CLOSE_GET = b"GET /readyz HTTP/1.1\r\nConnection: close\r\n\r\n"
-POST_BODY = b"POST /metadata/instance HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello"
-CHUNKED_POST = b"POST /x HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n"
+CLOSE_GET = b"GET /readyz HTTP/1.1\r\nHost: 169.254.169.254\r\nConnection: close\r\n\r\n"
+POST_BODY = b"POST /metadata/instance HTTP/1.1\r\nHost: 169.254.169.254\r\nContent-Length: 5\r\n\r\nhello"
+CHUNKED_POST = b"POST /x HTTP/1.1\r\nHost: 169.254.169.254\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n"
 
 
 def test_one_request() -> None:
@@ -59,7 +59,7 @@ def test_header_names_are_lowercased_values_and_order_kept() -> None:
 
 
 def test_repeated_headers_are_all_kept() -> None:
-    data = b"GET / HTTP/1.1\r\nMetadata: true\r\nmetadata: false\r\n\r\n"
+    data = b"GET / HTTP/1.1\r\nHost: 169.254.169.254\r\nMetadata: true\r\nmetadata: false\r\n\r\n"
     [request] = RequestReader().feed(data)
     assert request.header_values(b"metadata") == [b"true", b"false"]
 
@@ -90,7 +90,7 @@ def test_reading_request_tracks_a_partial_request() -> None:
     assert reader.reading_request is False
     assert reader.feed(READY_GET + b"GET /next HT") != []
     assert reader.reading_request is True
-    [request] = reader.feed(b"TP/1.1\r\n\r\n")
+    [request] = reader.feed(b"TP/1.1\r\nHost: 169.254.169.254\r\n\r\n")
     assert request.target == b"/next"
     assert reader.reading_request is False
 
@@ -126,22 +126,22 @@ def _huge_header_block(count: int, value_len: int) -> bytes:
 
 
 ERROR_CASES = [
-    (b"GET /" + b"a" * MAX_TARGET_BYTES + b" HTTP/1.1\r\n\r\n", 414, "target-too-long"),
-    (b"GET / HTTP/1.1\r\n" + _huge_header_block(4, MAX_HEADER_BYTES // 3) + b"\r\n", 431, "header-bytes"),
+    (b"GET /" + b"a" * MAX_TARGET_BYTES + b" HTTP/1.1\r\nHost: 169.254.169.254\r\n\r\n", 414, "target-too-long"),
+    (b"GET / HTTP/1.1\r\nHost: 169.254.169.254\r\n" + _huge_header_block(4, MAX_HEADER_BYTES // 3) + b"\r\n", 431, "header-bytes"),
     # Many tiny headers are bounded too (each costs bookkeeping beyond its bytes).
-    (b"GET / HTTP/1.1\r\n" + _huge_header_block(1000, 1) + b"\r\n", 431, "header-count"),
+    (b"GET / HTTP/1.1\r\nHost: 169.254.169.254\r\n" + _huge_header_block(1000, 1) + b"\r\n", 431, "header-count"),
     (
-        b"POST / HTTP/1.1\r\nContent-Length: %d\r\n\r\n" % (MAX_BODY_BYTES + 1) + b"x" * (MAX_BODY_BYTES + 1),
+        b"POST / HTTP/1.1\r\nHost: 169.254.169.254\r\nContent-Length: %d\r\n\r\n" % (MAX_BODY_BYTES + 1) + b"x" * (MAX_BODY_BYTES + 1),
         413,
         "body-too-large",
     ),
-    (b"FOO / HTTP/1.1\r\n\r\n", 400, "invalid-method"),
+    (b"FOO / HTTP/1.1\r\nHost: 169.254.169.254\r\n\r\n", 400, "invalid-method"),
     (b"\x16\x03\x01\x00\xa5\x01\x00", 400, "tls-client-hello"),
     (b"GET / HTTP/1.1\r\nHost: a\nb\r\n\r\n", 400, "bare-lf-in-header"),
-    (b"GET / HTTP/1.1\r\nX: \x01\r\n\r\n", 400, "control-char-in-header"),
-    (b"GET  HTTP/1.1\r\n\r\n", 400, "missing-target"),
-    (b"GET / HTTP/1.1\r\nContent-Length: abc\r\n\r\n", 400, "bad-content-length"),
-    (b"GET / HTTP/1.1\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n", 400, "cl-and-te"),
+    (b"GET / HTTP/1.1\r\nHost: 169.254.169.254\r\nX: \x01\r\n\r\n", 400, "control-char-in-header"),
+    (b"GET  HTTP/1.1\r\nHost: 169.254.169.254\r\n\r\n", 400, "missing-target"),
+    (b"GET / HTTP/1.1\r\nHost: 169.254.169.254\r\nContent-Length: abc\r\n\r\n", 400, "bad-content-length"),
+    (b"GET / HTTP/1.1\r\nHost: 169.254.169.254\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n", 400, "cl-and-te"),
     (b"GET / HTTP/1.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n", 400, "upgrade"),
     (b"CONNECT host:443 HTTP/1.1\r\n\r\n", 400, "connect"),
     (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", 400, "h2-preface"),
@@ -163,19 +163,19 @@ def test_target_limit_counts_across_feeds() -> None:
     reader = RequestReader()
     reader.feed(b"GET /" + b"a" * (MAX_TARGET_BYTES // 2))
     with pytest.raises(ProtocolError) as info:
-        reader.feed(b"a" * (MAX_TARGET_BYTES // 2 + 1) + b" HTTP/1.1\r\n\r\n")
+        reader.feed(b"a" * (MAX_TARGET_BYTES // 2 + 1) + b" HTTP/1.1\r\nHost: 169.254.169.254\r\n\r\n")
     assert info.value.status == 414
 
 
 def test_target_at_the_limit_is_accepted() -> None:
     target = b"/" + b"a" * (MAX_TARGET_BYTES - 1)
-    [request] = RequestReader().feed(b"GET " + target + b" HTTP/1.1\r\n\r\n")
+    [request] = RequestReader().feed(b"GET " + target + b" HTTP/1.1\r\nHost: 169.254.169.254\r\n\r\n")
     assert request.target == target
 
 
 def test_many_ordinary_headers_are_accepted() -> None:
-    [request] = RequestReader().feed(b"GET / HTTP/1.1\r\n" + _huge_header_block(60, 20) + b"\r\n")
-    assert len(request.headers) == 60
+    [request] = RequestReader().feed(b"GET / HTTP/1.1\r\nHost: 169.254.169.254\r\n" + _huge_header_block(60, 20) + b"\r\n")
+    assert len(request.headers) == 61  # Host and the 60
 
 
 # ---- the per-server request memo --------------------------------------------------------
@@ -200,7 +200,7 @@ def test_memo_returns_the_same_request_for_the_same_bytes_on_any_connection() ->
         [READY_GET + TOKEN_GET],
         [TOKEN_GET[:20], TOKEN_GET[20:]],
         [TOKEN_GET + b"GET /part"],
-        [b"GET /" + b"a" * MEMO_REQUEST_BYTES + b" HTTP/1.1\r\n\r\n"],
+        [b"GET /" + b"a" * MEMO_REQUEST_BYTES + b" HTTP/1.1\r\nHost: 169.254.169.254\r\n\r\n"],
     ],
     ids=["two-requests", "split", "trailing-partial", "too-large"],
 )
@@ -227,7 +227,7 @@ def test_memo_is_bounded() -> None:
     memo: dict[bytes, http11.Request] = {}
     reader = RequestReader(memo)
     for i in range(MEMO_ENTRIES * 2 + 3):
-        reader.feed(b"GET /%d HTTP/1.1\r\n\r\n" % i)
+        reader.feed(b"GET /%d HTTP/1.1\r\nHost: 169.254.169.254\r\n\r\n" % i)
     assert 0 < len(memo) <= MEMO_ENTRIES
 
 

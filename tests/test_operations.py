@@ -421,7 +421,7 @@ def test_a_stalled_log_reader_never_stalls_answers_that_log_warnings(
     os.set_blocking(read_fd, False)
     try:
         assert wait_ready(proc, port, 20) is None
-        request = b"GET /metadata/instance?api-version=2021-02-01 HTTP/1.1\r\nMetadata: true\r\n\r\n"
+        request = b"GET /metadata/instance?api-version=2021-02-01 HTTP/1.1\r\nHost: 169.254.169.254\r\nMetadata: true\r\n\r\n"
         requests = 4000  # about 1.5 MB of warnings: more than the pipe and the 1 MB backlog hold
         with RawConnection(port, timeout_s=5) as conn:
             for n in range(requests):

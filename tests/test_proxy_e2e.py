@@ -649,7 +649,7 @@ def test_head_on_the_token_path_is_405(proxy: ProxyProcess, entra: FakeEntraClie
 
 @pytest.mark.parametrize(
     "garbage",
-    [b"GARBAGE\r\n\r\n", b"GET / HTTP/1.1\r\nBad Header\r\n\r\n",
+    [b"GARBAGE\r\n\r\n", b"GET / HTTP/1.1\r\nHost: 169.254.169.254\r\nBad Header\r\n\r\n",
      b"GET /readyz HTTP/9.9\r\n\r\n", b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + b"\x00" * 40],
     ids=["no-version", "bad-header", "bad-version", "tls-hello"],
 )

@@ -34,7 +34,7 @@ BAD_STARTS: dict[str, tuple[list[str], dict[str, str | None], str]] = {
     "no-tenant": ([], {"AZURE_TENANT_ID": None}, "AZURE_TENANT_ID"),
     "blank-tenant": ([], {"AZURE_TENANT_ID": "  "}, "AZURE_TENANT_ID"),
     "port-0": (["--proxy-port", "0"], {}, "--proxy-port"),
-    "port-abc": (["--proxy-port", "abc"], {}, "--proxy-port"),
+    "port-abc": (["--proxy-port", "abc"], {}, "-proxy-port"),
     "port-65536": (["--proxy-port=65536"], {}, "--proxy-port"),
     "sni-without-token-proxy": ([], {"AZURE_KUBERNETES_SNI_NAME": "binding.example"},
                                 "AZURE_KUBERNETES_TOKEN_PROXY"),
@@ -51,7 +51,7 @@ BAD_STARTS: dict[str, tuple[list[str], dict[str, str | None], str]] = {
                                  "AZURE_KUBERNETES_CA_FILE": "/etc/ca.pem",
                                  "AZURE_KUBERNETES_CA_DATA": CA_PEM},
                             "AZURE_KUBERNETES_CA"),
-    "unknown-flag": (["--bogus"], {}, "--bogus"),
+    "unknown-flag": (["--bogus"], {}, "-bogus"),
     "bad-log-level": (["--log-level", "loud"], {}, "--log-level"),
 }
 

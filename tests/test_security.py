@@ -169,7 +169,7 @@ def test_no_token_or_assertion_in_a_debug_log_of_every_path(
     assert proxy.get("/metadata/%69dentity/oauth2/token?resource=x",
                      {"Metadata": "true"}).status == 404
     with RawConnection(proxy.port) as conn:
-        conn.send(b"GET /readyz HTTP/1.1\r\nAuthorization: " + SECRET_HEADER.encode() + b"\r\nBad\r\n\r\n")
+        conn.send(b"GET /readyz HTTP/1.1\r\nHost: 169.254.169.254\r\nAuthorization: " + SECRET_HEADER.encode() + b"\r\nBad\r\n\r\n")
         assert conn.read_response().status == 400
     # Wait for the background renewal's retries to end and be logged.
     deadline = time.monotonic() + 10
@@ -212,6 +212,8 @@ def steering_attempts(decoy: str, entra: str) -> dict[str, bytes]:
     md = b"Metadata: true\r\n"
 
     def get(target: str, *headers: str) -> bytes:
+        if not any(h.lower().startswith("host:") for h in headers):
+            headers = ("Host: 169.254.169.254", *headers)
         extra = "".join(h + "\r\n" for h in headers).encode()
         return f"GET {target} HTTP/1.1\r\n".encode() + md + extra + b"Connection: close\r\n\r\n"
 
@@ -242,8 +244,8 @@ def test_passthrough_cannot_be_steered_to_another_host_or_port(
         proxy: ProxyProcess, imds: FakeImdsClient, entra: FakeEntraClient,
         decoy: FakeImdsClient) -> None:
     decoy.reset()
-    own = f"{imds.host}:{imds.port}"
-    attempts = steering_attempts(f"{decoy.host}:{decoy.port}", entra.base_url.split("://")[1])
+    decoy_at = f"{decoy.host}:{decoy.port}"
+    attempts = steering_attempts(decoy_at, entra.base_url.split("://")[1])
     outcomes: dict[str, int] = {}
     for name, raw in attempts.items():
         with RawConnection(proxy.port) as conn:
@@ -256,10 +258,13 @@ def test_passthrough_cannot_be_steered_to_another_host_or_port(
             assert answer.json() == INSTANCE, name
     assert decoy.records() == [], "pass-through reached another host"
     assert entra.records() == []
-    for record in imds.records():
-        assert [v for k, v in record["headers"] if k.lower() == "host"] == [own], record
-    # The absolute forms and Host games did reach IMDS: at its own address, nowhere else.
-    assert outcomes["absolute-form"] == outcomes["host-header"] == 200
+    # A Host game reaches IMDS at its own address, nowhere else, with the client's Host as
+    # sent (IMDS ignores it); absolute forms are refused (CONTRACT.md: origin form only).
+    assert outcomes["host-header"] == 200
+    [record] = [r for r in imds.records() if [v for k, v in r["headers"] if k.lower() == "host"] == [decoy_at]]
+    assert record["path"] == "/metadata/instance"
+    assert all(outcomes[name] == 404 for name in outcomes if name.startswith(("absolute-form", "userinfo")))
+    assert outcomes["two-host-headers"] == 400
     assert outcomes["connect"] == outcomes["authority-form-get"] == outcomes["asterisk"] == 400
 
 

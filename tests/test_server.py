@@ -74,18 +74,18 @@ PARTIAL = b"GET /sync/1 HTTP/1.1\r\nHost:"
 TOKEN_TARGET = b"/metadata/identity/oauth2/token?api-version=2018-02-01&resource=https%3A%2F%2Fvault.azure.net"
 TOKEN_GET = b"GET " + TOKEN_TARGET + b" HTTP/1.1\r\nHost: 169.254.169.254\r\nMetadata: true\r\n\r\n"
 TOKEN_NO_METADATA = b"GET " + TOKEN_TARGET + b" HTTP/1.1\r\nHost: 169.254.169.254\r\n\r\n"
-TOKEN_METADATA_FALSE = b"GET " + TOKEN_TARGET + b" HTTP/1.1\r\nMetadata: false\r\n\r\n"
-TOKEN_METADATA_TWICE = b"GET " + TOKEN_TARGET + b" HTTP/1.1\r\nMetadata: true\r\nMetadata: true\r\n\r\n"
-TOKEN_METADATA_UPPER = b"GET " + TOKEN_TARGET + b" HTTP/1.1\r\nMetadata: TRUE\r\n\r\n"
-TOKEN_FORWARDED = b"GET " + TOKEN_TARGET + b" HTTP/1.1\r\nMetadata: true\r\nX-Forwarded-For: 10.0.0.9\r\n\r\n"
-TOKEN_POST = b"POST " + TOKEN_TARGET + b" HTTP/1.1\r\nMetadata: true\r\nContent-Length: 0\r\n\r\n"
-TOKEN_NO_RESOURCE = b"GET /metadata/identity/oauth2/token?api-version=2018-02-01 HTTP/1.1\r\nMetadata: true\r\n\r\n"
+TOKEN_METADATA_FALSE = b"GET " + TOKEN_TARGET + b" HTTP/1.1\r\nHost: 169.254.169.254\r\nMetadata: false\r\n\r\n"
+TOKEN_METADATA_TWICE = b"GET " + TOKEN_TARGET + b" HTTP/1.1\r\nHost: 169.254.169.254\r\nMetadata: true\r\nMetadata: true\r\n\r\n"
+TOKEN_METADATA_UPPER = b"GET " + TOKEN_TARGET + b" HTTP/1.1\r\nHost: 169.254.169.254\r\nMetadata: TRUE\r\n\r\n"
+TOKEN_FORWARDED = b"GET " + TOKEN_TARGET + b" HTTP/1.1\r\nHost: 169.254.169.254\r\nMetadata: true\r\nX-Forwarded-For: 10.0.0.9\r\n\r\n"
+TOKEN_POST = b"POST " + TOKEN_TARGET + b" HTTP/1.1\r\nHost: 169.254.169.254\r\nMetadata: true\r\nContent-Length: 0\r\n\r\n"
+TOKEN_NO_RESOURCE = b"GET /metadata/identity/oauth2/token?api-version=2018-02-01 HTTP/1.1\r\nHost: 169.254.169.254\r\nMetadata: true\r\n\r\n"
 TOKEN_UPPER_PATH = (
     b"GET /METADATA/identity/oauth2/token/?api-version=1&resource=https%3A%2F%2Fvault.azure.net"
-    b" HTTP/1.1\r\nMetadata: true\r\n\r\n"
+    b" HTTP/1.1\r\nHost: 169.254.169.254\r\nMetadata: true\r\n\r\n"
 )
-NEAR_MISS = b"GET /metadata/%69dentity/oauth2/token?api-version=1&resource=x HTTP/1.1\r\nMetadata: true\r\n\r\n"
-INSTANCE = b"GET /metadata/instance?api-version=2021-02-01 HTTP/1.1\r\nMetadata: true\r\n\r\n"
+NEAR_MISS = b"GET /metadata/%69dentity/oauth2/token?api-version=1&resource=x HTTP/1.1\r\nHost: 169.254.169.254\r\nMetadata: true\r\n\r\n"
+INSTANCE = b"GET /metadata/instance?api-version=2021-02-01 HTTP/1.1\r\nHost: 169.254.169.254\r\nMetadata: true\r\n\r\n"
 INSTANCE_ABSOLUTE = b"GET http://other-host/metadata/instance HTTP/1.1\r\nHost: other-host\r\nMetadata: true\r\n\r\n"
 # The shape a CRLF injected into an app's URL produces: no version, then header lines.
 HTTP09_TOKEN = b"GET /metadata/identity/oauth2/token?api-version=1&resource=x\r\nMetadata: true\r\n\r\n"
@@ -273,7 +273,7 @@ def test_pipelined_requests_split_across_sends(run: Any) -> None:
             conn = await clients.open()
             await conn.send(SLOW_1 + SYNC_2[:10])
             await asyncio.wait_for(handler.started.wait(), 3)
-            await conn.send(SYNC_2[10:] + b"GET /yield/3 HTTP/1.1\r\n\r\n")
+            await conn.send(SYNC_2[10:] + b"GET /yield/3 HTTP/1.1\r\nHost: 169.254.169.254\r\n\r\n")
             handler.release.set()
             bodies = [(await conn.reply()).body for _ in range(3)]
             assert bodies == [b"slow:/slow/1", b"sync:/sync/2", b"yield:/yield/3"]
@@ -542,7 +542,7 @@ def test_deep_pipeline_of_async_answers_keeps_order(run: Any) -> None:
         async with serving(FakeHandler()) as (_, clients):
             conn = await clients.open()
             count = 150  # well past the 32-request queue bound: reading pauses and resumes
-            await conn.send(b"".join(b"GET /yield/%d HTTP/1.1\r\n\r\n" % i for i in range(count)))
+            await conn.send(b"".join(b"GET /yield/%d HTTP/1.1\r\nHost: 169.254.169.254\r\n\r\n" % i for i in range(count)))
             bodies = [(await conn.reply()).body for _ in range(count)]
             assert bodies == [b"yield:/yield/%d" % i for i in range(count)]
 
@@ -993,7 +993,7 @@ REFUSED = [
     (TOKEN_POST, 405, "invalid_request", imds.MSG_METHOD, "post"),
     (TOKEN_NO_RESOURCE, 400, "invalid_request", imds.MSG_NO_RESOURCE, "no-resource"),
     (
-        b"GET /metadata/identity/oauth2/token?api-version=1&resource=x&client_id=nope HTTP/1.1\r\nMetadata: true\r\n\r\n",
+        b"GET /metadata/identity/oauth2/token?api-version=1&resource=x&client_id=nope HTTP/1.1\r\nHost: 169.254.169.254\r\nMetadata: true\r\n\r\n",
         400,
         "invalid_request",
         "client_id 'nope' is not a GUID",

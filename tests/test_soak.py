@@ -144,7 +144,7 @@ class Workload:
         if roll < 0.97:
             target = token_target(rng.choice(self.resources))
             return Plan(f"GET {target} HTTP/1.1\r\nHost: x\r\n\r\n".encode(), "no-metadata", 400)
-        return Plan(b"GET /metadata/instance?api-version=2021-02-01 HTTP/1.1\r\n"
+        return Plan(b"GET /metadata/instance?api-version=2021-02-01 HTTP/1.1\r\nHost: 169.254.169.254\r\n"
                     b"Metadata: true\r\n\r\n", "instance", 200)
 
 
