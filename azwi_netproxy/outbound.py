@@ -3,8 +3,8 @@ pooled connection is trusted, and when a request is sent once more.
 
 Both go through httpx's own transport (httpcore), whose pool expires idle connections
 after `KEEPALIVE_EXPIRY_S` and drops those the server has closed. What it does not do is
-send again a request that died on a connection before any byte of the answer came back,
-the race in which the server closes an idle connection just as it is reused:
+send again a request that died on a reused connection before any byte of the answer came
+back, the race in which the server closes an idle connection just as it is reused:
 `send_once_more_if_dropped` does, for requests that are safe to repeat.
 
 Must not know: Entra, IMDS, our error tree (callers map httpx's errors), the event loop.
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final
 
 if TYPE_CHECKING:
     import httpx
@@ -37,12 +37,15 @@ async def send_once_more_if_dropped(
     *,
     repeatable: bool | None = None,
 ) -> httpx.Response:
-    """`send(request)`; if the connection failed before the answer's head arrived, once more.
+    """`send(request)`; if a reused connection failed before the answer's head, once more.
 
     `send` returns when the head of the answer is in (a transport's handle_async_request,
     or AsyncClient.send with stream=True), so a failure inside it is one before any byte
-    of the answer was read. The pool has discarded the broken connection by then, so the
-    second try goes out on another one. `repeatable` defaults to the method's idempotence.
+    of the answer was read. Only a connection taken from the pool is worth a second try
+    (httpcore's `trace` extension tells: no connect_tcp event means one was reused): a new
+    connection that fails is the server's answer, and the caller's retries (spaced, counted)
+    deal with it. The pool has discarded the broken connection, so the second try opens a
+    new one. `repeatable` defaults to the method's idempotence.
 
     Raises:
         httpx.HTTPError: what the second try (or a single one) raised.
@@ -51,13 +54,23 @@ async def send_once_more_if_dropped(
 
     if repeatable is None:
         repeatable = request.method in IDEMPOTENT_METHODS
+    connected: list[str] = []
+    outer_trace = request.extensions.get("trace")
+
+    async def trace(event: str, info: dict[str, Any]) -> None:
+        if event.endswith((".connect_tcp.started", ".connect_unix_socket.started")):
+            connected.append(event)
+        if outer_trace is not None:
+            await outer_trace(event, info)
+
+    request.extensions = {**request.extensions, "trace": trace}
     try:
         return await send(request)
     except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError) as exc:
-        if not repeatable:
+        if not repeatable or connected:
             raise
         log.debug(
-            "a connection failed before the answer arrived: sending once more",
+            "a kept-alive connection failed before the answer arrived: sending once more",
             extra={"host": request.url.host, "error": type(exc).__name__},
         )
     return await send(request)

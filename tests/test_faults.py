@@ -42,6 +42,8 @@ JITTER = 0.25
 DEADLINE_S = 20.0
 # What we allow on top of the promised delay for a connection, TLS and the fake's thread.
 SLACK_S = 1.0
+# An immediate second send comes well before the shortest back-off (0.4 s - 25 %).
+RESEND_WITHIN_S = 0.25
 
 
 # ---- running one case ---------------------------------------------------------------------
@@ -54,7 +56,10 @@ class Outcome:
     headers: dict[str, str]
     body: dict[str, Any]
     elapsed_s: float
+    # The spaced attempts entra.py promises (at most 4), and apart from them the immediate
+    # second sends of an attempt whose pooled connection was dropped (outbound.py).
     attempts: list[dict[str, Any]]
+    resends: list[dict[str, Any]]
 
     @property
     def gaps_s(self) -> list[float]:
@@ -67,9 +72,37 @@ def run_case(proxy: ProxyProcess, entra: FakeEntraClient, name: str, client_id: 
     started = time.monotonic()
     response = proxy.token(resource or unique_resource(name), client_id)
     elapsed = time.monotonic() - started
-    attempts = [r for r in entra.exchanges() if (r["client_id"] or "").lower() == client_id.lower()]
+    attempts, resends = split_resends(entra.exchanges(), client_id)
     return Outcome(name, response.status, response.headers, json.loads(response.body), elapsed,
-                   attempts)
+                   attempts, resends)
+
+
+def split_resends(records: list[dict[str, Any]], client_id: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """This client's exchanges: (spaced attempts, immediate resends).
+
+    A resend is a request on a new connection at once after one on a connection that had
+    carried an earlier request (of any client: the pool is shared), as outbound.py sends
+    one when a kept-alive connection is dropped. Told from the fake Entra's connection
+    numbers, not from the proxy's reasoning.
+    """
+    used: set[Any] = set()
+    seen_before: list[bool] = []
+    for record in records:
+        seen_before.append(record["conn"] in used)
+        used.add(record["conn"])
+    attempts: list[dict[str, Any]] = []
+    resends: list[dict[str, Any]] = []
+    previous: tuple[dict[str, Any], bool] | None = None
+    for record, reused in zip(records, seen_before, strict=True):
+        if (record["client_id"] or "").lower() != client_id.lower():
+            continue
+        if (previous is not None and previous[1] and not reused
+                and record["time"] - previous[0]["time"] < RESEND_WITHIN_S and previous[0] is attempts[-1]):
+            resends.append(record)
+        else:
+            attempts.append(record)
+        previous = (record, reused)
+    return attempts, resends
 
 
 def run_parallel(proxy: ProxyProcess, entra: FakeEntraClient,
