@@ -11,6 +11,7 @@ Rules:
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,6 +32,9 @@ _HEADER_OVERHEAD: Final = 64
 MEMO_REQUEST_BYTES: Final = 2048
 MEMO_ENTRIES: Final = 256
 _VERSIONS: Final = frozenset({"1.0", "1.1"})
+# A request line whose protocol llhttp accepts besides HTTP: `METHOD target RTSP/1.0`.
+_OTHER_PROTOCOL_LINE: Final = re.compile(rb"(?:^|\n)[!#$%&'*+.^_`|~0-9A-Za-z-]+ [^ \r\n]+ (?:RTSP|ICE)/")
+_TAIL_BYTES: Final = MAX_TARGET_BYTES + 64
 
 
 class ProtocolError(Exception):
@@ -75,6 +79,7 @@ class RequestReader:
         "_limit_error",
         "_memo",
         "_parser",
+        "_tail",
         "_target",
         "reading_request",
     )
@@ -91,6 +96,7 @@ class RequestReader:
         self._body: list[bytes] = []
         self._last_name = b""
         self._limit_error: ProtocolError | None = None
+        self._tail = b""
         # True from the first byte of a request until it is complete: the server runs
         # the header-read timeout exactly while this holds (slow bodies are cut too).
         self.reading_request = False
@@ -112,6 +118,8 @@ class RequestReader:
         parser = self._parser
         if parser is None:
             parser = self._parser = httptools.HttpRequestParser(self)
+        if self._other_protocol(data):
+            raise self._failed(ProtocolError(400, "only HTTP/1.0 and HTTP/1.1 are answered"))
         try:
             parser.feed_data(data)
         except httptools.HttpParserCallbackError:
@@ -136,6 +144,20 @@ class RequestReader:
                 memo.clear()
             memo[data] = done[0]
         return done
+
+    def _other_protocol(self, data: bytes) -> bool:
+        """Whether a request line in `data` names RTSP or ICE, which llhttp also parses and
+        reports as HTTP/1.0 (httptools does not say which protocol a line named).
+
+        Only chunks holding "RTSP/" or "ICE/" are looked at (a few bytes of the previous
+        chunk are kept, for a line split between two). A body line that looks like such
+        a request line is refused too: nothing IMDS answers carries one.
+        """
+        tail, self._tail = self._tail, data[-_TAIL_BYTES:]
+        seam = tail[-4:] + data[:4]
+        if not any(name in part for name in (b"RTSP/", b"ICE/") for part in (data, seam)):
+            return False
+        return _OTHER_PROTOCOL_LINE.search(tail + data) is not None
 
     def _failed(self, error: ProtocolError) -> ProtocolError:
         error.completed, self._completed = self._completed, []

@@ -90,8 +90,9 @@ def read_target(target: str) -> Target:
         return Target(Route.TOKEN, path, query)
     if path in READY_PATHS:
         return Target(Route.READY, path, query)
-    # "//host/x" is a network-path reference: URL parsers read "/x" as its path.
-    if path.startswith("//") or names_identity(path):
+    # "//host/x" is a network-path reference: URL parsers read "/x" as its path (WHATWG
+    # parsers read "/\\host/x" so too).
+    if path.replace("\\", "/").startswith("//") or names_identity(path):
         return Target(Route.REFUSED, path, query)
     return Target(Route.PASSTHROUGH, path, query)
 

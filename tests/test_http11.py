@@ -145,6 +145,12 @@ ERROR_CASES = [
     (b"GET / HTTP/1.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n", 400, "upgrade"),
     (b"CONNECT host:443 HTTP/1.1\r\n\r\n", 400, "connect"),
     (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", 400, "h2-preface"),
+    (b"GET /x RTSP/1.0\r\nHost: h\r\n\r\n", 400, "rtsp"),
+    (b"GET /metadata/identity/oauth2/token?api-version=1&resource=x\r\nMetadata: true\r\nHost: h\r\n\r\n",
+     400, "no-version-with-headers"),
+    (b"GET /x HTTP/2.0\r\nHost: h\r\n\r\n", 400, "http-2.0"),
+    (b"GET /x HTTP/1.1\r\nHost: h\r\nHost: h\r\n\r\n", 400, "two-hosts"),
+    (b"GET /x HTTP/1.1\r\n\r\n", 400, "http11-without-host"),
 ]
 
 
@@ -309,3 +315,16 @@ def test_date_header_formats_and_caches_per_second() -> None:
 
 def test_limits_are_the_documented_ones() -> None:
     assert (http11.MAX_TARGET_BYTES, http11.MAX_HEADER_BYTES) == (8 * 1024, 16 * 1024)
+
+
+def test_a_request_line_naming_rtsp_split_across_feeds_is_refused() -> None:
+    reader = RequestReader()
+    assert reader.feed(b"GET /readyz HTTP/1.1\r\nHost: h\r\n\r\nGET /metadata/instance RT") != []
+    with pytest.raises(ProtocolError) as info:
+        reader.feed(b"SP/1.0\r\nHost: h\r\n\r\n")
+    assert info.value.status == 400
+
+
+def test_http10_without_host_is_still_answered() -> None:
+    [request] = RequestReader().feed(b"GET /readyz HTTP/1.0\r\n\r\n")
+    assert request.http_version == "1.0"

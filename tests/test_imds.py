@@ -39,6 +39,7 @@ TARGET_CASES = [
     ("//metadata/identity/oauth2/token", REFUSED, "leading-double-slash"),
     ("//host/metadata/instance", REFUSED, "network-path-reference"),
     ("//metadata/instance", REFUSED, "network-path-reference-no-identity"),
+    ("/\\host/metadata/instance", REFUSED, "backslash-network-path-reference"),
     ("/metadata//identity/oauth2/token", REFUSED, "inner-double-slash"),
     ("/metadata/identity/oauth2//token", REFUSED, "double-slash-before-token"),
     ("/metadata/%69dentity/oauth2/token", REFUSED, "percent-encoded-letter"),
