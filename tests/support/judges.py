@@ -5,7 +5,7 @@ Owns: the h11 reading of raw request bytes (`read_requests`); the readings of a 
 target by Python's urllib (`urljoin` against http://169.254.169.254/) and by the WHATWG URL
 parser of Node.js (`WhatwgUrl`, one long-lived `node` process); the contract's rules stated
 over those readings (CONTRACT.md, "The token endpoint"): who may get a token
-(`may_get_token`), which targets may be passed through (`forward_refusal`), and what a
+(`token_refusal`, `request_line` for the version rule), which targets may be passed through (`forward_refusal`), and what a
 forwarded request may carry (`relay_differences`).
 
 Must not know: azwi_netproxy. Nothing here imports it or copies its reading of a request:
@@ -188,13 +188,6 @@ def token_refusal(request: H11Request | None) -> str | None:
     if request.values(b"x-forwarded-for"):
         return "X-Forwarded-For"
     return None
-
-
-def may_get_token(raw: bytes) -> bool:
-    """Whether a token may answer the first request in `raw` (every request h11 refuses,
-    or of another version than 1.0/1.1, may not)."""
-    reading = read_requests(raw)
-    return token_refusal(reading.first) is None
 
 
 # ---- URL parsers: what a target means ---------------------------------------------------
