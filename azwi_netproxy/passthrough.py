@@ -1,9 +1,9 @@
 """Pass-through of non-token paths to the node's real IMDS, as the upstream proxy does.
 
 The destination is fixed (METADATA_IP:METADATA_PORT): the request's Host, absolute-form
-target or headers can never steer it elsewhere. The client's own headers go with it (Host
-included: IMDS ignores it), hop-by-hop headers and X-Forwarded-For dropped both ways, and
-nothing is added but the loop marker. The proxy's own connection is exempt from the NAT
+target or headers can never steer it elsewhere. The client's own headers go with it,
+hop-by-hop headers and X-Forwarded-For dropped both ways, Host set to the destination (as
+upstream sets it), and nothing is added but the loop marker. The proxy's own connection is exempt from the NAT
 redirect only while it runs as PROXY_UID; if it is not (a pod-level runAsUser, say), the
 request comes back to this very server. A per-process nonce header catches that: the server
 answers it with 508 at once, and this module turns the 508 into a clear PassthroughLoop error.
@@ -39,6 +39,9 @@ _HOP_BY_HOP: Final = frozenset(
         b"upgrade",
         b"proxy-connection",
         b"x-forwarded-for",
+        # Set from the destination, METADATA_IP:METADATA_PORT, as upstream sets it (and what
+        # a pod's client sent anyway: the redirect keeps the address it connected to).
+        b"host",
         # Framing: httpx sets it for the body it sends (a chunked one arrives de-chunked).
         b"content-length",
         LOOP_HEADER,
@@ -68,7 +71,7 @@ class Passthrough:
     The transport, not httpx.AsyncClient: a client adds its default headers (Accept,
     Accept-Encoding, User-Agent, Connection) to every request, and a pass-through must send
     the client's own headers and nothing else (CONTRACT.md). httpx.Request adds only what
-    HTTP/1.1 framing needs: Host when the client sent none, Content-Length for a body.
+    HTTP/1.1 framing needs: Host (the destination's), Content-Length for a body.
     """
 
     def __init__(self, metadata_ip: str, metadata_port: int, *, run_as_uid: int) -> None:

@@ -11,6 +11,8 @@ VENV="${AZWI_VENV:-/opt/azwi-netproxy/test-venv}"
 APT_PACKAGES=(
     iptables nftables iproute2 util-linux procps curl openssl ca-certificates
     python3 python3-venv python3-dev gcc libc6-dev
+    # Node.js: the hostile tests judge targets with its WHATWG URL parser as well as urllib.
+    nodejs
 )
 
 if [[ $(id -u) -ne 0 ]]; then

@@ -15,12 +15,20 @@ import uuid
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 sys.path.insert(0, str(Path(__file__).parent))
 
 from support.caps import CAN_NETNS, NETNS_SKIP_REASON
 
 REPO = Path(__file__).resolve().parent.parent
+
+# Property tests: derandomised by default, so a failure in CI reproduces with the same
+# command; `AZWI_HYPOTHESIS_PROFILE=long` (or `--hypothesis-profile=long`) runs 20 times as
+# many examples from a fresh random seed, printing the blob that reproduces a failure.
+settings.register_profile("ci", derandomize=True, database=None, print_blob=False)
+settings.register_profile("long", derandomize=False, database=None, max_examples=2000, print_blob=True)
+settings.load_profile(os.environ.get("AZWI_HYPOTHESIS_PROFILE", "ci"))
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

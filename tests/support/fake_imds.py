@@ -4,7 +4,13 @@
 Owns: realistic answers for `/metadata/instance` (200 JSON, `Metadata: true` and
 `api-version` required as IMDS requires them) and for `/metadata/identity/oauth2/token`
 (the NODE's identity: a token marked `imds-node-token` that no test should ever see come
-back from the proxy), and a record of every request (method, path, query, headers, body).
+back from the proxy), and a record of every request (method, path, query, headers, body)
+with, for judges of pass-through that must see exactly what arrived, the raw head as it
+came off the socket (`raw_head`: request line and header lines, latin-1; `raw_target`: the
+target exactly as sent, where `target` is http.server's reading of it), the header
+fields as sent (`raw_headers`: [name, value] in order, name case kept, value without its
+surrounding whitespace only), the body's bytes (`body_hex`) and the body it answered
+with (`answer_hex`).
 
 Must not know: anything of azwi_netproxy. Standard library only, so it runs under any
 python3, as its own process and inside `ip netns exec` (e.g. on 169.254.169.254:80):
@@ -56,6 +62,38 @@ INSTANCE: dict[str, Any] = {
 }
 
 
+class _HeadTee:
+    """The handler's rfile, keeping the lines read through readline(): the request line
+    and the header block (the body is read with read() and not kept here)."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+        self.lines: list[bytes] = []
+
+    def readline(self, *args: Any) -> bytes:
+        line: bytes = self._stream.readline(*args)
+        self.lines.append(line)
+        return line
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+def _raw_fields(head: bytes) -> list[list[str]]:
+    """Header fields of a raw head, as sent: no folding undone, no case changed."""
+    fields: list[list[str]] = []
+    for raw_line in head.split(b"\n")[1:]:
+        line = raw_line.removesuffix(b"\r")
+        if not line:
+            break
+        if line[:1] in (b" ", b"\t") and fields:
+            fields[-1][1] += " " + line.strip(b" \t").decode("latin-1")
+            continue
+        name, _, value = line.partition(b":")
+        fields.append([name.decode("latin-1"), value.strip(b" \t").decode("latin-1")])
+    return fields
+
+
 class FakeImdsServer(http.server.ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 128
@@ -73,16 +111,32 @@ class Handler(http.server.BaseHTTPRequestHandler):
     server_version = "FakeIMDS/1.0"
     sys_version = ""
 
+    rfile: Any
+    raw_requestline: bytes
+
+    def setup(self) -> None:
+        super().setup()
+        self.rfile = _HeadTee(self.rfile)
+
+    def handle_one_request(self) -> None:
+        # Each request's raw head starts at its own request line (keep-alive reuses rfile).
+        self.rfile.lines.clear()
+        super().handle_one_request()
+
     def log_message(self, format: str, *args: Any) -> None:
         sys.stderr.write(f"fake_imds: {self.address_string()} {format % args}\n")
 
-    def _send_json(self, status: int, doc: Any) -> None:
+    def _send_json(self, status: int, doc: Any, record: dict[str, Any] | None = None) -> None:
         body = json.dumps(doc).encode()
         # Real IMDS compresses when asked; a proxy must relay those bytes as they are, and
         # must not ask for compression a client did not ask for.
         gzipped = "gzip" in (self.headers.get("Accept-Encoding") or "").lower()
         if gzipped:
             body = gzip.compress(body, mtime=0)
+        if record is not None:
+            # Before the first byte leaves: whoever reads the answer may ask for the record next.
+            record["status"] = status
+            record["answer_hex"] = "" if self.command == "HEAD" else body.hex()
         self.send_response(status)
         self.send_header("Content-Type", "application/json; charset=utf-8")
         if gzipped:
@@ -93,8 +147,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.wfile.write(body)
 
     def _handle(self) -> None:
+        raw_head = b"".join(self.rfile.lines)
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length) if length > 0 else b""
+        if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
+            body = self._read_chunked()
         split = urllib.parse.urlsplit(self.path)
         if split.path.startswith(CONTROL_PREFIX):
             self._control(split.path[len(CONTROL_PREFIX):])
@@ -107,13 +164,31 @@ class Handler(http.server.BaseHTTPRequestHandler):
             "query": split.query,
             "headers": [[k, v] for k, v in self.headers.items()],
             "body": body.decode("utf-8", "replace"),
+            # http.server folds a leading "//" of self.path into "/": the target as sent is
+            # the request line's second word.
+            "raw_target": self.raw_requestline.split(b" ")[1].decode("latin-1"),
+            "raw_head": raw_head.decode("latin-1"),
+            "raw_headers": _raw_fields(raw_head),
+            "body_hex": body.hex(),
             "status": None,
+            "answer_hex": None,
         }
         with self.server.lock:
             self.server.records.append(record)
         status, doc = self._answer(split.path, urllib.parse.parse_qs(split.query))
-        record["status"] = status
-        self._send_json(status, doc)
+        self._send_json(status, doc, record)
+
+    def _read_chunked(self) -> bytes:
+        """A chunked body, whole (a relay may re-frame a body it was given chunked)."""
+        body = b""
+        while True:
+            size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
+            if size == 0:
+                while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                    pass
+                return body
+            body += self.rfile.read(size)
+            self.rfile.readline()
 
     def _answer(self, path: str, query: dict[str, list[str]]) -> tuple[int, Any]:
         # Real IMDS refuses proxied requests and requests without the metadata header.
