@@ -11,6 +11,7 @@ VENV="${AZWI_VENV:-/opt/azwi-netproxy/test-venv}"
 APT_PACKAGES=(
     iptables nftables iproute2 util-linux procps curl openssl ca-certificates
     python3 python3-venv python3-dev gcc libc6-dev
+    containerd runc containernetworking-plugins
 )
 
 if [[ $(id -u) -ne 0 ]]; then
