@@ -51,12 +51,15 @@ def ctrd() -> Iterator[cri.Containerd]:
 
 
 @pytest.fixture
-def records(ctrd: cri.Containerd) -> tuple[Path, Path]:
+def records(ctrd: cri.Containerd) -> Iterator[tuple[Path, Path]]:
     """Name: records. Scope: function. Depends: ctrd.
 
     Makes the chain loopback → podnet → recorder (with the annotations capability) →
-    recorder (without it), each recorder writing to a fresh file; returns both files.
+    recorder (without it), each recorder writing to a fresh file; yields both files. At
+    teardown it prints what the recorders and containerd wrote during the test, which
+    pytest shows for a failed test only.
     """
+    offset = ctrd.log_size()
     tag = uuid.uuid4().hex[:6]
     with_cap, without_cap = ctrd.record_file(f"cap-{tag}"), ctrd.record_file(f"nocap-{tag}")
     ctrd.set_conflist([
@@ -66,7 +69,11 @@ def records(ctrd: cri.Containerd) -> tuple[Path, Path]:
          "capabilities": {CAPABILITY: True}},
         {"type": "azwi-test-recorder", "recordFile": str(without_cap)},
     ])
-    return with_cap, without_cap
+    yield with_cap, without_cap
+    for path in (with_cap, without_cap):
+        print(f"--- {path.name}", *(json.dumps(r, sort_keys=True) for r in cri.read_records(path)),
+              sep="\n")
+    print("--- containerd's log during the test", ctrd.log_since(offset), sep="\n")
 
 
 def calls(path: Path, command: str, container_id: str) -> list[dict[str, Any]]:

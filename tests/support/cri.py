@@ -494,6 +494,22 @@ class Containerd:
         except OSError:
             return "(no containerd log)"
 
+    def log_size(self) -> int:
+        """Where containerd's log ends now (for `log_since`)."""
+        try:
+            return self.log.stat().st_size
+        except OSError:
+            return 0
+
+    def log_since(self, offset: int) -> str:
+        """What containerd logged after `offset`: one test's share of a module's containerd."""
+        try:
+            with self.log.open("rb") as log:
+                log.seek(offset)
+                return log.read().decode(errors="replace")
+        except OSError:
+            return ""
+
     def install_plugin(self, plugin_type: str, source: Path) -> Path:
         """Copy an executable into the CNI bin dir under the name a conflist's `type` uses."""
         target = self.bin_dir / plugin_type
