@@ -196,6 +196,9 @@ def test_add_gets_the_pods_annotations_netns_and_prev_result(
         # was already up in it when we were called.
         assert env["CNI_NETNS"] == pod.netns_path
         assert env["CNI_NETNS"].startswith("/var/run/netns/cni-")
+        # In containerd's mount namespace (where plugins run) the path is a netns mount.
+        fs_type = ctrd.mnt_run(["stat", "-f", "-c", "%T", env["CNI_NETNS"]]).stdout.strip()
+        assert fs_type == "nsfs"
         pod_ns = os.stat(pod.netns_proc)
         assert (add["netns"]["dev"], add["netns"]["ino"]) == (pod_ns.st_dev, pod_ns.st_ino)
         assert os.stat("/proc/self/ns/net").st_ino != pod_ns.st_ino

@@ -30,7 +30,7 @@ What it must not touch, and how it keeps off:
 
 Driving it from a test (the lead's CNI tests build on this):
 
-    with cri.containerd(tmp_parent) as ctrd:            # module scope: ~2 s to start
+    with cri.containerd() as ctrd:                      # module scope: ~0.2 s to start
         ctrd.install_plugin("azwi-netproxy", path)      # an executable copied into bin_dir
         ctrd.set_conflist([cri.loopback(), ctrd.podnet(), {"type": "azwi-netproxy", ...}])
         with ctrd.pod("web", annotations={...}) as pod: # RunPodSandbox ... Stop + Remove
@@ -180,12 +180,11 @@ class CriClient:
 
     SERVICE = "/runtime.v1.RuntimeService/"
 
-    def __init__(self, socket_path: Path, *, log: Path | None = None) -> None:
+    def __init__(self, socket_path: Path) -> None:
         import grpc
 
         self._grpc = grpc
         self._api = cri_api()
-        self._log = log
         # No proxy can apply to a unix socket, but grpc reads http_proxy for other targets:
         # keep it from ever considering one.
         self._channel = grpc.insecure_channel(f"unix://{socket_path}",
@@ -643,7 +642,7 @@ class Containerd:
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                 env=CLEAN_ENV, cwd="/", start_new_session=True,
             )
-        self._cri = CriClient(self.socket, log=self.log)
+        self._cri = CriClient(self.socket)
         deadline = time.monotonic() + START_TIMEOUT_S
         last: Exception | None = None
         while time.monotonic() < deadline:
