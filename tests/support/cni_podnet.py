@@ -33,10 +33,15 @@ class PluginError(Exception):
         self.code, self.msg, self.details = code, msg, details
 
 
+def ip_argv(netns, *args):
+    """`ip` in `netns`, given by path (nsenter) or by `ip netns` name."""
+    if netns.startswith("/"):
+        return ["/usr/bin/nsenter", f"--net={netns}", IP, *args]
+    return [IP, "-n", netns, *args]
+
+
 def ip(netns, *args):
-    done = subprocess.run([IP, "-n", netns, *args] if not netns.startswith("/") else
-                          ["/usr/bin/nsenter", f"--net={netns}", IP, *args],
-                          capture_output=True, text=True, check=False)
+    done = subprocess.run(ip_argv(netns, *args), capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise PluginError(5, f"ip {' '.join(args)} failed", done.stderr.strip())
     return done.stdout
@@ -85,9 +90,7 @@ def add(config, env):
         ip(netns, "route", "add", "default", "via", str(gateway), "dev", ifname)
         mac = json.loads(ip(netns, "-j", "link", "show", ifname))[0]["address"]
     except PluginError:
-        subprocess.run([IP, "-n", node, "link", "del", peer] if not node.startswith("/") else
-                       ["/usr/bin/nsenter", f"--net={node}", IP, "link", "del", peer],
-                       capture_output=True, check=False)
+        subprocess.run(ip_argv(node, "link", "del", peer), capture_output=True, check=False)
         raise
     version = config.get("cniVersion", "1.0.0")
     prev = config.get("prevResult") or {}
@@ -109,11 +112,9 @@ def add(config, env):
 def delete(config, env):
     node = config["nodeNetns"]
     peer = peer_name(env["CNI_CONTAINERID"])
-    argv = ([IP, "-n", node, "link", "del", peer] if not node.startswith("/") else
-            ["/usr/bin/nsenter", f"--net={node}", IP, "link", "del", peer])
     # Already gone (the pod's netns was destroyed, which takes both ends) is success: DEL
     # must be idempotent.
-    subprocess.run(argv, capture_output=True, check=False)
+    subprocess.run(ip_argv(node, "link", "del", peer), capture_output=True, check=False)
 
 
 def main():
