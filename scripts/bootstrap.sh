@@ -13,6 +13,8 @@ APT_PACKAGES=(
     python3 python3-venv python3-dev gcc libc6-dev
     # Node.js: the hostile tests judge targets with its WHATWG URL parser as well as urllib.
     nodejs
+    # The CNI tests run a private containerd whose CRI plugin calls the chain.
+    containerd runc containernetworking-plugins
 )
 
 if [[ $(id -u) -ne 0 ]]; then
