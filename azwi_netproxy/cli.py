@@ -10,11 +10,10 @@ import os
 import re
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Final, NoReturn
 
-from azwi_netproxy import __version__, config, logs
+from azwi_netproxy import __version__, logs
 from azwi_netproxy.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -142,6 +141,16 @@ class ProxyFlags:
         raise SystemExit(0)
 
 
+def _environment_proxies() -> dict[str, str]:
+    """The proxies the environment names, as httpx reads them: urllib's own reading (the
+    lower-case name wins, an empty one unsets), imported only when a variable is there."""
+    if not any(name.lower().endswith("_proxy") for name in os.environ):
+        return {}
+    import urllib.request
+
+    return urllib.request.getproxies_environment()
+
+
 def proxy_parser() -> ProxyFlags:
     return ProxyFlags()
 
@@ -149,15 +158,17 @@ def proxy_parser() -> ProxyFlags:
 def proxy_main(argv: Sequence[str] | None = None) -> int:
     args = proxy_parser().parse_args(argv)
     try:
-        cfg = config.load_proxy(vars(args), os.environ, lambda p: Path(p).read_text("utf-8"))
+        from azwi_netproxy.proxy import config, files
+
+        cfg = files.with_files(config.load(vars(args), os.environ, _environment_proxies()))
     except ConfigError as exc:
         return _config_error("azwi-netproxy", exc)
     if cfg.probe:
-        from azwi_netproxy.probe import probe, seconds_since_process_start
+        from azwi_netproxy.proxy.probe import probe, seconds_since_process_start
 
         return probe(cfg.proxy_port, elapsed_s=seconds_since_process_start())
     writer = logs.configure(cfg.log_level, logger_name="proxy")
-    from azwi_netproxy.run import run_proxy
+    from azwi_netproxy.proxy.run import run_proxy
 
     return run_proxy(cfg, writer)
 
@@ -204,11 +215,13 @@ def init_parser() -> argparse.ArgumentParser:
 def init_main(argv: Sequence[str] | None = None) -> int:
     args = init_parser().parse_args(argv)
     try:
-        cfg = config.load_init(vars(args), os.environ)
+        from azwi_netproxy.init import config
+
+        cfg = config.load(vars(args), os.environ)
     except ConfigError as exc:
         return _config_error("azwi-netproxy-init", exc)
     writer = logs.configure(cfg.log_level, logger_name="proxy-init")
-    from azwi_netproxy.initrun import run_init
+    from azwi_netproxy.init.run import run_init
 
     try:
         return run_init(cfg)

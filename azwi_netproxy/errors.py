@@ -3,9 +3,14 @@
     NetproxyError                      500 internal_error (never shows its text to the app)
     ├── BadRequest                     400 invalid_request
     │   ├── UnknownIdentity            400 invalid_request  (IMDS: "Identity not found")
-    │   └── IdentityRejected           400 <Entra's error>  (permanent AADSTS errors)
+    │   ├── IdentityRejected           400 <Entra's error>  (permanent AADSTS errors)
+    │   └── MalformedRequest           400 invalid_request  (broken HTTP/1.1: answered, then closed)
+    │       ├── BodyTooLarge           413 invalid_request
+    │       ├── TargetTooLong          414 invalid_request
+    │       └── HeadersTooLarge        431 invalid_request
     ├── MethodNotAllowed               405 invalid_request
-    ├── NotFound                       404 not_found        (near-miss identity paths)
+    ├── NotFound                       404 not_found        (refused targets, unknown paths)
+    ├── NotReady                       503 service_unavailable (/readyz while draining)
     ├── PassthroughRefused             403 forbidden        (pass-through switched off)
     ├── PassthroughLoop                508 loop_detected    (our own traffic came back to us)
     ├── UpstreamError                  502 upstream_error   (+ retry_after_s)
@@ -14,12 +19,13 @@
     ├── ConfigError                    start-up only: one stderr line, exit code 2
     └── RuleInstallError               init only: exit code 1
 
-Only `app.py` turns these into responses; `public` says whether `str(exc)` may reach the app.
+Only `proxy/app.py` turns these into responses (`error_response`), the server's own errors
+included; `public` says whether `str(exc)` may reach the app.
 """
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 
 class NetproxyError(Exception):
@@ -47,12 +53,38 @@ class IdentityRejected(BadRequest):
         self.entra_error = entra_error
 
 
+class MalformedRequest(BadRequest):
+    """The client broke HTTP/1.1 or one of our limits: answered once, then the connection closes."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        # Requests the same bytes completed before the bad one (wire.Request objects):
+        # answered first, in order.
+        self.completed: list[Any] = []
+
+
+class BodyTooLarge(MalformedRequest):
+    status = 413
+
+
+class TargetTooLong(MalformedRequest):
+    status = 414
+
+
+class HeadersTooLarge(MalformedRequest):
+    status = 431
+
+
 class MethodNotAllowed(NetproxyError):
     status, code, public = 405, "invalid_request", True
 
 
 class NotFound(NetproxyError):
     status, code, public = 404, "not_found", True
+
+
+class NotReady(NetproxyError):
+    status, code, public = 503, "service_unavailable", True
 
 
 class PassthroughRefused(NetproxyError):

@@ -38,6 +38,9 @@ if [[ ! -x "$VENV/bin/python" ]] || ! "$VENV/bin/python" -c 'import sys; sys.exi
     /usr/bin/python3 -m venv "$VENV"
     "$VENV/bin/pip" install -q --upgrade pip setuptools wheel
 fi
+# setuptools builds in the checkout's build/ and never empties it: a module moved or deleted
+# since the last install would come back into the venv from there.
+rm -rf "$REPO/build"
 "$VENV/bin/pip" install -q --upgrade "$REPO[test]"
 # Reinstall our package itself every time so the venv holds exactly this checkout.
 "$VENV/bin/pip" install -q --no-deps --force-reinstall "$REPO"

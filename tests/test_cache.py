@@ -2,7 +2,7 @@
 
 Name: test_cache
 Scope: pure unit tests, one event loop per test.
-Depends: azwi_netproxy.cache only; time is a FakeClock, Entra is a FakeFetcher.
+Depends: azwi_netproxy.proxy.cache only; time is a FakeClock, Entra is a FakeFetcher.
 
 No test sleeps for timing: fetches are held with an asyncio.Event and released when the
 test says so, and `settle()` only lets already-runnable tasks take their turn.
@@ -16,7 +16,6 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from azwi_netproxy.cache import STALE_SAFETY_S, CacheOutcome, TokenCache
 from azwi_netproxy.errors import (
     BadRequest,
     IdentityRejected,
@@ -25,7 +24,8 @@ from azwi_netproxy.errors import (
     UpstreamThrottled,
     UpstreamUnavailable,
 )
-from azwi_netproxy.tokens import CacheKey, Token
+from azwi_netproxy.proxy.cache import STALE_SAFETY_S, CacheOutcome, TokenCache
+from azwi_netproxy.proxy.tokens import CacheKey, Token
 
 T0 = 1_700_000_000
 LIFETIME_S = 3600
@@ -348,7 +348,7 @@ async def test_failed_refresh_keeps_old_token_and_waits_before_retrying(
     fetcher.errors.append(error)
     clock.set(old.refresh_on)
 
-    with caplog.at_level(logging.WARNING, logger="azwi_netproxy.cache"):
+    with caplog.at_level(logging.WARNING, logger="azwi_netproxy.proxy.cache"):
         assert cache.peek(KEY) == (old, CacheOutcome.REFRESH)
         await settle()
     assert len(fetcher.calls) == 2

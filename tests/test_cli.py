@@ -21,8 +21,9 @@ from pathlib import Path
 
 import pytest
 
-from azwi_netproxy import __version__, cli, logs, probe, run
-from azwi_netproxy.config import ProxyConfig
+from azwi_netproxy import __version__, cli, logs
+from azwi_netproxy.proxy import probe, run
+from azwi_netproxy.proxy.config import ProxyConfig
 
 TENANT = "00000000-0000-0000-0000-00000000000a"
 PEM = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----"

@@ -1,8 +1,10 @@
 """Configuration of both programs: flags over environment over defaults, and every check up front.
 
 Name: test_config
-Scope: pure unit tests of config.load_init / config.load_proxy and the value parsers.
-Depends: azwi_netproxy.config; the identity map parser through it.
+Scope: pure unit tests of init.config.load, proxy.config.load (with proxy.files, the edge
+    that reads the files it names) and the shared value parsers.
+Depends: azwi_netproxy.settings, azwi_netproxy.init.config, azwi_netproxy.proxy.config and
+    .files; the proxies of an environment as the standard library reads them (httpx does).
 """
 
 from __future__ import annotations
@@ -10,12 +12,17 @@ from __future__ import annotations
 import os
 import urllib.request
 from pathlib import Path
+from unittest import mock
 
 import pytest
 
-from azwi_netproxy import config
-from azwi_netproxy.config import IdentityBinding, InitConfig, ProxyConfig
+from azwi_netproxy import settings
 from azwi_netproxy.errors import ConfigError
+from azwi_netproxy.init import config as init_config
+from azwi_netproxy.init.config import InitConfig
+from azwi_netproxy.proxy import config as proxy_config
+from azwi_netproxy.proxy import files as proxy_files
+from azwi_netproxy.proxy.config import IdentityBinding, ProxyConfig
 
 TENANT = "00000000-0000-0000-0000-00000000000a"
 CLIENT = "11111111-1111-1111-1111-111111111111"
@@ -28,15 +35,23 @@ def _no_files(path: str) -> str:
     raise FileNotFoundError(2, "No such file or directory", path)
 
 
+def _proxies_of(env: dict[str, str]) -> dict[str, str]:
+    """The proxies `env` names, read by the standard library itself, as cli.py reads them."""
+    with mock.patch.dict(os.environ, env, clear=True):
+        return urllib.request.getproxies_environment()
+
+
 def _load_proxy(
     env: dict[str, str], flags: dict[str, object] | None = None, files: dict[str, str] | None = None
 ) -> ProxyConfig:
+    """What cli.py does: the configuration, then the files it names (here from `files`)."""
+
     def read_text(path: str) -> str:
         if files is None or path not in files:
             return _no_files(path)
         return files[path]
 
-    return config.load_proxy(flags or {}, env, read_text)
+    return proxy_files.with_files(proxy_config.load(flags or {}, env, _proxies_of(env)), read_text)
 
 
 # ---- value parsers ----------------------------------------------------------------------
@@ -48,13 +63,13 @@ BAD_PORTS = [("0", "out of range"), ("65536", "out of range"), ("abc", "not a po
 
 @pytest.mark.parametrize(("value", "port"), PORTS, ids=[repr(v) for v, _ in PORTS])
 def test_parse_port(value: str | int, port: int) -> None:
-    assert config.parse_port(value, "PROXY_PORT") == port
+    assert settings.parse_port(value, "PROXY_PORT") == port
 
 
 @pytest.mark.parametrize(("value", "message"), BAD_PORTS, ids=[repr(v) for v, _ in BAD_PORTS])
 def test_parse_port_rejects(value: str, message: str) -> None:
     with pytest.raises(ConfigError) as info:
-        config.parse_port(value, "PROXY_PORT")
+        settings.parse_port(value, "PROXY_PORT")
     assert str(info.value).startswith("PROXY_PORT: ")
     assert message in str(info.value)
 
@@ -65,13 +80,13 @@ BAD_UIDS = ["abc", "-1", "1.5", "4294967295", "", "root"]
 
 @pytest.mark.parametrize(("value", "uid"), UIDS, ids=[v for v, _ in UIDS])
 def test_parse_uid(value: str, uid: int) -> None:
-    assert config.parse_uid(value, "PROXY_UID") == uid
+    assert settings.parse_uid(value, "PROXY_UID") == uid
 
 
 @pytest.mark.parametrize("value", BAD_UIDS, ids=[repr(v) for v in BAD_UIDS])
 def test_parse_uid_rejects(value: str) -> None:
     with pytest.raises(ConfigError, match=r"^PROXY_UID: "):
-        config.parse_uid(value, "PROXY_UID")
+        settings.parse_uid(value, "PROXY_UID")
 
 
 IPS = [("169.254.169.254", "169.254.169.254"), (" 10.0.0.1 ", "10.0.0.1")]
@@ -80,39 +95,39 @@ BAD_IPS = ["::1", "fe80::1", "169.254.169.254.1", "localhost", "010.1.1.1", "", 
 
 @pytest.mark.parametrize(("value", "ip"), IPS, ids=[v.strip() for v, _ in IPS])
 def test_parse_ipv4(value: str, ip: str) -> None:
-    assert config.parse_ipv4(value, "METADATA_IP") == ip
+    assert settings.parse_ipv4(value, "METADATA_IP") == ip
 
 
 @pytest.mark.parametrize("value", BAD_IPS, ids=[repr(v) for v in BAD_IPS])
 def test_parse_ipv4_rejects(value: str) -> None:
     with pytest.raises(ConfigError, match=r"^METADATA_IP: .* is not an IPv4 address$"):
-        config.parse_ipv4(value, "METADATA_IP")
+        settings.parse_ipv4(value, "METADATA_IP")
 
 
 # ---- init -------------------------------------------------------------------------------
 
 
 def test_init_defaults_are_upstreams() -> None:
-    assert config.load_init({}, {}) == InitConfig(
+    assert init_config.load({}, {}) == InitConfig(
         proxy_port=8000, proxy_uid=1501, metadata_ip="169.254.169.254", metadata_port=80
     )
 
 
 def test_init_reads_the_environment() -> None:
     env = {"PROXY_PORT": "9000", "PROXY_UID": "2000", "METADATA_IP": "10.1.2.3", "METADATA_PORT": "8080"}
-    cfg = config.load_init({}, env)
+    cfg = init_config.load({}, env)
     assert (cfg.proxy_port, cfg.proxy_uid, cfg.metadata_ip, cfg.metadata_port) == (9000, 2000, "10.1.2.3", 8080)
 
 
 def test_init_flags_override_the_environment_even_when_it_is_bad() -> None:
     env = {"PROXY_PORT": "0", "PROXY_UID": "abc", "METADATA_IP": "::1", "METADATA_PORT": "x"}
     flags = {"proxy_port": "9001", "proxy_uid": "7", "metadata_ip": "10.0.0.9", "metadata_port": "81"}
-    cfg = config.load_init(flags, env)
+    cfg = init_config.load(flags, env)
     assert (cfg.proxy_port, cfg.proxy_uid, cfg.metadata_ip, cfg.metadata_port) == (9001, 7, "10.0.0.9", 81)
 
 
 def test_init_blank_environment_means_default() -> None:
-    cfg = config.load_init({}, {"PROXY_PORT": "  ", "PROXY_UID": ""})
+    cfg = init_config.load({}, {"PROXY_PORT": "  ", "PROXY_UID": ""})
     assert (cfg.proxy_port, cfg.proxy_uid) == (8000, 1501)
 
 
@@ -136,23 +151,23 @@ INIT_ERRORS = [
 )
 def test_init_errors_name_the_source(flags: dict[str, object], env: dict[str, str], message: str) -> None:
     with pytest.raises(ConfigError) as info:
-        config.load_init(flags, env)
+        init_config.load(flags, env)
     assert message in str(info.value)
 
 
 @pytest.mark.parametrize("action", ["install", "dry-run", "check", "cleanup"])
 def test_init_actions(action: str) -> None:
-    assert config.load_init({"action": action}, {}).action == action
+    assert init_config.load({"action": action}, {}).action == action
 
 
 @pytest.mark.parametrize("backend", ["auto", "nftables", "iptables"])
 def test_init_backends(backend: str) -> None:
-    assert config.load_init({"backend": backend}, {}).backend == backend
+    assert init_config.load({"backend": backend}, {}).backend == backend
 
 
 def test_init_fails_closed_unless_asked() -> None:
-    assert config.load_init({}, {}).fail_closed is True
-    assert config.load_init({"allow_other_metadata_traffic": True}, {}).fail_closed is False
+    assert init_config.load({}, {}).fail_closed is True
+    assert init_config.load({"allow_other_metadata_traffic": True}, {}).fail_closed is False
 
 
 # ---- proxy ------------------------------------------------------------------------------
@@ -308,29 +323,25 @@ def test_proxy_environment_accepted(proxies: dict[str, str]) -> None:
 
 
 @pytest.mark.parametrize(
-    "environ",
+    ("proxies", "via"),
     [
-        {"HTTPS_PROXY": "http://upper:1"},
-        {"https_proxy": "http://lower:1", "HTTPS_PROXY": "http://upper:1"},
-        {"HTTPS_PROXY": "http://upper:1", "https_proxy": "http://lower:1"},
-        {"https_proxy": "", "HTTPS_PROXY": "http://upper:1"},
-        {"HTTPS_PROXY": "", "https_proxy": "http://lower:1"},
-        {"Https_Proxy": "http://mixed:1"},
-        {"Https_Proxy": "http://mixed:1", "https_proxy": ""},
-        {"HTTPS_PROXY": "  ", "HTTP_PROXY": " http://spaced:1 "},
-        {"HTTP_PROXY": "http://upper:1", "REQUEST_METHOD": "GET"},
-        {"http_proxy": "http://lower:1", "REQUEST_METHOD": "GET"},
-        {"ALL_PROXY": "socks5://all:1", "NO_PROXY": "localhost,.corp", "PATH": "/bin"},
-        {},
+        ({"HTTPS_PROXY": "http://proxy.corp:3128"}, True),
+        ({"http_proxy": "http://proxy.corp:3128"}, True),
+        ({"ALL_PROXY": "http://proxy.corp:3128"}, False),  # ignored on its own, as the Go proxy does
+        ({"https_proxy": "", "HTTPS_PROXY": "http://proxy.corp:3128"}, False),  # urllib: lower case unsets
+        ({}, False),
     ],
+    ids=["https", "http-lower", "all-alone", "empty-lower-case-unsets", "none"],
 )
-def test_environment_proxies_reads_what_httpx_reads(
-    monkeypatch: pytest.MonkeyPatch, environ: dict[str, str]
-) -> None:
-    # httpx takes its proxies from urllib.request.getproxies(); the start-up checks must
-    # judge the very values it will use (a blank or spaced one would fail every exchange).
-    monkeypatch.setattr(os, "environ", dict(environ))
-    assert config.environment_proxies(environ) == urllib.request.getproxies()
+def test_exchanges_go_through_a_proxy_only_when_https_or_http_proxy_is_set(
+        proxies: dict[str, str], via: bool) -> None:
+    assert _load_proxy({**BASE_ENV, **proxies}).via_environment_proxy is via
+
+
+def test_identity_binding_never_goes_through_an_environment_proxy() -> None:
+    env = {**BASE_ENV, "HTTPS_PROXY": "http://proxy.corp:3128", "AZURE_KUBERNETES_TOKEN_PROXY": "https://10.0.0.1",
+           "AZURE_KUBERNETES_CA_DATA": PEM}
+    assert _load_proxy(env).via_environment_proxy is False
 
 
 @pytest.mark.parametrize(
@@ -356,8 +367,9 @@ def test_a_der_certificate_file_is_refused() -> None:
     def read_der(path: str) -> str:
         return b"\x30\x82\x03\xff".decode("utf-8")  # what reading a DER file as text raises
 
+    cfg = proxy_config.load({}, {**BASE_ENV, "SSL_CERT_FILE": "/etc/ca.der"})
     with pytest.raises(ConfigError, match=r"^SSL_CERT_FILE: /etc/ca.der holds no PEM certificate$"):
-        config.load_proxy({}, {**BASE_ENV, "SSL_CERT_FILE": "/etc/ca.der"}, read_der)
+        proxy_files.with_files(cfg, read_der)
 
 
 def test_trust_store_accepted(tmp_path: Path) -> None:
@@ -478,6 +490,6 @@ def test_binding_repr_masks_ca_data() -> None:
     ids=["warn", "trace", "all", "upper-case", "default", "empty-is-mlog-warning"],
 )
 def test_upstream_log_level_names_are_accepted(given: str | None, level: str) -> None:
-    from azwi_netproxy.config import parse_log_level
+    from azwi_netproxy.settings import parse_log_level
 
     assert parse_log_level(given) == level

@@ -49,8 +49,9 @@ from support.manifests import (
 )
 
 import azwi_netproxy
-from azwi_netproxy import cli, config
+from azwi_netproxy import cli
 from azwi_netproxy.identitymap import parse_identity_map
+from azwi_netproxy.proxy import config
 
 REPO = Path(__file__).resolve().parent.parent
 DEPLOY = REPO / "deploy"
@@ -182,12 +183,14 @@ def test_proxy_accepts_the_manifests_args_and_env(path: Path, tmp_path: Path) ->
             cm = config_maps[volumes[mounts[directory]]["configMap"]["name"]]
             return str(cm["data"][key])
 
-        cfg = config.load_proxy(vars(args), env, read)
+        cfg = config.load(vars(args), env)
         assert cfg.proxy_port == 8000, form
         assert cfg.federated_token_file == str(token)
         assert cfg.default_client_id == "11111111-1111-1111-1111-111111111111"
         if "AZWI_IDENTITY_MAP" in env:
-            assert len(cfg.identity_map.identities) >= 2
+            assert cfg.identity_map_path is not None
+            identity_map = parse_identity_map(read(cfg.identity_map_path), source=cfg.identity_map_path)
+            assert len(identity_map.identities) >= 2
         if IDENTITY_BINDING_ANNOTATION in template_of(docs)["metadata"].get("annotations", {}):
             assert cfg.identity_binding is not None
         else:

@@ -3,7 +3,7 @@
 Name: test_entra
 Scope: unit tests; Entra is an httpx.MockTransport behind a small Endpoint, sleeps are
     recorded (and advance a fake monotonic clock) instead of waiting.
-Depends: azwi_netproxy.entra, azwi_netproxy.tlsreload (identity-binding endpoint), trustme.
+Depends: azwi_netproxy.proxy.entra, azwi_netproxy.proxy.binding (identity-binding endpoint), trustme.
 """
 
 from __future__ import annotations
@@ -18,24 +18,24 @@ import httpx
 import pytest
 import trustme
 
-from azwi_netproxy import entra
-from azwi_netproxy.config import IdentityBinding
-from azwi_netproxy.entra import (
-    ASSERTION_TYPE,
-    AuthorityEndpoint,
-    ExchangePolicy,
-    Exchanger,
-    read_assertion_file,
-)
 from azwi_netproxy.errors import (
     IdentityRejected,
     UpstreamError,
     UpstreamThrottled,
     UpstreamUnavailable,
 )
-from azwi_netproxy.imds import scope_for
-from azwi_netproxy.tlsreload import BindingEndpoint
-from azwi_netproxy.tokens import CacheKey, Token
+from azwi_netproxy.proxy import entra
+from azwi_netproxy.proxy.binding import BindingEndpoint
+from azwi_netproxy.proxy.config import IdentityBinding
+from azwi_netproxy.proxy.entra import (
+    ASSERTION_TYPE,
+    AuthorityEndpoint,
+    ExchangePolicy,
+    Exchanger,
+    read_assertion_file,
+)
+from azwi_netproxy.proxy.imds import scope_for
+from azwi_netproxy.proxy.tokens import CacheKey, Token
 
 NOW = 1_700_000_000
 TENANT = "00000000-0000-0000-0000-00000000000a"
@@ -584,7 +584,7 @@ def test_authority_context_uses_the_given_ca_file_only(tmp_path: Any) -> None:
 
     import trustme
 
-    from azwi_netproxy.entra import authority_context
+    from azwi_netproxy.proxy.entra import authority_context
 
     ca = trustme.CA()
     bundle = tmp_path / "ca.pem"
@@ -597,7 +597,7 @@ def test_authority_context_uses_the_given_ca_file_only(tmp_path: Any) -> None:
 def test_authority_context_without_settings_reads_the_system_store_lazily() -> None:
     import ssl
 
-    from azwi_netproxy.entra import authority_context
+    from azwi_netproxy.proxy.entra import authority_context
 
     context = authority_context(None, None)
     assert context.verify_mode == ssl.CERT_REQUIRED and context.check_hostname

@@ -28,12 +28,12 @@ from dataclasses import dataclass, field
 import pytest
 import trustme
 
-from azwi_netproxy import outbound
-from azwi_netproxy.config import IdentityBinding
-from azwi_netproxy.entra import AuthorityEndpoint, ExchangePolicy, Exchanger
 from azwi_netproxy.errors import UpstreamUnavailable
-from azwi_netproxy.tlsreload import BindingEndpoint
-from azwi_netproxy.tokens import CacheKey
+from azwi_netproxy.proxy import outbound
+from azwi_netproxy.proxy.binding import BindingEndpoint
+from azwi_netproxy.proxy.config import IdentityBinding
+from azwi_netproxy.proxy.entra import AuthorityEndpoint, ExchangePolicy, Exchanger
+from azwi_netproxy.proxy.tokens import CacheKey
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -127,12 +127,12 @@ def exchanger_for(endpoint: AuthorityEndpoint | BindingEndpoint, sleeps: list[fl
 
 
 def authority(ca: trustme.CA, tmp_path_factory: pytest.TempPathFactory, port: int, *, timeout_s: float,
-              keepalive_expiry_s: float | None = None) -> AuthorityEndpoint:
+              keepalive_expiry_s: float | None = None, via_proxy: bool = False) -> AuthorityEndpoint:
     """Entra at the token service, trusting only the test CA (as SSL_CERT_FILE would)."""
     ca_file = tmp_path_factory.mktemp("ca") / "ca.pem"
     ca.cert_pem.write_to_path(str(ca_file))
     return AuthorityEndpoint(f"https://127.0.0.1:{port}", ca_file=str(ca_file), timeout_s=timeout_s,
-                             keepalive_expiry_s=keepalive_expiry_s)
+                             keepalive_expiry_s=keepalive_expiry_s, via_environment_proxy=via_proxy)
 
 
 def test_idle_connections_expire_well_before_a_nat_forgets_them() -> None:
@@ -240,7 +240,7 @@ async def test_exchanges_with_entra_honour_https_proxy_and_no_proxy(
     async with serving(ca, TokenService()) as service, connect_proxy(tunnels) as proxy_port:
         monkeypatch.setenv("HTTPS_PROXY", f"http://127.0.0.1:{proxy_port}")
         monkeypatch.setenv("NO_PROXY", no_proxy)
-        endpoint = authority(ca, tmp_path_factory, service.port, timeout_s=10.0)
+        endpoint = authority(ca, tmp_path_factory, service.port, timeout_s=10.0, via_proxy=True)
         try:
             token = await exchanger_for(endpoint, [], timeout_s=10.0)(KEY)
         finally:
@@ -278,7 +278,7 @@ async def test_a_proxy_that_refuses_the_tunnel_is_a_503_kind_of_failure(
     server = await asyncio.start_server(refuse, "127.0.0.1", 0)
     monkeypatch.setenv("HTTPS_PROXY", f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}")
     monkeypatch.setenv("NO_PROXY", "")
-    endpoint = authority(ca, tmp_path_factory, 9, timeout_s=2.0)
+    endpoint = authority(ca, tmp_path_factory, 9, timeout_s=2.0, via_proxy=True)
     sleeps: list[float] = []
     try:
         with pytest.raises(UpstreamUnavailable):

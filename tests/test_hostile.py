@@ -66,8 +66,8 @@ from support.proxyproc import (
     unique_resource,
 )
 
-from azwi_netproxy.http11 import MAX_BODY_BYTES, MAX_HEADER_BYTES, MAX_TARGET_BYTES, Request, Response
-from azwi_netproxy.server import HttpServer, ServerLimits
+from azwi_netproxy.proxy.server import HttpServer, ServerLimits
+from azwi_netproxy.proxy.wire import MAX_BODY_BYTES, MAX_HEADER_BYTES, MAX_TARGET_BYTES, Request, Response
 
 pytest_plugins = ["support.fixtures"]
 pytestmark = pytest.mark.timeout(600)

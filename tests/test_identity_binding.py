@@ -60,15 +60,15 @@ from support.proxyproc import (
     unique_resource,
 )
 
-from azwi_netproxy import config, run
-from azwi_netproxy.app import TokenApp
-from azwi_netproxy.cache import TokenCache
-from azwi_netproxy.http11 import Request
+from azwi_netproxy.demo.sandbox import ns_argv
 from azwi_netproxy.logs import AccessLog
-from azwi_netproxy.metrics import Metrics
-from azwi_netproxy.router import Router
-from azwi_netproxy.sandbox import ns_argv
-from azwi_netproxy.tokens import CacheKey, Token
+from azwi_netproxy.proxy import config, run
+from azwi_netproxy.proxy.app import TokenApp
+from azwi_netproxy.proxy.cache import TokenCache
+from azwi_netproxy.proxy.metrics import Metrics
+from azwi_netproxy.proxy.router import Router
+from azwi_netproxy.proxy.tokens import CacheKey, Token
+from azwi_netproxy.proxy.wire import Request
 
 pytest_plugins = ["support.fixtures"]
 pytestmark = pytest.mark.timeout(60)
@@ -595,7 +595,7 @@ def _config(**extra: str) -> config.ProxyConfig:
     env = {"AZURE_TENANT_ID": TENANT, "AZURE_CLIENT_ID": CLIENT,
            "AZURE_FEDERATED_TOKEN_FILE": "/var/run/secrets/azure/tokens/azure-identity-token",
            "AZURE_AUTHORITY_HOST": AUTHORITY, **extra}
-    return config.load_proxy({}, env, lambda path: "")
+    return config.load({}, env)
 
 
 async def test_cache_keys_of_the_two_modes_differ_so_neither_serves_the_others_token() -> None:

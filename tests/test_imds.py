@@ -2,7 +2,7 @@
 
 Name: test_imds
 Scope: pure unit tests, no I/O.
-Depends: azwi_netproxy.imds only.
+Depends: azwi_netproxy.proxy.imds only.
 
 Tables in the style of upstream's Go tests: one row per input, an id naming the case.
 """
@@ -14,9 +14,9 @@ import urllib.parse
 
 import pytest
 
-from azwi_netproxy import imds
 from azwi_netproxy.errors import BadRequest
-from azwi_netproxy.imds import Route
+from azwi_netproxy.proxy import imds
+from azwi_netproxy.proxy.imds import Route
 
 TOKEN = Route.TOKEN
 READY = Route.READY

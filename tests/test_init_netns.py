@@ -29,11 +29,11 @@ import pytest
 from support import netns
 from support.netns import Processes, Topology, hits, probe, start_responder
 
-from azwi_netproxy import rules
-from azwi_netproxy.config import InitConfig
 from azwi_netproxy.errors import RuleInstallError
-from azwi_netproxy.initrun import run_init
-from azwi_netproxy.netfilter.base import NEEDS_CAP_NET_ADMIN, BackendName
+from azwi_netproxy.init import rules
+from azwi_netproxy.init.backend import NEEDS_CAP_NET_ADMIN, BackendName
+from azwi_netproxy.init.config import InitConfig
+from azwi_netproxy.init.run import run_init
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -2,7 +2,7 @@
 
 Name: test_logs_metrics
 Scope: unit tests; the access log writes to an os.pipe, the formatter to a StringIO.
-Depends: azwi_netproxy.logs, azwi_netproxy.metrics (prometheus-client at render time).
+Depends: azwi_netproxy.logs, azwi_netproxy.proxy.metrics (prometheus-client at render time).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import pytest
 
 from azwi_netproxy import logs
 from azwi_netproxy.logs import MAX_BUFFERED_LINES, AccessLog, JsonFormatter, rfc3339
-from azwi_netproxy.metrics import Metrics
+from azwi_netproxy.proxy.metrics import Metrics
 
 F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 RFC3339_MICRO_Z = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{6}Z$")
@@ -121,7 +121,7 @@ def restore_package_logger() -> Iterator[None]:
 def test_configure_level_and_stream() -> None:
     stream = io.StringIO()
     logs.configure("warning", logger_name="proxy-init", stream=stream)
-    logger = logging.getLogger("azwi_netproxy.app")
+    logger = logging.getLogger("azwi_netproxy.proxy.app")
     logger.info("hidden")
     logger.warning("shown", extra={"path": "/x"})
     [entry] = _lines(stream)

@@ -2,15 +2,15 @@
 
 Name: test_passthrough_headers
 Scope: pure unit tests of the header filter and the loop marker.
-Depends: azwi_netproxy.passthrough (no client is built: no I/O).
+Depends: azwi_netproxy.proxy.passthrough (no client is built: no I/O).
 """
 
 from __future__ import annotations
 
 import pytest
 
-from azwi_netproxy.http11 import Request
-from azwi_netproxy.passthrough import LOOP_DETECTED, LOOP_HEADER, Passthrough, forwardable
+from azwi_netproxy.proxy.passthrough import LOOP_DETECTED, LOOP_HEADER, Passthrough, forwardable
+from azwi_netproxy.proxy.wire import Request
 
 H = list[tuple[bytes, bytes]]
 

@@ -31,7 +31,7 @@ from support.fake_entra import decode_fake_token
 from support.fake_imds import INSTANCE
 from support.netns import METADATA_IP, Processes, hits, probe, start_responder
 
-from azwi_netproxy import rules
+from azwi_netproxy.init import rules
 
 # support.pod is both this module's helper library and its fixture plugin (pytest_plugins
 # below); registered before its import so pytest still rewrites its asserts.

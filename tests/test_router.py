@@ -2,7 +2,7 @@
 
 Name: test_router
 Scope: pure unit tests.
-Depends: azwi_netproxy.router and azwi_netproxy.identitymap (maps built from YAML text).
+Depends: azwi_netproxy.proxy.router and azwi_netproxy.identitymap (maps built from YAML text).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import pytest
 
 from azwi_netproxy.errors import BadRequest, UnknownIdentity
 from azwi_netproxy.identitymap import IdentityMap, parse_identity_map
-from azwi_netproxy.router import Identity, Router
+from azwi_netproxy.proxy.router import Identity, Router
 
 TENANT = "00000000-0000-0000-0000-00000000000a"
 OTHER_TENANT = "33333333-3333-3333-3333-333333333333"

@@ -3,7 +3,7 @@
 Name: test_rules
 Scope: pure unit tests, no I/O (the documents' round trip through a real kernel is in
     test_init_netns.py).
-Depends: azwi_netproxy.rules and azwi_netproxy.config only.
+Depends: azwi_netproxy.init.rules and azwi_netproxy.init.config only.
 
 Whole documents are written out by hand, as linkerd2-proxy-init's iptables_test.go writes
 out its planned rules: a change to the rules shows up here as a diff a reviewer can read.
@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 
-from azwi_netproxy import rules
-from azwi_netproxy.config import load_init
+from azwi_netproxy.init import rules
+from azwi_netproxy.init.config import load as load_init
 
 DEFAULT = rules.Ruleset(proxy_port=8000, proxy_uid=1501, metadata_ip="169.254.169.254",
                         metadata_port=80)

@@ -36,10 +36,10 @@ from support.proxyproc import (
     unique_resource,
 )
 
+from azwi_netproxy.demo.sandbox import Processes, Topology, processes, run_in, topology
 from azwi_netproxy.errors import UpstreamUnavailable
-from azwi_netproxy.http11 import Request
-from azwi_netproxy.passthrough import Passthrough
-from azwi_netproxy.sandbox import Processes, Topology, processes, run_in, topology
+from azwi_netproxy.proxy.passthrough import Passthrough
+from azwi_netproxy.proxy.wire import Request
 
 pytest_plugins = ["support.fixtures"]
 pytestmark = pytest.mark.timeout(90)

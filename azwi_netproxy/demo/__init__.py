@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Final
 
-from azwi_netproxy.sandbox import METADATA_IP, Processes, Topology, processes, run_in, topology
+from azwi_netproxy.demo.sandbox import METADATA_IP, Processes, Topology, processes, run_in, topology
 
 TENANT: Final = "00000000-0000-4000-8000-000000000001"
 APP_CLIENT: Final = "11111111-1111-4111-8111-111111111111"

@@ -7,7 +7,7 @@ its native-sidecar and classic forms); and `validate_manifest_docs`, which retur
 problem found: structure, security contexts, container order, port and uid agreement
 between the init and the proxy, and whether our own programs accept the containers' args
 and environment (the init runs `--dry-run` as a subprocess, the proxy's flags and env go
-through `cli.proxy_parser` and `config.load_proxy`, identity maps through the ConfigMap
+through `cli.proxy_parser` and `proxy.config.load`, identity maps through the ConfigMap
 they are mounted from).
 
 Used by tests/test_deploy.py for deploy/ and by the migration tool's tests for what it
@@ -32,8 +32,11 @@ from typing import Any, Final
 
 import yaml
 
-from azwi_netproxy import cli, config
+from azwi_netproxy import cli
 from azwi_netproxy.errors import ConfigError
+from azwi_netproxy.init import config as init_config
+from azwi_netproxy.proxy import config as proxy_config
+from azwi_netproxy.proxy import files as proxy_files
 
 # ---- upstream's names (pkg/webhook/consts.go) ----
 USE_LABEL: Final = "azure.workload.identity/use"
@@ -415,7 +418,7 @@ class InitRunner:
         return done.returncode, (done.stderr or done.stdout).strip()[-500:]
 
 
-def _check_init(pod: _Pod, index: int, container: dict[str, Any], runner: InitRunner | None) -> config.InitConfig | None:
+def _check_init(pod: _Pod, index: int, container: dict[str, Any], runner: InitRunner | None) -> init_config.InitConfig | None:
     name = container.get("name")
     inits = pod.spec.get("initContainers") or []
     for earlier in inits[:index]:
@@ -448,7 +451,7 @@ def _check_init(pod: _Pod, index: int, container: dict[str, Any], runner: InitRu
         pod.problem(f"{name}: args {args} rejected: {stderr.getvalue().strip()}")
         return None
     try:
-        cfg = config.load_init(flags, env)
+        cfg = init_config.load(flags, env)
     except ConfigError as exc:
         pod.problem(f"{name}: azwi-netproxy-init rejects its environment: {exc}")
         return None
@@ -466,7 +469,7 @@ def _check_proxy(
     container: dict[str, Any],
     *,
     has_init: bool,
-    init_cfg: config.InitConfig | None,
+    init_cfg: init_config.InitConfig | None,
 ) -> None:
     name = container.get("name")
     if section == "initContainers":
@@ -509,7 +512,8 @@ def _check_proxy(
     if flags.get("probe"):
         pod.problem(f"{name}: --probe in the container's args makes it exit instead of serving")
     try:
-        cfg = config.load_proxy(flags, env, lambda path: pod.read_file(container, path))
+        # As cli.py does, with the files read from what is mounted in the container.
+        cfg = proxy_files.with_files(proxy_config.load(flags, env), lambda path: pod.read_file(container, path))
     except ConfigError as exc:
         pod.problem(f"{name}: azwi-netproxy rejects its environment: {exc}")
         return
@@ -539,7 +543,7 @@ def _check_proxy(
             pod.problem(f"{name}: {what} {command} rejected: {error}")
             continue
         try:
-            hook_cfg = config.load_proxy(hook_flags, {}, lambda path: "")
+            hook_cfg = proxy_config.load(hook_flags, {})
         except ConfigError as exc:
             pod.problem(f"{name}: {what} {command} rejected: {exc}")
             continue

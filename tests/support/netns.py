@@ -10,7 +10,7 @@ Depends: root with CAP_SYS_ADMIN + CAP_NET_ADMIN (probed by `support.caps.CAN_NE
 
 The topology and its safety rules (nothing linked to the root namespace, no forwarding,
 198.18.0.0/15 addresses only inside these namespaces, unique names, processes killed by
-PID) are those of `azwi_netproxy.sandbox`, which the demo uses too; this module re-exports
+PID) are those of `azwi_netproxy.demo.sandbox`, which the demo uses too; this module re-exports
 it and adds what only tests need.
 
 Running code: `ns_argv(ns, argv, uid=...)` wraps argv in `ip netns exec` (and `setpriv` for
@@ -24,7 +24,7 @@ import re
 import subprocess
 from typing import Literal
 
-from azwi_netproxy.sandbox import (  # re-exported for the test modules (__all__)
+from azwi_netproxy.demo.sandbox import (  # re-exported for the test modules (__all__)
     METADATA_IP,
     Processes,
     Topology,

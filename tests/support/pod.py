@@ -50,7 +50,7 @@ from typing import Any, Final, TypeVar
 import pytest
 import trustme
 
-from azwi_netproxy import rules
+from azwi_netproxy.init import rules
 from support import netns
 from support.fake_entra import FakeEntraClient, decode_fake_token, issue_server_cert
 from support.fake_imds import FakeImdsClient

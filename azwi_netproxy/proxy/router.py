@@ -13,7 +13,7 @@ from typing import Final
 
 from azwi_netproxy.errors import BadRequest, UnknownIdentity
 from azwi_netproxy.identitymap import IdentityMap
-from azwi_netproxy.imds import MSG_IDENTITY_NOT_FOUND
+from azwi_netproxy.proxy.imds import MSG_IDENTITY_NOT_FOUND
 
 # Entra client IDs are GUIDs; anything else could never be exchanged.
 _GUID: Final = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")

@@ -29,7 +29,7 @@ from azwi_netproxy.errors import (
     UpstreamThrottled,
     UpstreamUnavailable,
 )
-from azwi_netproxy.tokens import CacheKey, Token
+from azwi_netproxy.proxy.tokens import CacheKey, Token
 
 if TYPE_CHECKING:
     # httpx is imported when the first client is built, after the server listens: its
@@ -76,7 +76,7 @@ def exchange_client(
     """
     import httpx
 
-    from azwi_netproxy.outbound import KEEPALIVE_EXPIRY_S
+    from azwi_netproxy.proxy.outbound import KEEPALIVE_EXPIRY_S
 
     return httpx.AsyncClient(
         verify=ssl_context,
@@ -102,8 +102,12 @@ class AuthorityEndpoint:
         ca_file: str | None = None,
         ca_dir: str | None = None,
         keepalive_expiry_s: float | None = None,
+        via_environment_proxy: bool = False,
     ) -> None:
         self._authority = authority_host.rstrip("/")
+        # HTTPS_PROXY / HTTP_PROXY / NO_PROXY, as the Go proxy honours them (config.py
+        # decides whether they are set; httpx reads them).
+        self._trust_env = via_environment_proxy
         self._timeout_s = timeout_s
         self._ca_file = ca_file
         self._ca_dir = ca_dir
@@ -121,7 +125,7 @@ class AuthorityEndpoint:
         if self._client is None:
             self._client = exchange_client(
                 ssl_context=authority_context(self._ca_file, self._ca_dir),
-                trust_env=True,
+                trust_env=self._trust_env,
                 timeout_s=self._timeout_s,
                 keepalive_expiry_s=self._keepalive_expiry_s,
             )
@@ -404,7 +408,7 @@ async def _post(
         httpx.HTTPError: as httpx raises them (mapped by the caller).
         UpstreamUnavailable: the answer is too large.
     """
-    from azwi_netproxy.outbound import send_once_more_if_dropped
+    from azwi_netproxy.proxy.outbound import send_once_more_if_dropped
 
     request = client.build_request("POST", url, data=form, timeout=timeout_s, extensions=extensions)
     response = await send_once_more_if_dropped(

@@ -28,7 +28,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
-from azwi_netproxy.config import InitConfig
+from azwi_netproxy.init.config import InitConfig
 
 COMMENT_PREFIX: Final = "azwi-proxy/"
 

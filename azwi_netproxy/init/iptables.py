@@ -30,9 +30,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Final
 
-from azwi_netproxy import rules
 from azwi_netproxy.errors import RuleInstallError
-from azwi_netproxy.netfilter.base import NEEDS_CAP_NET_ADMIN, BackendName, is_permission_error
+from azwi_netproxy.init import rules
+from azwi_netproxy.init.backend import NEEDS_CAP_NET_ADMIN, BackendName, is_permission_error
 
 log = logging.getLogger(__name__)
 

@@ -16,23 +16,23 @@ from typing import Final
 import uvloop
 
 from azwi_netproxy import __version__
-from azwi_netproxy.app import TokenApp
-from azwi_netproxy.cache import TokenCache
-from azwi_netproxy.config import ProxyConfig
-from azwi_netproxy.entra import (
+from azwi_netproxy.errors import NetproxyError, NotFound, PassthroughLoop, UpstreamError, UpstreamUnavailable
+from azwi_netproxy.logs import AccessLog, LineWriter
+from azwi_netproxy.proxy.app import TokenApp, error_response
+from azwi_netproxy.proxy.cache import TokenCache
+from azwi_netproxy.proxy.config import ProxyConfig
+from azwi_netproxy.proxy.entra import (
     AuthorityEndpoint,
     Endpoint,
     ExchangePolicy,
     Exchanger,
     read_assertion_file,
 )
-from azwi_netproxy.errors import PassthroughLoop, UpstreamError, UpstreamUnavailable
-from azwi_netproxy.http11 import Request, Response
-from azwi_netproxy.logs import AccessLog, LineWriter
-from azwi_netproxy.metrics import Metrics
-from azwi_netproxy.passthrough import Passthrough
-from azwi_netproxy.router import Router
-from azwi_netproxy.server import HttpServer
+from azwi_netproxy.proxy.metrics import Metrics
+from azwi_netproxy.proxy.passthrough import Passthrough
+from azwi_netproxy.proxy.router import Router
+from azwi_netproxy.proxy.server import HttpServer
+from azwi_netproxy.proxy.wire import Request, Response
 
 log = logging.getLogger(__name__)
 
@@ -49,9 +49,12 @@ class MetricsApp:
 
     def dispatch(self, request: Request) -> Response:
         if request.target.split(b"?")[0] != b"/metrics":
-            return Response(404, b"not found", b"text/plain; charset=utf-8")
+            return error_response(NotFound("Only /metrics is served on the metrics port"))
         body, content_type = self._metrics.render()
         return Response(200, body, content_type)
+
+    def refuse(self, error: NetproxyError) -> Response:
+        return error_response(error)
 
 
 def _warm_exchanges(endpoint: Endpoint) -> None:
@@ -68,7 +71,7 @@ def _warm_exchanges(endpoint: Endpoint) -> None:
 
 def make_endpoint(cfg: ProxyConfig) -> Endpoint:
     if cfg.identity_binding is not None:
-        from azwi_netproxy.tlsreload import BindingEndpoint
+        from azwi_netproxy.proxy.binding import BindingEndpoint
 
         return BindingEndpoint(cfg.identity_binding, timeout_s=cfg.exchange_timeout_s)
     return AuthorityEndpoint(
@@ -76,6 +79,7 @@ def make_endpoint(cfg: ProxyConfig) -> Endpoint:
         timeout_s=cfg.exchange_timeout_s,
         ca_file=cfg.ssl_cert_file,
         ca_dir=cfg.ssl_cert_dir,
+        via_environment_proxy=cfg.via_environment_proxy,
     )
 
 

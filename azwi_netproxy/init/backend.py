@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Final, Literal, Protocol
 
-from azwi_netproxy.rules import Ruleset
+from azwi_netproxy.init.rules import Ruleset
 
 BackendName = Literal["nftables", "iptables"]
 

@@ -19,9 +19,9 @@ from typing import Any
 
 import httpx
 
-from azwi_netproxy.config import IdentityBinding
-from azwi_netproxy.entra import exchange_client
 from azwi_netproxy.errors import UpstreamUnavailable
+from azwi_netproxy.proxy.config import IdentityBinding
+from azwi_netproxy.proxy.entra import exchange_client
 
 log = logging.getLogger(__name__)
 

@@ -32,7 +32,7 @@ from types import TracebackType
 from typing import Final
 
 from azwi_netproxy.errors import NetproxyError, UpstreamError
-from azwi_netproxy.tokens import CacheKey, Clock, Token, TokenFetcher
+from azwi_netproxy.proxy.tokens import CacheKey, Clock, Token, TokenFetcher
 
 log = logging.getLogger(__name__)
 
@@ -102,12 +102,6 @@ class TokenCache:
         self._tasks: set[asyncio.Task[Token]] = set()
         self._closed = False
         self.hits = 0
-        # The key peek() served last, with its token. Under load one key is asked for
-        # again and again: it is already the most recently used, so asking again needs
-        # neither a lookup (a CacheKey's hash is four strings' worth) nor an LRU touch.
-        # Only _store() changes entries and order, and it resets these.
-        self._recent_key: CacheKey | None = None
-        self._recent_token: Token | None = None
 
     @property
     def clock(self) -> Clock:
@@ -125,17 +119,14 @@ class TokenCache:
         again within `refresh_retry_s` of a failed one) and answers REFRESH.
         Must be called from the event loop's thread while it runs.
         """
-        recent = key is self._recent_key
-        token = self._recent_token if recent else self._entries.get(key)
+        token = self._entries.get(key)
         if token is None:
             return None
         if now is None:
             now = self._clock()
         if now >= token.expires_on - self._min_remaining_s:
             return None
-        if not recent:
-            self._entries.move_to_end(key)
-            self._recent_key, self._recent_token = key, token
+        self._entries.move_to_end(key)
         if now < token.refresh_on:
             self.hits += 1
             return token, _HIT
@@ -223,7 +214,6 @@ class TokenCache:
     def _store(self, key: CacheKey, token: Token) -> None:
         self._entries[key] = token
         self._entries.move_to_end(key)
-        self._recent_key, self._recent_token = key, token
         self._failures.pop(key, None)
         self._refresh_not_before.pop(key, None)
         while len(self._entries) > self._max_entries:

@@ -1,23 +1,21 @@
 """Sans-IO HTTP/1.1: the request reader around httptools and the response serializer.
 
-Name: test_http11
+Name: test_wire
 Scope: pure unit tests, bytes in and out, no sockets.
-Depends: azwi_netproxy.http11 only.
+Depends: azwi_netproxy.proxy.wire only.
 """
 
 from __future__ import annotations
 
 import pytest
 
-from azwi_netproxy import http11
-from azwi_netproxy.http11 import (
+from azwi_netproxy.errors import MalformedRequest
+from azwi_netproxy.proxy import wire
+from azwi_netproxy.proxy.wire import (
     MAX_BODY_BYTES,
     MAX_HEADER_BYTES,
     MAX_TARGET_BYTES,
-    MEMO_ENTRIES,
-    MEMO_REQUEST_BYTES,
     DateHeader,
-    ProtocolError,
     RequestReader,
     Response,
     serialize,
@@ -160,7 +158,7 @@ ERROR_CASES = [
     ids=[name for *_, name in ERROR_CASES],
 )
 def test_protocol_errors(data: bytes, status: int) -> None:
-    with pytest.raises(ProtocolError) as info:
+    with pytest.raises(MalformedRequest) as info:
         RequestReader().feed(data)
     assert info.value.status == status
 
@@ -168,7 +166,7 @@ def test_protocol_errors(data: bytes, status: int) -> None:
 def test_target_limit_counts_across_feeds() -> None:
     reader = RequestReader()
     reader.feed(b"GET /" + b"a" * (MAX_TARGET_BYTES // 2))
-    with pytest.raises(ProtocolError) as info:
+    with pytest.raises(MalformedRequest) as info:
         reader.feed(b"a" * (MAX_TARGET_BYTES // 2 + 1) + b" HTTP/1.1\r\nHost: 169.254.169.254\r\n\r\n")
     assert info.value.status == 414
 
@@ -184,57 +182,12 @@ def test_many_ordinary_headers_are_accepted() -> None:
     assert len(request.headers) == 61  # Host and the 60
 
 
-# ---- the per-server request memo --------------------------------------------------------
-
-
-def test_memo_returns_the_same_request_for_the_same_bytes_on_any_connection() -> None:
-    memo: dict[bytes, http11.Request] = {}
-    first_conn, second_conn = RequestReader(memo), RequestReader(memo)
-    [first] = first_conn.feed(TOKEN_GET)
-    [again] = first_conn.feed(TOKEN_GET)
-    [other] = second_conn.feed(TOKEN_GET)
-    assert first is again is other
-    assert first_conn.reading_request is False
-    # After a memo hit the parser is still at a message boundary and parses what follows.
-    [ready] = first_conn.feed(READY_GET)
-    assert ready.target == b"/readyz"
-
-
-@pytest.mark.parametrize(
-    "chunks",
-    [
-        [READY_GET + TOKEN_GET],
-        [TOKEN_GET[:20], TOKEN_GET[20:]],
-        [TOKEN_GET + b"GET /part"],
-        [b"GET /" + b"a" * MEMO_REQUEST_BYTES + b" HTTP/1.1\r\nHost: 169.254.169.254\r\n\r\n"],
-    ],
-    ids=["two-requests", "split", "trailing-partial", "too-large"],
-)
-def test_memo_keeps_only_whole_single_small_requests(chunks: list[bytes]) -> None:
-    memo: dict[bytes, http11.Request] = {}
-    reader = RequestReader(memo)
-    for chunk in chunks:
-        reader.feed(chunk)
-    assert memo == {}
-
-
-def test_memo_does_not_skip_a_request_in_progress() -> None:
-    # The same bytes as a memoised request, but arriving mid-request, are not a request.
-    memo: dict[bytes, http11.Request] = {}
-    RequestReader(memo).feed(READY_GET)
-    reader = RequestReader(memo)
+def test_bytes_that_look_like_a_request_in_the_middle_of_one_are_not_a_request() -> None:
+    reader = RequestReader()
     assert reader.feed(b"GET /first HTTP/1.1\r\nX-A: ") == []
     [request] = reader.feed(READY_GET)  # here it is the rest of /first's header block
     assert request.target == b"/first"
     assert request.headers[0] == (b"x-a", b"GET /readyz HTTP/1.1")
-
-
-def test_memo_is_bounded() -> None:
-    memo: dict[bytes, http11.Request] = {}
-    reader = RequestReader(memo)
-    for i in range(MEMO_ENTRIES * 2 + 3):
-        reader.feed(b"GET /%d HTTP/1.1\r\nHost: 169.254.169.254\r\n\r\n" % i)
-    assert 0 < len(memo) <= MEMO_ENTRIES
 
 
 # ---- serializer -------------------------------------------------------------------------
@@ -314,13 +267,13 @@ def test_date_header_formats_and_caches_per_second() -> None:
 
 
 def test_limits_are_the_documented_ones() -> None:
-    assert (http11.MAX_TARGET_BYTES, http11.MAX_HEADER_BYTES) == (8 * 1024, 16 * 1024)
+    assert (wire.MAX_TARGET_BYTES, wire.MAX_HEADER_BYTES) == (8 * 1024, 16 * 1024)
 
 
 def test_a_request_line_naming_rtsp_split_across_feeds_is_refused() -> None:
     reader = RequestReader()
     assert reader.feed(b"GET /readyz HTTP/1.1\r\nHost: h\r\n\r\nGET /metadata/instance RT") != []
-    with pytest.raises(ProtocolError) as info:
+    with pytest.raises(MalformedRequest) as info:
         reader.feed(b"SP/1.0\r\nHost: h\r\n\r\n")
     assert info.value.status == 400
 

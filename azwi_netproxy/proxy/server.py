@@ -1,9 +1,11 @@
 """HTTP/1.1 server on asyncio protocols: bytes ↔ http11, keep-alive, pipelining, timeouts, shutdown.
 
 Per connection: a RequestReader, a queue of parsed requests answered strictly in order,
-at most one of them in flight (a cache miss or a pass-through). Timeouts are deadlines
-swept once a second rather than timer handles re-armed on every request: a cache hit
-then costs no timer work at all.
+at most one of them in flight (a cache miss or a pass-through). Every request takes the
+same path: parsed by wire, answered by the handler (app.py), serialised by wire. Errors
+the server meets itself (a broken request, a crash while answering) are answered by the
+handler too, so every error body comes from app.py's one renderer. Timeouts are deadlines
+swept once a second rather than timer handles re-armed on every request.
 
 Connection states and their deadline:
     idle (new connection)      header_timeout_s   (nothing sent yet: slowloris guard)
@@ -22,14 +24,8 @@ from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any, Final, Protocol, cast
 
-from azwi_netproxy.http11 import (
-    DateHeader,
-    ProtocolError,
-    Request,
-    RequestReader,
-    Response,
-    serialize,
-)
+from azwi_netproxy.errors import MalformedRequest, NetproxyError
+from azwi_netproxy.proxy.wire import DateHeader, Request, RequestReader, Response, serialize
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +34,13 @@ _LINGER_S: Final = 1.0
 
 
 class Handler(Protocol):
-    def dispatch(self, request: Request) -> Response | Coroutine[Any, Any, Response]: ...
+    def dispatch(self, request: Request) -> Response | Coroutine[Any, Any, Response]:
+        """The answer now (no I/O needed), or a coroutine that makes it."""
+        ...
+
+    def refuse(self, error: NetproxyError) -> Response:
+        """The answer to an error the server met itself (a broken request, a crash)."""
+        ...
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -55,7 +57,6 @@ class ServerState:
     connections: set[HttpProtocol] = field(default_factory=set)
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
     date: DateHeader = field(default_factory=DateHeader)
-    request_memo: dict[bytes, Request] = field(default_factory=dict)
     shutting_down: bool = False
     rejected_connections: int = 0
 
@@ -66,8 +67,6 @@ class HttpProtocol(asyncio.Protocol):
         "_busy",
         "_closed",
         "_in_flight",
-        "_known",
-        "_known_bytes",
         "_loop",
         "_queue",
         "_read_paused",
@@ -85,20 +84,14 @@ class HttpProtocol(asyncio.Protocol):
         self._app = app
         self._state = state
         self._loop = loop
-        # Made when a chunk is not a request the fast path knows: a client that opens a
-        # connection per token request never needs one.
-        self._reader: RequestReader | None = None
-        self._queue: deque[Request | ProtocolError] = deque()
+        self._reader = RequestReader()
+        self._queue: deque[Request | MalformedRequest] = deque()
         self._busy = False
         self._closed = False
         self._read_paused = False
         self._write_paused = False
         self._transport: asyncio.Transport | None = None
         self._in_flight: asyncio.Task[None] | None = None
-        # The last request this connection was answered on the fastest path, with its
-        # bytes: a client repeats itself, and comparing bytes costs less than hashing them.
-        self._known: Request | None = None
-        self._known_bytes = b""
         # The header-read deadline (a new connection, or a request begun but incomplete).
         self.deadline: float | None = None
         # Bumped on every read and write; the sweeper turns "unchanged for a while" into
@@ -136,37 +129,10 @@ class HttpProtocol(asyncio.Protocol):
             return
         self.activity += 1
         reader = self._reader
-        was_reading = reader is not None and reader.reading_request
-        if not was_reading and not self._busy and not self._queue and not self._state.shutting_down:
-            # The fastest path: these exact bytes were a complete request before and the
-            # handler left a way to answer them again (a cache hit, see Request.fast).
-            known = self._known if data == self._known_bytes else self._state.request_memo.get(data)
-            if known is not None and known.fast is not None:
-                response = known.fast()
-                if response is not None:
-                    if known is not self._known:
-                        self._known, self._known_bytes = known, data
-                    # Request.fast is only set on HTTP/1.1 GETs, so the bytes depend on
-                    # the response (its Date: the second it was made in) and keep-alive.
-                    if known.keep_alive:
-                        wire = response.keep_alive_wire
-                        if wire is None:
-                            wire = response.keep_alive_wire = self._wire(response, keep_alive=True)
-                        self.deadline = None
-                        self._transport.write(wire)  # type: ignore[union-attr]  # set while open
-                        return
-                    # A client that opens a connection per token request.
-                    wire = response.close_wire
-                    if wire is None:
-                        wire = response.close_wire = self._wire(response, keep_alive=False)
-                    self._transport.write(wire)  # type: ignore[union-attr]
-                    self._close()
-                    return
-        if reader is None:
-            reader = self._reader = RequestReader(self._state.request_memo)
+        was_reading = reader.reading_request
         try:
             requests = reader.feed(data)
-        except ProtocolError as exc:
+        except MalformedRequest as exc:
             self._protocol_error(exc)
             return
         if self._busy or self._queue:
@@ -191,7 +157,7 @@ class HttpProtocol(asyncio.Protocol):
         queue = self._queue
         while queue and not self._busy and not self._closed and not self._write_paused:
             item = queue.popleft()
-            if isinstance(item, ProtocolError):
+            if isinstance(item, MalformedRequest):
                 self._send_protocol_error(item)
                 return
             self._answer(item)
@@ -200,7 +166,7 @@ class HttpProtocol(asyncio.Protocol):
             and not self._write_paused
             and len(queue) <= _MAX_PIPELINE // 2
             and not self._closed
-            and not any(isinstance(item, ProtocolError) for item in queue)
+            and not any(isinstance(item, MalformedRequest) for item in queue)
         ):
             self._read_paused = False
             if self._transport is not None:
@@ -225,7 +191,7 @@ class HttpProtocol(asyncio.Protocol):
             raise
         except Exception:
             log.exception("unhandled error while answering")
-            response = Response(500, b'{"error":"internal_error","error_description":"Internal error"}')
+            response = self._app.refuse(NetproxyError("unhandled error"))
         self._busy = False
         self._in_flight = None
         if self._closed:
@@ -234,42 +200,21 @@ class HttpProtocol(asyncio.Protocol):
         self._drain_queue()
 
     # ---- output ----
-    def _wire(
-        self, response: Response, *, keep_alive: bool, head: bool = False, http10_keep_alive: bool = False
-    ) -> bytes:
-        """The bytes of `response` framed so, made at most once per second and framing.
-
-        They are kept on the response (`wire`, `wire_for`): a reused Response, a cache hit
-        within the same second, is not serialised again, whichever path answers it.
-        """
-        date = self._state.date
-        date_value = date.value()
-        wire_for = (date.second, keep_alive, head, http10_keep_alive)
-        wire = response.wire
-        if wire is None or response.wire_for != wire_for:
-            wire = response.wire = serialize(
-                response,
-                date=date_value,
-                head=head,
-                keep_alive=keep_alive,
-                http10_keep_alive=http10_keep_alive,
-            )
-            response.wire_for = wire_for
-        return wire
-
     def _send(self, request: Request, response: Response) -> None:
         transport = self._transport
         if transport is None or self._closed:
             return
         state = self._state
         keep_alive = request.keep_alive and not response.close and not state.shutting_down
-        wire = self._wire(
-            response,
-            keep_alive=keep_alive,
-            head=request.method == "HEAD",
-            http10_keep_alive=keep_alive and request.http_version == "1.0",
+        transport.write(
+            serialize(
+                response,
+                date=state.date.value(),
+                head=request.method == "HEAD",
+                keep_alive=keep_alive,
+                http10_keep_alive=keep_alive and request.http_version == "1.0",
+            )
         )
-        transport.write(wire)
         self.activity += 1
         if not keep_alive:
             self._close()
@@ -278,7 +223,7 @@ class HttpProtocol(asyncio.Protocol):
             # The next request began while this one was answered: its header clock starts now.
             self.deadline = self._loop.time() + state.limits.header_timeout_s
 
-    def _protocol_error(self, exc: ProtocolError) -> None:
+    def _protocol_error(self, exc: MalformedRequest) -> None:
         """Answer the requests parsed before the bad one first, then the error, then close."""
         if self._transport is not None and not self._read_paused:
             self._read_paused = True
@@ -290,18 +235,12 @@ class HttpProtocol(asyncio.Protocol):
             return
         self._send_protocol_error(exc)
 
-    def _send_protocol_error(self, exc: ProtocolError) -> None:
-        body = b'{"error":"invalid_request","error_description":"%s"}' % str(exc).encode()
+    def _send_protocol_error(self, exc: MalformedRequest) -> None:
         transport = self._transport
         if transport is None or self._closed:
             return
         transport.write(
-            serialize(
-                Response(exc.status, body, close=True),
-                date=self._state.date.value(),
-                head=False,
-                keep_alive=False,
-            )
+            serialize(self._app.refuse(exc), date=self._state.date.value(), head=False, keep_alive=False)
         )
         self._closed = True
         self._state.connections.discard(self)
@@ -356,7 +295,7 @@ class HttpProtocol(asyncio.Protocol):
 
     @property
     def _reading_request(self) -> bool:
-        return self._reader is not None and self._reader.reading_request
+        return self._reader.reading_request
 
 
 class HttpServer:

@@ -16,8 +16,8 @@ import os
 from typing import TYPE_CHECKING, Final
 
 from azwi_netproxy.errors import BadRequest, PassthroughLoop, UpstreamUnavailable
-from azwi_netproxy.http11 import Request, Response
-from azwi_netproxy.outbound import KEEPALIVE_EXPIRY_S, send_once_more_if_dropped
+from azwi_netproxy.proxy.outbound import KEEPALIVE_EXPIRY_S, send_once_more_if_dropped
+from azwi_netproxy.proxy.wire import Request, Response
 
 if TYPE_CHECKING:
     import httpx

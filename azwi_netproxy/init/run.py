@@ -20,12 +20,12 @@ import sys
 from collections.abc import Mapping
 from typing import IO
 
-from azwi_netproxy import rules
-from azwi_netproxy.config import InitConfig
 from azwi_netproxy.errors import RuleInstallError
-from azwi_netproxy.netfilter.base import Backend, BackendName
-from azwi_netproxy.netfilter.iptables import IptablesBackend
-from azwi_netproxy.netfilter.nft import NftBackend
+from azwi_netproxy.init import rules
+from azwi_netproxy.init.backend import Backend, BackendName
+from azwi_netproxy.init.config import InitConfig
+from azwi_netproxy.init.iptables import IptablesBackend
+from azwi_netproxy.init.nft import NftBackend
 
 log = logging.getLogger(__name__)
 

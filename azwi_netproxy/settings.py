@@ -1,0 +1,90 @@
+"""Values every program checks the same way: ports, uids, IPv4 addresses, log levels.
+
+Pure: strings in, values or ConfigError out; each error names the flag or variable, so the
+command line prints one line and exits 2 before anything changes. Each program's own
+configuration (proxy/config.py, init/config.py) builds on these.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Mapping
+from typing import Final
+
+from azwi_netproxy.errors import ConfigError
+
+DEFAULT_PROXY_PORT: Final = 8000
+DEFAULT_PROXY_UID: Final = 1501
+DEFAULT_METADATA_IP: Final = "169.254.169.254"
+DEFAULT_METADATA_PORT: Final = 80
+LOG_LEVELS: Final = ("debug", "info", "warning", "error")
+
+# Upstream's logger (mlog) also knows these names, and the webhook passes its own current
+# level to the sidecar and its probe, so all of them must be accepted. An empty value is
+# mlog's warning level (the webhook's default); no flag at all is our default, info.
+_LOG_LEVEL_ALIASES: Final = {"": "warning", "warn": "warning", "trace": "debug", "all": "debug"}
+
+
+def parse_log_level(value: object) -> str:
+    """debug, info, warning or error (upstream's warn, trace and all accepted too).
+
+    Raises:
+        ConfigError: any other name.
+    """
+    level = "info" if value is None else str(value).strip().lower()
+    level = _LOG_LEVEL_ALIASES.get(level, level)
+    if level not in LOG_LEVELS:
+        raise ConfigError(f"--log-level: {value!r} is not one of {', '.join(LOG_LEVELS)}")
+    return level
+
+
+def parse_port(value: str | int, name: str) -> int:
+    """A TCP port 1..65535.
+
+    Raises:
+        ConfigError: not a number or out of range.
+    """
+    try:
+        port = int(str(value).strip(), 10)
+    except ValueError:
+        raise ConfigError(f"{name}: {value!r} is not a port number") from None
+    if not 1 <= port <= 65535:
+        raise ConfigError(f"{name}: port {port} is out of range 1-65535")
+    return port
+
+
+def parse_uid(value: str | int, name: str) -> int:
+    """A numeric uid (names cannot be resolved in a distroless pod).
+
+    Raises:
+        ConfigError: not a non-negative number.
+    """
+    text = str(value).strip()
+    if not text.isdigit():
+        raise ConfigError(f"{name}: {value!r} is not a numeric uid")
+    uid = int(text)
+    if uid > 2**32 - 2:
+        raise ConfigError(f"{name}: uid {uid} is out of range")
+    return uid
+
+
+def parse_ipv4(value: str, name: str) -> str:
+    """A dotted IPv4 address.
+
+    Raises:
+        ConfigError: not IPv4.
+    """
+    try:
+        return str(ipaddress.IPv4Address(value.strip()))
+    except ValueError:
+        raise ConfigError(f"{name}: {value!r} is not an IPv4 address") from None
+
+
+def flag_or_env(flag: object, environ: Mapping[str, str], env_name: str, default: object) -> object:
+    """Flags override the environment, which overrides the default."""
+    if flag is not None:
+        return flag
+    value = environ.get(env_name)
+    if value is not None and value.strip() != "":
+        return value
+    return default

@@ -1,0 +1,81 @@
+"""The tree by program: which package may import which, and what each program loads.
+
+Name: test_layout
+Scope: the package's source read with `ast` (every import statement, lazy ones included),
+    and fresh interpreters that import a program's modules and list what got loaded.
+Depends: nothing of the package at import time (its files are parsed, not imported).
+
+What is asserted (issue 18, and `azwi_netproxy/__init__.py`): a program never imports
+another program's package; the shared modules at the top import no program; the sidecar
+never loads pyroute2, the demo, migrate or the init; the init never loads the sidecar or
+its HTTP stack.
+"""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import azwi_netproxy
+
+PACKAGE = Path(azwi_netproxy.__file__).resolve().parent
+PROGRAMS = ("proxy", "init", "cni", "migrate", "demo")
+SHARED = ("errors", "logs", "settings", "identitymap")
+
+
+def _imports(path: Path) -> set[str]:
+    """Every azwi_netproxy module `path` names in an import, anywhere in the file."""
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text("utf-8"))):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("azwi_netproxy"):
+            names.add(node.module)
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)
+        elif isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names if alias.name.startswith("azwi_netproxy"))
+    return names
+
+
+def _program_of(module: str) -> str | None:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 and parts[1] in PROGRAMS else None
+
+
+SOURCES = sorted(p for p in PACKAGE.rglob("*.py") if "__pycache__" not in p.parts)
+
+
+@pytest.mark.parametrize("path", SOURCES, ids=[str(p.relative_to(PACKAGE)) for p in SOURCES])
+def test_a_program_never_imports_another_programs_package(path: Path) -> None:
+    relative = path.relative_to(PACKAGE)
+    own = relative.parts[0] if len(relative.parts) > 1 else None
+    imported_programs = {_program_of(name) for name in _imports(path)} - {None}
+    if own is None and relative.stem in SHARED:
+        assert imported_programs == set(), f"{relative}: shared code imports {imported_programs}"
+    elif own is not None:
+        assert imported_programs <= {own}, f"{relative} ({own}) imports {imported_programs - {own}}"
+
+
+def _loaded_after(*modules: str) -> set[str]:
+    code = "import sys\n" + "".join(f"import {m}\n" for m in modules) + "print('\\n'.join(sys.modules))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd="/")
+    return set(done.stdout.split())
+
+
+def test_the_sidecar_loads_no_pyroute2_demo_migrate_or_init() -> None:
+    # What the sidecar can ever import: its assembly, the exchange (both endpoints), files.
+    loaded = _loaded_after("azwi_netproxy.cli", "azwi_netproxy.proxy.run", "azwi_netproxy.proxy.binding",
+                           "azwi_netproxy.proxy.files", "azwi_netproxy.proxy.probe")
+    assert "azwi_netproxy.proxy.app" in loaded  # the import really happened
+    forbidden = {m for m in loaded if m.split(".")[0] in ("pyroute2", "iptc")}
+    forbidden |= {m for m in loaded if _program_of(m) not in (None, "proxy")}
+    assert forbidden == set()
+
+
+def test_the_init_loads_neither_the_sidecar_nor_its_http_stack() -> None:
+    loaded = _loaded_after("azwi_netproxy.cli", "azwi_netproxy.init.run")
+    assert "azwi_netproxy.init.rules" in loaded
+    assert {m for m in loaded if _program_of(m) not in (None, "init")} == set()
+    assert {m for m in loaded if m.split(".")[0] in ("httpx", "httpcore", "uvloop", "httptools", "pyroute2")} == set()
