@@ -73,6 +73,15 @@ def rss_mb(pid: int) -> float:
     return float("nan")
 
 
+def anonymous_mb(pid: int) -> float:
+    """Anonymous memory (heap, stacks, Python's objects): what a pod pays for itself, unshared
+    with other pods on the node (the libraries' code pages are shared through the page cache)."""
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+        if line.startswith("Anonymous:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 def wait_ready(port: int, path: str = "/readyz", timeout_s: float = 10.0) -> float:
     """Seconds until `path` answers 200, polling every millisecond."""
     started = time.monotonic()
@@ -329,7 +338,9 @@ class Bench:
         url = f"http://127.0.0.1:{port}{TOKEN_PATH}"
         metrics_port = self.metrics_port
         rss_warm = rss_mb(proxy.pid)
+        anon_warm = anonymous_mb(proxy.pid)
         floor, floor_url, floor_ready = self.warm_floor()
+        floor_rss, floor_anon = rss_mb(floor.pid), anonymous_mb(floor.pid)
 
         results: dict[str, tuple[WrkResult, float, WrkResult, float]] = {}
         for label, connections, close in (
@@ -353,7 +364,8 @@ class Bench:
                 self.stop(process)
         self.stop(floor)
         self.add("body bytes", str(len(body)), "", "")
-        self.add("RSS after warm-up MB", f"{rss_warm:.1f}", "", "")
+        self.add("RSS after warm-up MB", f"{rss_warm:.1f}", f"{floor_rss:.1f}", "")
+        self.add("anonymous (unshared) memory after warm-up MB", f"{anon_warm:.1f}", f"{floor_anon:.1f}", "")
         # One start is one sample of a noisy figure: four more, and the median of five.
         starts = [ready_s]
         for _ in range(4):
@@ -370,33 +382,21 @@ class Bench:
 
         ka16 = results["keep-alive c=16"]
         nc = results["new connection per request c=16"]
-        self.check("cache hit c=16 >= 0.8x floor", ka16[0].rps >= 0.8 * ka16[2].rps, f"{ka16[0].rps / ka16[2].rps:.2f}x")
-        self.check("server CPU <= 12 us/request (c=16)", ka16[1] <= 12, f"{ka16[1]:.1f} us")
-        self.check("p99 < 1 ms (c=16)", ka16[0].p99_ms < 1, f"{ka16[0].p99_ms:.3f} ms")
-        self.check(
-            "new connection per request >= 20k/s", nc[0].rps >= 20000,
-            f"{nc[0].rps:,.0f}/s (server capacity at its CPU per connection: {1e6 / max(nc[1], 1e-9):,.0f}/s)",
-        )
-        # The absolute targets were set on a machine where the floor server did 100k
-        # requests/s at 9.5 us each and 26k new connections/s. Scaled by what the floor
-        # does here, in this run, they say the same thing about the proxy on this machine.
-        speed = ka16[2].rps / REFERENCE_FLOOR_RPS
-        cpu_scale = ka16[3] / REFERENCE_FLOOR_CPU_US
-        conn_scale = nc[2].rps / REFERENCE_FLOOR_NEW_CONN_RPS
-        self.check(
-            f"scaled to this machine (floor {speed:.2f}x the reference): server CPU <= {12 * cpu_scale:.1f} us/request",
-            ka16[1] <= 12 * cpu_scale, f"{ka16[1]:.1f} us",
-        )
-        self.check(
-            f"scaled to this machine: p99 < {1 / speed:.2f} ms (c=16)", ka16[0].p99_ms < 1 / speed,
-            f"{ka16[0].p99_ms:.3f} ms",
-        )
-        self.check(
-            f"scaled to this machine: new connection per request >= {20000 * conn_scale:,.0f}/s",
-            nc[0].rps >= 20000 * conn_scale, f"{nc[0].rps:,.0f}/s",
-        )
-        self.check("RSS after warm-up <= 30 MB", rss_warm <= 30, f"{rss_warm:.1f} MB")
-        self.check("exec to first 200 on /readyz < 200 ms (median of 5)", ready_s < 0.2, f"{ready_s * 1000:.0f} ms")
+        # Issue 18's guard rails, as ratios to the floor server in this run. Throughput is a
+        # guard rail, not a goal: IMDS itself allows a VM 20 identity requests a second.
+        self.check("cache hit c=16 >= 0.75x floor", ka16[0].rps >= 0.75 * ka16[2].rps,
+                   f"{ka16[0].rps / ka16[2].rps:.2f}x")
+        self.check("CPU per hit <= 1.4x the floor's (c=16)", ka16[1] <= 1.4 * ka16[3],
+                   f"{ka16[1]:.1f} us / {ka16[3]:.1f} us = {ka16[1] / ka16[3]:.2f}x")
+        self.check("a connection per request >= 0.8x floor", nc[0].rps >= 0.8 * nc[2].rps,
+                   f"{nc[0].rps / nc[2].rps:.2f}x")
+        self.check("RSS after warm-up <= 30 MB", rss_warm <= 30, f"{rss_warm:.1f} MB (anonymous {anon_warm:.1f} MB)")
+        baseline = self.args.readyz_baseline_ms
+        if baseline is not None:
+            self.check(f"exec to first 200 on /readyz no slower than {baseline:.0f} ms (median of 5)",
+                       ready_s * 1000 <= baseline, f"{ready_s * 1000:.0f} ms")
+        else:
+            self.check("exec to first 200 on /readyz < 200 ms (median of 5)", ready_s < 0.2, f"{ready_s * 1000:.0f} ms")
 
         self.cold_path(port, sts_port, ca_file)
         self.single_flight(port, sts_port, ca_file)
@@ -509,6 +509,10 @@ def main() -> int:
         "--processes", type=int, default=3, help="proxy and floor processes for the c=16 figure (median reported)"
     )
     parser.add_argument("--quick", action="store_true", help="skip the million-request memory run")
+    parser.add_argument(
+        "--readyz-baseline-ms", type=float, default=None,
+        help="check start-up against this median (e.g. an earlier build's, measured on this machine)",
+    )
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         print("bench: wrk is not installed (bench/run.sh installs it)", file=sys.stderr)

@@ -23,6 +23,7 @@ from typing import Any, Final
 import yaml
 
 from azwi_netproxy.errors import ConfigError
+from azwi_netproxy.identitymap import parse_identity_map
 from azwi_netproxy.migrate.model import BINDING_LABEL, Document, dump_yaml, load_yaml_all
 from azwi_netproxy.migrate.plan import (
     CLIENT_ID_ANNOTATION,
@@ -35,7 +36,6 @@ from azwi_netproxy.migrate.plan import (
     fit_name,
     rbac_name,
 )
-from azwi_netproxy.identitymap import parse_identity_map
 
 USE_LABEL: Final = "azure.workload.identity/use"
 # The upstream webhook injects the proxy when this annotation is present (pkg/webhook/consts.go

@@ -2,8 +2,8 @@
 
 Owns, from the wire inwards: `wire` (sans-IO HTTP/1.1), `server` (asyncio protocol),
 `app` (judges a request and answers it: the one place errors become answers), `imds`
-(the IMDS wire model), `router` (which identity, with the shared `azwi_netproxy.identitymap`), `cache` (tokens),
-`entra` and `binding` (the exchange, and identity binding's TLS), `passthrough`,
+(the IMDS wire model), `router` (which identity, with the shared `azwi_netproxy.identitymap`),
+`cache` (tokens), `entra` and `binding` (the exchange, and identity binding's TLS), `passthrough`,
 `outbound` (connection policy for both), `metrics`, `probe`, `config` and `files` (start-up
 values and the files they name), `run` (assembly).
 

@@ -9,7 +9,8 @@ server's own (a broken request, a crash) reach it through `refuse`.
 One memo, `_targets` (bounded): what a request target means (its route, and for the token
 path its cache key, client ID and resource) does not depend on anything else in the
 request, so it is judged once per distinct target; the entry also keeps the last 200 body
-rendered for it, reused while the token and the second it was rendered in are the same.
+rendered for it, reused while the token and the second it was rendered in are the same,
+and the constant parts of its access lines.
 """
 
 from __future__ import annotations
@@ -53,7 +54,17 @@ AsyncResponse = Coroutine[Any, Any, Response]
 class _Target:
     """What a request target means, and the last 200 answer rendered for it."""
 
-    __slots__ = ("answer", "client_id", "error", "key", "path", "query", "resource_json", "route")
+    __slots__ = (
+        "answer",
+        "client_id",
+        "error",
+        "key",
+        "log_fields",
+        "path",
+        "query",
+        "resource_json",
+        "route",
+    )
 
     def __init__(
         self,
@@ -74,6 +85,8 @@ class _Target:
         self.error = error
         # (second, token, body): reused within the second it was rendered in.
         self.answer: tuple[int, Token, bytes] | None = None
+        # The constant parts of this target's 200 access lines, per cache outcome.
+        self.log_fields: dict[str, tuple[str, str]] = {}
 
 
 def error_response(exc: NetproxyError) -> Response:
@@ -236,16 +249,12 @@ class TokenApp:
         self._metrics.token_ok += 1
         access = self._access
         if access.enabled:
-            # CacheOutcome is a StrEnum: the member is its own string.
-            access.request(
-                now,
-                request.method,
-                request.target,
-                200,
-                int((time.monotonic() - started) * 1_000_000),
-                target.client_id,
-                outcome,
-            )
+            fields = target.log_fields.get(outcome)
+            if fields is None:
+                # CacheOutcome is a StrEnum: the member is its own string.
+                fields = access.fields("GET", request.target, 200, target.client_id, outcome)
+                target.log_fields[outcome] = fields
+            access.line(now, fields, int((time.monotonic() - started) * 1_000_000))
         return Response(200, body)
 
     # ---- pass-through ----

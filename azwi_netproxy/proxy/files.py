@@ -16,8 +16,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from azwi_netproxy.errors import ConfigError
-from azwi_netproxy.proxy.config import ProxyConfig
 from azwi_netproxy.identitymap import parse_identity_map
+from azwi_netproxy.proxy.config import ProxyConfig
 
 
 def _utf8(path: str) -> str:
@@ -39,7 +39,9 @@ def with_files(cfg: ProxyConfig, read_text: Callable[[str], str] = _utf8) -> Pro
     return dataclasses.replace(cfg, identity_map=parse_identity_map(text, source=cfg.identity_map_path))
 
 
-def check_trust_store(ca_file: str | None, ca_dir: str | None, read_text: Callable[[str], str] = _utf8) -> None:
+def check_trust_store(
+    ca_file: str | None, ca_dir: str | None, read_text: Callable[[str], str] = _utf8
+) -> None:
     """SSL_CERT_FILE and SSL_CERT_DIR, which replace the system store for every exchange.
 
     Raises:

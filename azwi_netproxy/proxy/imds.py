@@ -15,7 +15,6 @@ from __future__ import annotations
 import enum
 import json
 import re
-import unicodedata
 import urllib.parse
 from typing import Final, NamedTuple
 
@@ -123,7 +122,11 @@ def names_identity(path: str) -> bool:
     else:
         return True  # still decoding: nothing legitimate is encoded that deep
     for segment in decoded.replace("\\", "/").split("/"):
-        folded = unicodedata.normalize("NFKC", segment.partition(";")[0])
+        folded = segment.partition(";")[0]
+        if not folded.isascii():
+            import unicodedata  # its tables cost every pod memory; ASCII paths never need them
+
+            folded = unicodedata.normalize("NFKC", folded)
         cleaned = "".join(ch for ch in folded if ch.isprintable() and not ch.isspace())
         if cleaned.strip(".").casefold().startswith("identity"):
             return True

@@ -62,6 +62,7 @@ class RequestReader:
         "_completed",
         "_header_bytes",
         "_headers",
+        "_hosts",
         "_limit_error",
         "_parser",
         "_tail",
@@ -75,6 +76,7 @@ class RequestReader:
         self._target = b""
         self._headers: list[tuple[bytes, bytes]] = []
         self._header_bytes = 0
+        self._hosts = 0
         self._body: list[bytes] = []
         self._limit_error: MalformedRequest | None = None
         self._tail = b""
@@ -89,10 +91,11 @@ class RequestReader:
             MalformedRequest: malformed input or a limit exceeded; its `completed` holds
                 the requests the same bytes completed before the bad one.
         """
-        if data and not self.reading_request:
-            self.reading_request = True
-        if self._other_protocol(data):
+        named = b"RTSP/" in data or b"ICE/" in data or (self._tail and self._straddles(data))
+        if named and _OTHER_PROTOCOL_LINE.search(self._tail + data) is not None:
             raise self._failed(MalformedRequest(MSG_VERSION))
+        if data:
+            self.reading_request = True
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserCallbackError:
@@ -103,24 +106,22 @@ class RequestReader:
             raise self._failed(MalformedRequest("protocol upgrade is not supported")) from None
         except httptools.HttpParserError:
             raise self._failed(MalformedRequest("malformed request")) from None
-        if self._limit_error is not None:
-            raise self._failed(self._limit_error)
-        done, self._completed = self._completed, []
+        # A request line split between chunks is looked at whole with the next one.
+        self._tail = data[-_TAIL_BYTES:] if self.reading_request else b""
+        done = self._completed
+        if done:
+            self._completed = []
         return done
 
-    def _other_protocol(self, data: bytes) -> bool:
-        """Whether a request line in `data` names RTSP or ICE, which llhttp also parses and
-        reports as HTTP/1.0 (httptools does not say which protocol a line named).
+    def _straddles(self, data: bytes) -> bool:
+        """Whether "RTSP/" or "ICE/" could run across the end of the previous chunk.
 
-        Only chunks holding "RTSP/" or "ICE/" are looked at (a few bytes of the previous
-        chunk are kept, for a line split between two). A body line that looks like such
-        a request line is refused too: nothing IMDS answers carries one.
+        llhttp also parses request lines naming RTSP or ICE and reports them as HTTP/1.0
+        (httptools does not say which protocol a line named): such lines are refused by
+        feed, which looks at a chunk whole only when it holds one of those names.
         """
-        tail, self._tail = self._tail, data[-_TAIL_BYTES:]
-        seam = tail[-4:] + data[:4]
-        if not any(name in part for name in (b"RTSP/", b"ICE/") for part in (data, seam)):
-            return False
-        return _OTHER_PROTOCOL_LINE.search(tail + data) is not None
+        seam = self._tail[-4:] + data[:4]
+        return b"RTSP/" in seam or b"ICE/" in seam
 
     def _failed(self, error: MalformedRequest) -> MalformedRequest:
         error.completed, self._completed = self._completed, []
@@ -131,14 +132,10 @@ class RequestReader:
         raise error
 
     # ---- httptools callbacks ----
-    def on_message_begin(self) -> None:
-        self.reading_request = True
-        self._target = b""
-        self._headers = []
-        self._header_bytes = 0
-        self._body = []
-
+    # No on_message_begin: a message's state is reset when the previous one completes
+    # (each callback costs a Python call on every request), and its URL always comes first.
     def on_url(self, url: bytes) -> None:
+        self.reading_request = True
         self._target += url
         if len(self._target) > MAX_TARGET_BYTES:
             self._fail(TargetTooLong("request target too long"))
@@ -147,20 +144,10 @@ class RequestReader:
         self._header_bytes += len(name) + len(value) + _HEADER_OVERHEAD
         if self._header_bytes > MAX_HEADER_BYTES:
             self._fail(HeadersTooLarge("request headers too large"))
-        self._headers.append((name.lower(), value))
-
-    def on_headers_complete(self) -> None:
-        # CONTRACT.md: only HTTP/1.0 and 1.1 are answered. httptools reads a request line
-        # without a version as HTTP/0.9 *with* the header lines that follow it: the shape
-        # a CRLF injected into an app's URL (an SSRF) produces. Refused before any body.
-        version = self._parser.get_http_version()
-        if version not in _VERSIONS:
-            self._fail(MalformedRequest(MSG_VERSION))
-        # RFC 9112, section 3.2: a 400 for an HTTP/1.1 request without a Host header, and
-        # for any request with more than one (Go's server, upstream's, does the same).
-        hosts = sum(1 for name, _ in self._headers if name == b"host")
-        if hosts > 1 or (hosts == 0 and version == "1.1"):
-            self._fail(MalformedRequest("a request needs exactly one Host header"))
+        name = name.lower()
+        if name == b"host":
+            self._hosts += 1
+        self._headers.append((name, value))
 
     def on_body(self, body: bytes) -> None:
         self._body.append(body)
@@ -169,16 +156,35 @@ class RequestReader:
 
     def on_message_complete(self) -> None:
         parser = self._parser
+        version = parser.get_http_version()
+        # CONTRACT.md: only HTTP/1.0 and 1.1 are answered. httptools reads a request line
+        # without a version as HTTP/0.9 *with* the header lines that follow it: the shape
+        # a CRLF injected into an app's URL (an SSRF) produces. (Checked here rather than
+        # in on_headers_complete, a callback fewer per request: a body is at most 64 KiB.)
+        if version not in _VERSIONS:
+            self._fail(MalformedRequest(MSG_VERSION))
+        # RFC 9112, section 3.2: a 400 for an HTTP/1.1 request without a Host header, and
+        # for any request with more than one (Go's server, upstream's, does the same).
+        hosts = self._hosts
+        if hosts > 1 or (hosts == 0 and version == "1.1"):
+            self._fail(MalformedRequest("a request needs exactly one Host header"))
+        body = self._body
         self._completed.append(
             Request(
-                method=parser.get_method().decode("ascii", "replace"),
-                target=self._target,
-                http_version=parser.get_http_version(),
-                headers=self._headers,
-                body=b"".join(self._body),
-                keep_alive=parser.should_keep_alive(),
+                parser.get_method().decode("ascii", "replace"),
+                self._target,
+                version,
+                self._headers,
+                b"".join(body) if body else b"",
+                parser.should_keep_alive(),
             )
         )
+        self._target = b""
+        self._headers = []
+        self._header_bytes = 0
+        self._hosts = 0
+        if body:
+            self._body = []
         self.reading_request = False
 
 
