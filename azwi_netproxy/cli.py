@@ -1,4 +1,4 @@
-"""Command lines of `azwi-netproxy` and `azwi-netproxy-init`.
+"""Command lines of `azwi-netproxy`, `azwi-netproxy-init`, `azwi-netproxy-cni` and its agent.
 
 The only module that sees argv and os.environ. Exit codes: 0 success, 1 runtime failure,
 2 bad flag, environment value or file (one clear line on stderr, nothing changed).
@@ -225,6 +225,74 @@ def init_main(argv: Sequence[str] | None = None) -> int:
 
     try:
         return run_init(cfg)
+    finally:
+        if writer is not None:
+            writer.drain()
+
+
+def _cni_answer(body: object) -> None:
+    import json
+
+    sys.stdout.write(json.dumps(body, separators=(",", ":")) + "\n")
+    sys.stdout.flush()
+
+
+def cni_main() -> int:
+    """The CNI plugin: CNI_ variables and the network configuration on stdin, as the spec
+    has it (no flags). Exit 0 with the result on stdout, or 1 with the spec's error JSON."""
+    from azwi_netproxy.cni import plugin, spec
+
+    version = spec.SUPPORTED_VERSIONS[-1]
+    writer: logs.LineWriter | None = None
+    try:
+        stdin = b"" if os.environ.get("CNI_COMMAND") == "VERSION" else sys.stdin.buffer.read()
+        invocation = spec.parse(os.environ, stdin)
+        version = invocation.cni_version
+        writer = logs.configure(invocation.log_level, logger_name="cni")
+        body = plugin.run(invocation, os.environ)
+    except spec.CniError as exc:
+        _cni_answer(spec.error_body(exc, version))
+        return 1
+    except Exception as exc:  # the runtime must get JSON, whatever went wrong
+        _cni_answer(
+            spec.error_body(spec.CniError(199, "internal error in azwi-netproxy-cni", repr(exc)), version)
+        )
+        return 1
+    finally:
+        if writer is not None:
+            writer.drain()
+    if body is not None:
+        _cni_answer(body)
+    return 0
+
+
+def cni_agent_parser() -> argparse.ArgumentParser:
+    parser = _parser(
+        "azwi-netproxy-cni-agent",
+        "install azwi-netproxy's CNI plugin on this node and keep it chained "
+        "(env AZWI_CNI_BIN_DIR, AZWI_CNI_CONF_DIR, AZWI_CNI_RUN_DIR, AZWI_CNI_UNINSTALL, "
+        "AZWI_CNI_PLUGIN_CONFIG, LOG_LEVEL)",
+    )
+    parser.add_argument("--version", action="version", version=f"azwi-netproxy-cni-agent {__version__}")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--check", action="store_true", help="exit 0 only if this node is installed (or clean)")
+    mode.add_argument("--uninstall", action="store_true", help="remove the plugin from this node, then wait")
+    return parser
+
+
+def cni_agent_main(argv: Sequence[str] | None = None) -> int:
+    args = cni_agent_parser().parse_args(argv)
+    from azwi_netproxy.cni import agent
+
+    try:
+        settings = agent.load_settings(os.environ, uninstall_flag=args.uninstall, python=sys.executable)
+    except ConfigError as exc:
+        return _config_error("azwi-netproxy-cni-agent", exc)
+    if args.check:
+        return agent.check(settings)
+    writer = logs.configure(settings.log_level, logger_name="cni-agent")
+    try:
+        return agent.run_agent(settings)
     finally:
         if writer is not None:
             writer.drain()

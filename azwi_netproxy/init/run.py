@@ -10,6 +10,9 @@ Rules:
    when the kernel has it, else iptables.
 4. Logs are fixed messages with values in `extra` (cli installs the JSON formatter). An
    install ends with the rules the kernel holds; --dry-run and --check print to stdout.
+5. `run_init` is the init container's front end (exit codes, stdout); `install_rules`,
+   `rule_differences` and `remove_rules` are the same actions for the CNI plugin, which
+   needs values and exceptions instead.
 """
 
 from __future__ import annotations
@@ -86,7 +89,7 @@ class _Backends:
         )
 
 
-def _install(cfg: InitConfig, ruleset: rules.Ruleset, backends: _Backends) -> int:
+def _install(cfg: InitConfig, ruleset: rules.Ruleset, backends: _Backends) -> BackendName:
     backend, reason = backends.choose(cfg.backend)
     log.info("using backend", extra={"backend": backend.name, "reason": reason})
     backend.install(ruleset)
@@ -96,10 +99,10 @@ def _install(cfg: InitConfig, ruleset: rules.Ruleset, backends: _Backends) -> in
     if backends.usable(other) and other.present() and other.cleanup():
         log.info("removed our rules of the other backend", extra={"backend": other.name})
     log.info("installed rules", extra={"backend": backend.name, "rules": backend.listing()})
-    return 0
+    return backend.name
 
 
-def _check(cfg: InitConfig, ruleset: rules.Ruleset, backends: _Backends, out: IO[str]) -> int:
+def _differences(cfg: InitConfig, ruleset: rules.Ruleset, backends: _Backends) -> list[str]:
     backend, reason = backends.choose(cfg.backend)
     log.info("using backend", extra={"backend": backend.name, "reason": reason})
     differences = backend.check(ruleset)
@@ -107,16 +110,21 @@ def _check(cfg: InitConfig, ruleset: rules.Ruleset, backends: _Backends, out: IO
     if backends.usable(other) and other.present():
         differences.append(f"{other.name}: rules of ours are installed there too")
     if differences:
-        for line in differences:
-            out.write(f"{line}\n")
-        out.flush()
         log.warning("rules differ", extra={"backend": backend.name, "differences": differences})
-        return 1
-    log.info("rules in place", extra={"backend": backend.name})
-    return 0
+    else:
+        log.info("rules in place", extra={"backend": backend.name})
+    return differences
 
 
-def _cleanup(cfg: InitConfig, backends: _Backends) -> int:
+def _check(cfg: InitConfig, ruleset: rules.Ruleset, backends: _Backends, out: IO[str]) -> int:
+    differences = _differences(cfg, ruleset, backends)
+    for line in differences:
+        out.write(f"{line}\n")
+    out.flush()
+    return 1 if differences else 0
+
+
+def _cleanup(cfg: InitConfig, backends: _Backends) -> list[BackendName]:
     if cfg.backend == "auto":
         # Whatever we left in either framework: none of it is anybody else's.
         candidates = [b for b in (backends.nft, backends.ipt) if backends.usable(b)]
@@ -129,7 +137,7 @@ def _cleanup(cfg: InitConfig, backends: _Backends) -> int:
         log.info("removed our rules", extra={"backends": removed})
     else:
         log.info("no rules of ours to remove", extra={"backends": [b.name for b in candidates]})
-    return 0
+    return removed
 
 
 def _dry_run(cfg: InitConfig, ruleset: rules.Ruleset, backends: _Backends, out: IO[str]) -> int:
@@ -166,7 +174,7 @@ def run_init(
 ) -> int:
     """Carry out cfg.action and return the exit code (0 done, 1 failure or differences)."""
     ruleset = rules.Ruleset.from_config(cfg)
-    chosen = _Backends(backends or {"nftables": NftBackend(), "iptables": IptablesBackend()})
+    chosen = _backends_of(backends)
     stdout = out if out is not None else sys.stdout
     log.debug(
         "desired rules",
@@ -185,8 +193,45 @@ def run_init(
         if cfg.action == "check":
             return _check(cfg, ruleset, chosen, stdout)
         if cfg.action == "cleanup":
-            return _cleanup(cfg, chosen)
-        return _install(cfg, ruleset, chosen)
+            _cleanup(cfg, chosen)
+            return 0
+        _install(cfg, ruleset, chosen)
+        return 0
     except RuleInstallError as exc:
         log.error("netfilter rules failed", extra={"action": cfg.action, "error": str(exc)})
         return 1
+
+
+# ---- the same actions for another front end (the CNI plugin): values and exceptions ----
+
+
+def _backends_of(backends: Mapping[BackendName, Backend] | None) -> _Backends:
+    return _Backends(backends or {"nftables": NftBackend(), "iptables": IptablesBackend()})
+
+
+def install_rules(cfg: InitConfig, backends: Mapping[BackendName, Backend] | None = None) -> BackendName:
+    """Install cfg's rules in the current network namespace; the backend that holds them.
+
+    Raises:
+        RuleInstallError: nothing could be installed (the namespace is left as it was or
+            with the other backend's earlier rules of ours).
+    """
+    return _install(cfg, rules.Ruleset.from_config(cfg), _backends_of(backends))
+
+
+def rule_differences(cfg: InitConfig, backends: Mapping[BackendName, Backend] | None = None) -> list[str]:
+    """What differs between cfg's rules and the current namespace's; empty when in place.
+
+    Raises:
+        RuleInstallError: the namespace could not be read.
+    """
+    return _differences(cfg, rules.Ruleset.from_config(cfg), _backends_of(backends))
+
+
+def remove_rules(cfg: InitConfig, backends: Mapping[BackendName, Backend] | None = None) -> list[BackendName]:
+    """Remove our rules (cfg.backend's, or both frameworks' for auto); the backends that had some.
+
+    Raises:
+        RuleInstallError: the kernel refused.
+    """
+    return _cleanup(cfg, _backends_of(backends))

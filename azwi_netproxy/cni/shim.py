@@ -1,0 +1,83 @@
+"""The plugin as the node sees it: a POSIX shell script that hands the call to the agent.
+
+Pure: `render` returns the script's text; the agent writes it into the CNI bin dir.
+
+Why a shim: the runtime runs plugins in the host's mount namespace, where neither Python
+nor our libraries are installed; the agent's container has both. So the shim:
+1. finds the agent by its state file (host PID and the process's start time, field 22 of
+   /proc/PID/stat) and proves that PID is still the agent: a reused PID could be any
+   process, and entering its mount namespace would run whatever file it has at our
+   interpreter's path, as root;
+2. opens CNI_NETNS, which exists only in the runtime's mount namespace, as descriptor 3;
+3. enters the agent's mount namespace and root with nsenter (util-linux, on every node)
+   and runs `python -I -m azwi_netproxy.cni` there, stdin and CNI_ variables unchanged.
+Without a live agent, ADD and CHECK fail with code 11 (try again later: the runtime
+retries the sandbox) and DEL succeeds (the namespace is being torn down anyway), so that no
+pod starts without the rules it may have asked for while the agent is away.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+
+from azwi_netproxy.cni.spec import SUPPORTED_VERSIONS, TRY_AGAIN_LATER, version_body
+
+_TEMPLATE = r"""#!/bin/sh
+# azwi-netproxy's CNI plugin on this node, written by azwi-netproxy-cni-agent, which
+# rewrites it: do not edit. It runs the plugin inside the agent's container (see
+# azwi_netproxy/cni/shim.py in the project for why and how).
+set -u
+STATE=@STATE@
+PYTHON=@PYTHON@
+PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+export PATH
+
+fail() {
+    printf '{"cniVersion":"@VERSION@","code":@CODE@,"msg":"%s","details":"%s"}\n' "$1" "$2"
+    exit 1
+}
+
+agent_pid() {
+    [ -f "$STATE" ] && [ -O "$STATE" ] || return 1
+    read -r pid start < "$STATE" || return 1
+    case "$pid$start" in '' | *[!0-9]*) return 1 ;; esac
+    stat=$(cat "/proc/$pid/stat" 2>/dev/null) || return 1
+    # Fields after the command name, which may itself hold spaces or parentheses.
+    set -- ${stat##*) }
+    [ "$#" -ge 20 ] && [ "${20}" = "$start" ] || return 1
+    echo "$pid"
+}
+
+case "${CNI_COMMAND:-}" in
+VERSION)
+    echo '@VERSION_BODY@'
+    exit 0
+    ;;
+esac
+
+if ! pid=$(agent_pid); then
+    [ "${CNI_COMMAND:-}" = DEL ] && exit 0
+    fail "the azwi-netproxy CNI node agent is not running on this node" \
+        "the runtime retries; see the azwi-netproxy-cni DaemonSet's pod on this node"
+fi
+if [ -n "${CNI_NETNS:-}" ] && [ -e "$CNI_NETNS" ]; then
+    exec 3<"$CNI_NETNS"
+    AZWI_CNI_NETNS_FD=3
+    export AZWI_CNI_NETNS_FD
+fi
+# --root and --wd with no value: the agent's own root and working directory (the agent
+# works in its root), both opened before entering, so neither leaves the container.
+exec nsenter --target "$pid" --mount --root --wd -- "$PYTHON" -I -m azwi_netproxy.cni
+"""
+
+
+def render(*, state_file: str, python: str) -> str:
+    """The shim for an agent that keeps its state in `state_file` and runs `python`."""
+    return (
+        _TEMPLATE.replace("@STATE@", shlex.quote(state_file))
+        .replace("@PYTHON@", shlex.quote(python))
+        .replace("@VERSION_BODY@", json.dumps(version_body(), separators=(",", ":")))
+        .replace("@VERSION@", SUPPORTED_VERSIONS[-1])
+        .replace("@CODE@", str(TRY_AGAIN_LATER))
+    )
