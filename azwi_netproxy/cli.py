@@ -274,9 +274,12 @@ def cni_agent_parser() -> argparse.ArgumentParser:
         "AZWI_CNI_PLUGIN_CONFIG, LOG_LEVEL)",
     )
     parser.add_argument("--version", action="version", version=f"azwi-netproxy-cni-agent {__version__}")
-    mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--check", action="store_true", help="exit 0 only if this node is installed (or clean)")
-    mode.add_argument("--uninstall", action="store_true", help="remove the plugin from this node, then wait")
+    parser.add_argument(
+        "--check", action="store_true", help="exit 0 only if this node is installed (with --uninstall: clean)"
+    )
+    parser.add_argument(
+        "--uninstall", action="store_true", help="remove the plugin from this node, then wait"
+    )
     return parser
 
 

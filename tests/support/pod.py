@@ -434,8 +434,12 @@ def _start_fake(ns: str, script: str, bind: str, log: Path, *extra: str) -> Scri
     return start_script(argv, log)
 
 
-def build_pod(stack: ExitStack, backend: str, python: str, pythonpath: str) -> PodSandbox:
-    """Build the whole pod (module docstring); everything is undone when `stack` closes."""
+def build_pod(stack: ExitStack, backend: str, python: str, pythonpath: str,
+              redirect: Callable[[PodSandbox], None] | None = None) -> PodSandbox:
+    """Build the whole pod (module docstring); everything is undone when `stack` closes.
+
+    `redirect` installs the rules instead of the init container (the CNI plugin's tests).
+    """
     topo = stack.enter_context(netns.topology(with_peer=True))
     work = shared_tempdir("azwi-pod-")
     stack.callback(shutil.rmtree, work, True)
@@ -471,7 +475,10 @@ def build_pod(stack: ExitStack, backend: str, python: str, pythonpath: str) -> P
         identity.tenant_id, identity.client_id, [identity.subject], issuer))
 
     sandbox.pristine = sandbox.snapshot()
-    sandbox.init_ok()
+    if redirect is None:
+        sandbox.init_ok()
+    else:
+        redirect(sandbox)
     sandbox.installed = sandbox.snapshot()
     assert sandbox.installed != sandbox.pristine, "the init installed nothing"
     sandbox.start_proxy()
