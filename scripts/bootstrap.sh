@@ -15,6 +15,8 @@ APT_PACKAGES=(
     nodejs
     # The CNI tests run a private containerd whose CRI plugin calls the chain.
     containerd runc containernetworking-plugins
+    # The CNI shim's JSON scanner is tested with each awk a node may have.
+    gawk busybox
 )
 
 if [[ $(id -u) -ne 0 ]]; then

@@ -320,7 +320,7 @@ def test_agent_chains_again_after_the_cluster_rewrites_its_conflist(cni_node: No
     assert cni_node.agent_check().returncode == 0
 
 
-def test_without_agent_add_fails_closed_and_del_succeeds(cni_node: Node, scratch_ns: str) -> None:
+def test_without_agent_a_pod_that_asks_fails_closed_and_others_start(cni_node: Node, scratch_ns: str) -> None:
     state = cni_node.run_dir / "cni-agent"
     assert cni_node.stop_agent() == 0
     try:
@@ -328,10 +328,17 @@ def test_without_agent_add_fails_closed_and_del_succeeds(cni_node: Node, scratch
         assert (cni_node.bin_dir / "azwi-netproxy").exists(), "the shim must stay: fail closed"
         conflist = cni_node.conflist()
         before = netns.netfilter_snapshot(scratch_ns)
-        for asked in (REDIRECT, {}):
+        runtime = _runtime(cni_node, scratch_ns, REDIRECT)
+        body = _assert_error(runtime.add(conflist), 11)
+        assert "agent is not running" in body["msg"]
+        assert runtime.delete(conflist).returncode == 0
+        # The node's other pods do not depend on our agent: prevResult is handed on.
+        for asked in ({}, {"azwi-netproxy.io/redirect": "false"}):
             runtime = _runtime(cni_node, scratch_ns, asked)
-            body = _assert_error(runtime.add(conflist), 11)
-            assert "agent is not running" in body["msg"]
+            outcome = runtime.add(conflist)
+            assert outcome.returncode == 0, str(outcome)
+            assert _blank_sandbox(outcome.body) == _loopback_result(cni_node, conflist)
+            assert runtime.check(conflist).returncode == 0
             assert runtime.delete(conflist).returncode == 0
         assert netns.netfilter_snapshot(scratch_ns) == before
         check = cni_node.agent_check()

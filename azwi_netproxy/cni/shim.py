@@ -11,9 +11,12 @@ nor our libraries are installed; the agent's container has both. So the shim:
 2. opens CNI_NETNS, which exists only in the runtime's mount namespace, as descriptor 3;
 3. enters the agent's mount namespace and root with nsenter (util-linux, on every node)
    and runs `python -I -m azwi_netproxy.cni` there, stdin and CNI_ variables unchanged.
-Without a live agent, ADD and CHECK fail with code 11 (try again later: the runtime
-retries the sandbox) and DEL succeeds (the namespace is being torn down anyway), so that no
-pod starts without the rules it may have asked for while the agent is away.
+Without a live agent, a pod whose configuration names our annotation (other than with the
+exact value "false") fails ADD and CHECK with code 11 (try again later: the runtime
+retries the sandbox), so none starts without the rules it asked for; any other pod gets
+prevResult handed on, cut out of stdin by a small JSON scanner in awk (POSIX, on every
+node), so the node's other pods do not depend on our agent; DEL always succeeds (the
+namespace is being torn down anyway).
 """
 
 from __future__ import annotations
@@ -32,6 +35,46 @@ STATE=@STATE@
 PYTHON=@PYTHON@
 PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 export PATH
+
+# Prints the top-level "prevResult" of the JSON object on stdin (or, if it has none, a
+# result with its "cniVersion"); exits 1 if it finds neither.
+PREV_RESULT='
+{ text = text $0 "\n" }
+END {
+    n = length(text); depth = 0; instr = 0; esc = 0; wantkey = 0; iskey = 0
+    key = ""; version = ""; start = 0; stop = 0
+    for (i = 1; i <= n; i++) {
+        c = substr(text, i, 1)
+        if (instr) {
+            if (esc) esc = 0
+            else if (c == "\\") esc = 1
+            else if (c == "\"") {
+                instr = 0
+                word = substr(text, from + 1, i - from - 1)
+                if (iskey) key = word
+                else if (depth == 1 && key == "cniVersion") version = word
+            }
+            continue
+        }
+        if (c == "\"") { instr = 1; from = i; iskey = (depth == 1 && wantkey); continue }
+        if (c == "{" || c == "[") {
+            if (depth == 1 && key == "prevResult" && c == "{" && !start) start = i
+            depth++
+            if (depth == 1) wantkey = 1
+            continue
+        }
+        if (c == "}" || c == "]") {
+            depth--
+            if (start && !stop && depth == 1) stop = i
+            continue
+        }
+        if (depth == 1 && c == ":") wantkey = 0
+        if (depth == 1 && c == ",") wantkey = 1
+    }
+    if (start && stop) print substr(text, start, stop - start + 1)
+    else if (version != "") printf "{\"cniVersion\":\"%s\"}\n", version
+    else exit 1
+}'
 
 fail() {
     printf '{"cniVersion":"@VERSION@","code":@CODE@,"msg":"%s","details":"%s"}\n' "$1" "$2"
@@ -58,8 +101,17 @@ esac
 
 if ! pid=$(agent_pid); then
     [ "${CNI_COMMAND:-}" = DEL ] && exit 0
-    fail "the azwi-netproxy CNI node agent is not running on this node" \
-        "the runtime retries; see the azwi-netproxy-cni DaemonSet's pod on this node"
+    config=$(cat)
+    case "$config" in
+    *'"azwi-netproxy.io/redirect":"false"'*) ;;
+    *'"azwi-netproxy.io/redirect"'*)
+        fail "the azwi-netproxy CNI node agent is not running on this node" \
+            "the pod asked for the redirect; the runtime retries once the agent runs again"
+        ;;
+    esac
+    [ "${CNI_COMMAND:-}" = ADD ] || exit 0
+    printf '%s\n' "$config" | LC_ALL=C awk "$PREV_RESULT"
+    exit
 fi
 if [ -n "${CNI_NETNS:-}" ] && [ -e "$CNI_NETNS" ]; then
     exec 3<"$CNI_NETNS"

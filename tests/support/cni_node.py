@@ -193,7 +193,8 @@ class Runtime:
             "CNI_IFNAME": self.ifname,
             "CNI_PATH": self.path,
         }
-        stdin = config if isinstance(config, bytes) else json.dumps(config).encode()
+        # Compact, as Go's encoding/json (libcni) writes it.
+        stdin = config if isinstance(config, bytes) else json.dumps(config, separators=(",", ":")).encode()
         done = subprocess.run([str(self._find(plugin_type))], input=stdin, env=env,
                               capture_output=True, timeout=60, check=False, cwd="/")
         return Outcome(done.returncode, done.stdout.decode(errors="replace"),
