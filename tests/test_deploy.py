@@ -30,18 +30,23 @@ import pytest
 import yaml
 from support.manifests import (
     AUDIENCE,
+    CNI_AGENT_COMMAND,
+    CNI_PORT_ANNOTATION,
     IDENTITY_BINDING_ANNOTATION,
     INIT_NAME,
     INJECT_ANNOTATION,
     PORT_ANNOTATION,
     PROXY_NAME,
+    REDIRECT_ANNOTATION,
     TOKEN_FILE,
     USE_LABEL,
+    CniAgentRunner,
     InitRunner,
     WebhookSettings,
     image_repository,
     image_tag,
     load_documents,
+    pod_security_violations,
     pod_template,
     role,
     simulate_webhook,
@@ -63,6 +68,8 @@ VARIANTS = {
     "manual/classic-sidecar.yaml",
     "manual/native-sidecar.yaml",
     "no-init/sidecar-only.yaml",
+    "cni/node-agent.yaml",
+    "cni/pod.yaml",
 }
 OUR_IMAGES = WebhookSettings(
     proxy_image=f"myregistry.azurecr.io/azwi-netproxy/proxy:{azwi_netproxy.__version__}",
@@ -79,8 +86,8 @@ def docs_of(name: str) -> list[dict[str, Any]]:
 
 
 def workload(docs: list[dict[str, Any]]) -> dict[str, Any]:
-    (deployment,) = [d for d in docs if d["kind"] == "Deployment"]
-    return deployment
+    (found,) = [d for d in docs if d["kind"] in ("Deployment", "DaemonSet")]
+    return found
 
 
 def template_of(docs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -130,7 +137,7 @@ def test_manifest_passes_the_shared_validation(path: Path) -> None:
     assert docs
     for doc in docs:
         assert yaml.safe_dump(doc)  # plain data: no tags, no anchors the API server would refuse
-    assert validate_manifest_docs(docs, settings=OUR_IMAGES) == []
+    assert validate_manifest_docs(docs, settings=OUR_IMAGES, agent_runner=CniAgentRunner()) == []
 
 
 @pytest.mark.parametrize("path", MANIFESTS, ids=rel)
@@ -141,7 +148,9 @@ def test_our_images_carry_the_package_version(path: Path) -> None:
             if role(container) is None:
                 continue
             image = container["image"]
-            assert image_repository(image).endswith(f"/azwi-netproxy/{'proxy-init' if role(container) == 'init' else 'proxy'}")
+            # The CNI node agent ships in the init's image: the rules are the same code.
+            expected = "proxy" if role(container) == "proxy" else "proxy-init"
+            assert image_repository(image).endswith(f"/azwi-netproxy/{expected}")
             assert image_tag(image) == azwi_netproxy.__version__, image
 
 
@@ -162,7 +171,11 @@ def test_init_dry_run_with_the_manifests_environment(path: Path) -> None:
             assert "169.254.169.254" in result.stdout, form
 
 
-@pytest.mark.parametrize("path", MANIFESTS, ids=rel)
+# Every manifest but the CNI node agent's, which runs no proxy (its own check is further down).
+WITH_PROXY = [p for p in MANIFESTS if rel(p) != "cni/node-agent.yaml"]
+
+
+@pytest.mark.parametrize("path", WITH_PROXY, ids=rel)
 def test_proxy_accepts_the_manifests_args_and_env(path: Path, tmp_path: Path) -> None:
     docs = load_documents([path])
     token = tmp_path / "azure-identity-token"
@@ -298,6 +311,98 @@ def test_no_init_variant_needs_no_privilege_anywhere() -> None:
             assert env_of(container)["AZURE_POD_IDENTITY_AUTHORITY_HOST"] == "http://127.0.0.1:8000"
     dumped = yaml.safe_dump(spec)
     assert "NET_ADMIN" not in dumped and "NET_RAW" not in dumped
+
+
+def test_cni_pod_asks_the_plugin_and_declares_the_proxy_as_a_native_sidecar() -> None:
+    docs = docs_of("cni/pod.yaml")
+    template = template_of(docs)
+    meta = template["metadata"]
+    assert meta["labels"][USE_LABEL] == "true"
+    assert meta["annotations"][REDIRECT_ANNOTATION] == "true"
+    assert meta["annotations"][CNI_PORT_ANNOTATION] == "8000"
+    # The webhook's inject annotation would bring its privileged init container back.
+    assert INJECT_ANNOTATION not in meta["annotations"] and PORT_ANNOTATION not in meta["annotations"]
+    spec = template["spec"]
+    assert not ours(spec, "init")
+    proxy = spec["initContainers"][0]
+    assert proxy["name"] == PROXY_NAME and proxy["restartPolicy"] == "Always"
+    # As manual/native-sidecar.yaml has them.
+    native = _spec(docs_of("manual/native-sidecar.yaml"))["initContainers"][1]
+    for key in ("args", "startupProbe", "resources"):
+        assert proxy[key] == native[key], key
+    assert proxy["securityContext"] == native["securityContext"] | {"seccompProfile": {"type": "RuntimeDefault"}}
+    assert len(spec["initContainers"]) > 1  # a user init container after the proxy, which gets tokens
+    assert service_account(docs)["metadata"]["annotations"]["azure.workload.identity/client-id"]
+
+
+@pytest.mark.parametrize("level", ["baseline", "restricted"])
+def test_cni_pod_meets_the_pod_security_level(level: Any) -> None:
+    docs = docs_of("cni/pod.yaml")
+    template = template_of(docs)
+    assert pod_security_violations(template["spec"], level, template["metadata"]["annotations"]) == []
+    # And as it runs: the webhook adds env, a token mount and a projected volume, nothing else.
+    for form, spec in effective_pods(docs):
+        assert pod_security_violations(spec, level) == [], form
+    dumped = yaml.safe_dump(template)
+    assert "NET_ADMIN" not in dumped and "NET_RAW" not in dumped and "add:" not in dumped
+
+
+def test_cni_node_agent_is_the_daemonset_the_plugin_needs() -> None:
+    docs = docs_of("cni/node-agent.yaml")
+    assert {(d["kind"], d["metadata"]["namespace"]) for d in docs} == {
+        ("ServiceAccount", "kube-system"), ("DaemonSet", "kube-system"),
+    }
+    daemonset = workload(docs)
+    assert daemonset["metadata"]["name"] == "azwi-netproxy-cni"
+    assert daemonset["spec"]["updateStrategy"] == {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 1}}
+    spec = template_of(docs)["spec"]
+    assert spec["serviceAccountName"] == service_account(docs)["metadata"]["name"]
+    assert spec["hostNetwork"] is True and spec["hostPID"] is True
+    assert spec["priorityClassName"] == "system-node-critical"
+    assert spec["tolerations"] == [{"operator": "Exists"}]
+    (agent,) = spec["containers"]
+    assert role(agent) == "cni-agent" and not spec.get("initContainers")
+    assert agent["command"] == [CNI_AGENT_COMMAND]
+    assert image_repository(agent["image"]) == "myregistry.azurecr.io/azwi-netproxy/proxy-init"
+    assert agent["securityContext"]["privileged"] is True
+    assert agent["resources"] == {"requests": {"cpu": "10m", "memory": "32Mi"}, "limits": {"memory": "64Mi"}}
+    assert env_of(agent) == {
+        "AZWI_CNI_BIN_DIR": "/host/opt/cni/bin",
+        "AZWI_CNI_CONF_DIR": "/host/etc/cni/net.d",
+        "AZWI_CNI_RUN_DIR": "/var/run/azwi-netproxy",
+        "AZWI_CNI_HOST_BIN_DIR": "/opt/cni/bin",
+        "AZWI_CNI_UNINSTALL": "false",
+        "LOG_LEVEL": "info",
+    }
+    assert agent["readinessProbe"]["exec"]["command"] == [CNI_AGENT_COMMAND, "--check"]
+    volumes = {v["name"]: v["hostPath"] for v in spec["volumes"]}
+    mounts = {volumes[m["name"]]["path"]: m["mountPath"] for m in agent["volumeMounts"]}
+    assert mounts == {
+        "/opt/cni/bin": "/host/opt/cni/bin",
+        "/etc/cni/net.d": "/host/etc/cni/net.d",
+        "/var/run/azwi-netproxy": "/var/run/azwi-netproxy",
+    }
+    assert {v["path"]: v.get("type") for v in volumes.values()}["/var/run/azwi-netproxy"] == "DirectoryOrCreate"
+    # It needs what the Pod Security levels forbid; that is why it lives in kube-system alone.
+    violations = pod_security_violations(spec, "baseline")
+    for expected in ("pod: hostNetwork", "pod: hostPID", "pod: hostPath volume", "privileged"):
+        assert any(expected in v for v in violations), (expected, violations)
+
+
+def test_cni_agent_accepts_the_manifests_environment() -> None:
+    pytest.importorskip(
+        "azwi_netproxy.cni",
+        reason="azwi_netproxy.cni (issue 19's plugin and node agent) is not in this checkout yet: "
+        "the agent's own check of the DaemonSet's environment cannot run",
+    )
+    docs = docs_of("cni/node-agent.yaml")
+    (agent,) = template_of(docs)["spec"]["containers"]
+    runner = CniAgentRunner()
+    result = runner.check("cni/node-agent.yaml", [str(a) for a in agent.get("args") or []], env_of(agent))
+    assert result is not None and not runner.skipped
+    code, output = result
+    # In an empty scratch tree nothing is installed yet (not ready), but the environment is accepted.
+    assert code not in (2, 127) and "Traceback" not in output, (code, output)
 
 
 # ---- the validator catches what it is for ----
@@ -508,3 +613,157 @@ def test_python_sdk_and_msal_honour_the_authority_host(token_endpoint: list[Any]
         ("/metadata/identity/oauth2/token", ["https://vault.azure.net"], "true"),
         ("/metadata/identity/oauth2/token", ["https://storage.azure.com"], "true"),
     ]
+
+
+# ---- CNI mode: the validator and the Pod Security judge catch what they are for ----
+
+
+def _cni_pod(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    return _spec(docs)["initContainers"][0]
+
+
+def _cni_meta(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    meta: dict[str, Any] = template_of(docs)["metadata"]
+    return meta
+
+
+def _agent(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    container: dict[str, Any] = _spec(docs)["containers"][0]
+    return container
+
+
+def _agent_env(docs: list[dict[str, Any]], name: str, value: str) -> None:
+    for item in _agent(docs)["env"]:
+        if item["name"] == name:
+            item["value"] = value
+
+
+def _user_init_first(docs: list[dict[str, Any]]) -> None:
+    inits = _spec(docs)["initContainers"]
+    inits.insert(0, inits.pop())
+
+
+def _add_our_init(docs: list[dict[str, Any]]) -> None:
+    init = copy.deepcopy(_spec(docs_of("manual/native-sidecar.yaml"))["initContainers"][0])
+    _spec(docs)["initContainers"].insert(0, init)
+
+
+def _no_proxy(docs: list[dict[str, Any]]) -> None:
+    del _spec(docs)["initContainers"][0]
+
+
+def _bin_mount_read_only(docs: list[dict[str, Any]]) -> None:
+    _agent(docs)["volumeMounts"][0]["readOnly"] = True
+
+
+def _conf_not_host_path(docs: list[dict[str, Any]]) -> None:
+    _spec(docs)["volumes"][1] = {"name": "cni-conf", "emptyDir": {}}
+
+
+CNI_MUTATIONS: list[tuple[str, str, Callable[[list[dict[str, Any]]], None], str]] = [
+    ("redirect not true", "cni/pod.yaml", lambda d: _cni_meta(d)["annotations"].update({REDIRECT_ANNOTATION: "yes"}),
+     'only "true" asks'),
+    ("port annotation differs", "cni/pod.yaml", lambda d: _cni_meta(d)["annotations"].update({CNI_PORT_ANNOTATION: "8001"}),
+     "the CNI plugin redirects to 8001"),
+    ("port annotation not a port", "cni/pod.yaml",
+     lambda d: _cni_meta(d)["annotations"].update({CNI_PORT_ANNOTATION: "80000"}), "is not a port"),
+    ("user init before the proxy", "cni/pod.yaml", _user_init_first, "runs before azwi-proxy while the plugin's redirect"),
+    ("webhook injection as well", "cni/pod.yaml",
+     lambda d: _cni_meta(d)["annotations"].update({INJECT_ANNOTATION: "true"}), "privileged init container"),
+    ("our init as well", "cni/pod.yaml", _add_our_init, "drop the init container"),
+    ("proxy uid not the plugin's", "cni/pod.yaml", lambda d: _cni_pod(d)["securityContext"].update({"runAsUser": 2000}),
+     "the CNI plugin exempts PROXY_UID 1501"),
+    ("no proxy", "cni/pod.yaml", _no_proxy, "a proxy this pod does not run"),
+    ("hostNetwork pod", "cni/pod.yaml", lambda d: _spec(d).update({"hostNetwork": True}), "no CNI plugin runs"),
+    ("agent without hostPID", "cni/node-agent.yaml", lambda d: _spec(d).pop("hostPID"), "hostPID"),
+    ("agent without hostNetwork", "cni/node-agent.yaml", lambda d: _spec(d).pop("hostNetwork"), "hostNetwork"),
+    ("agent not privileged", "cni/node-agent.yaml", lambda d: _agent(d)["securityContext"].pop("privileged"),
+     "must be privileged"),
+    ("host bin dir elsewhere", "cni/node-agent.yaml", lambda d: _agent_env(d, "AZWI_CNI_HOST_BIN_DIR", "/usr/lib/cni"),
+     "not where the host sees AZWI_CNI_BIN_DIR (/opt/cni/bin)"),
+    ("bin dir read-only", "cni/node-agent.yaml", _bin_mount_read_only, "mounted read-only"),
+    ("conf dir not the host's", "cni/node-agent.yaml", _conf_not_host_path, "AZWI_CNI_CONF_DIR /host/etc/cni/net.d is not on a hostPath"),
+    ("uninstall not a boolean", "cni/node-agent.yaml", lambda d: _agent_env(d, "AZWI_CNI_UNINSTALL", "yes"),
+     "AZWI_CNI_UNINSTALL 'yes'"),
+    ("bad log level", "cni/node-agent.yaml", lambda d: _agent_env(d, "LOG_LEVEL", "loud"), "LOG_LEVEL"),
+    ("no readiness probe", "cni/node-agent.yaml", lambda d: _agent(d).pop("readinessProbe"), "readinessProbe"),
+    ("agent env missing", "cni/node-agent.yaml", lambda d: _agent(d)["env"].pop(0), "AZWI_CNI_BIN_DIR is not set"),
+]
+
+
+@pytest.mark.parametrize(("name", "mutate", "expected"), [(n, m, e) for _, n, m, e in CNI_MUTATIONS],
+                         ids=[i for i, _, _, _ in CNI_MUTATIONS])
+def test_validator_reports_the_cni_mistake(name: str, mutate: Callable[[list[dict[str, Any]]], None],
+                                           expected: str) -> None:
+    docs = copy.deepcopy(docs_of(name))
+    assert validate_manifest_docs(docs, settings=OUR_IMAGES, run_init=False) == []
+    mutate(docs)
+    problems = validate_manifest_docs(docs, settings=OUR_IMAGES, run_init=False)
+    assert any(expected in p for p in problems), problems
+
+
+def _container_sc(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    sc: dict[str, Any] = _spec(docs)["containers"][0]["securityContext"]
+    return sc
+
+
+def _no_seccomp_anywhere(docs: list[dict[str, Any]]) -> None:
+    del _spec(docs)["securityContext"]["seccompProfile"]
+    del _container_sc(docs)["seccompProfile"]
+
+
+def _root_allowed(docs: list[dict[str, Any]]) -> None:
+    del _spec(docs)["securityContext"]["runAsNonRoot"]
+    del _container_sc(docs)["runAsNonRoot"]
+
+
+PSS_MUTATIONS: list[tuple[str, Callable[[list[dict[str, Any]]], None], str, str]] = [
+    ("NET_ADMIN added", lambda d: _container_sc(d)["capabilities"].update({"add": ["NET_ADMIN"]}), "baseline",
+     "containers ledger: capability NET_ADMIN added"),
+    ("CHOWN added", lambda d: _container_sc(d)["capabilities"].update({"add": ["CHOWN"]}), "restricted",
+     "only NET_BIND_SERVICE, not CHOWN"),
+    ("privileged", lambda d: _container_sc(d).update({"privileged": True}), "baseline", "containers ledger: privileged"),
+    ("hostNetwork", lambda d: _spec(d).update({"hostNetwork": True}), "baseline", "pod: hostNetwork"),
+    ("hostPath", lambda d: _spec(d).update({"volumes": [{"name": "h", "hostPath": {"path": "/"}}]}), "baseline",
+     "pod: hostPath volume h"),
+    ("hostPort", lambda d: _spec(d)["containers"][0].update({"ports": [{"containerPort": 80, "hostPort": 80}]}),
+     "baseline", "hostPort 80"),
+    ("seccomp Unconfined", lambda d: _container_sc(d).update({"seccompProfile": {"type": "Unconfined"}}), "baseline",
+     "containers ledger: seccompProfile Unconfined"),
+    ("no seccomp profile", _no_seccomp_anywhere, "restricted", "containers ledger: seccompProfile is not RuntimeDefault"),
+    ("privilege escalation", lambda d: _container_sc(d).update({"allowPrivilegeEscalation": True}), "restricted",
+     "containers ledger: allowPrivilegeEscalation"),
+    ("runAsNonRoot false", lambda d: _container_sc(d).update({"runAsNonRoot": False}), "restricted",
+     "containers ledger: runAsNonRoot"),
+    ("runAsNonRoot unset", _root_allowed, "restricted", "containers ledger: runAsNonRoot"),
+    ("uid 0", lambda d: _container_sc(d).update({"runAsUser": 0}), "restricted", "containers ledger: runAsUser 0"),
+    ("capabilities kept", lambda d: _container_sc(d).pop("capabilities"), "restricted", "drop does not include ALL"),
+    ("hostPath-free but not allowed", lambda d: _spec(d).update({"volumes": [{"name": "n", "nfs": {"server": "s", "path": "/"}}]}),
+     "restricted", "volume n of type nfs"),
+    ("unsafe sysctl", lambda d: _spec(d)["securityContext"].update({"sysctls": [{"name": "net.core.somaxconn", "value": "1"}]}),
+     "baseline", "sysctl net.core.somaxconn"),
+]
+
+
+@pytest.mark.parametrize(("mutate", "level", "expected"), [(m, lv, e) for _, m, lv, e in PSS_MUTATIONS],
+                         ids=[i for i, _, _, _ in PSS_MUTATIONS])
+def test_pod_security_judge_refuses_what_the_level_forbids(
+    mutate: Callable[[list[dict[str, Any]]], None], level: Any, expected: str
+) -> None:
+    docs = copy.deepcopy(docs_of("cni/pod.yaml"))
+    mutate(docs)
+    violations = pod_security_violations(_spec(docs), level)
+    assert any(expected in v for v in violations), violations
+    if level == "restricted":  # and baseline still admits it: the rule is restricted's own
+        assert pod_security_violations(_spec(docs), "baseline") == []
+
+
+def test_pod_security_judge_allows_what_restricted_allows() -> None:
+    docs = copy.deepcopy(docs_of("cni/pod.yaml"))
+    _container_sc(docs)["capabilities"]["add"] = ["NET_BIND_SERVICE"]
+    del _container_sc(docs)["seccompProfile"]  # the pod's RuntimeDefault covers it
+    _spec(docs)["volumes"] = [{"name": "scratch", "emptyDir": {}}, {"name": "cfg", "configMap": {"name": "x"}}]
+    assert pod_security_violations(_spec(docs), "restricted") == []
+    # The init container variants need NET_ADMIN as root: restricted and baseline refuse them.
+    spec = _spec(docs_of("manual/native-sidecar.yaml"))
+    assert "initContainers azwi-proxy-init: capability NET_ADMIN added" in pod_security_violations(spec, "baseline")

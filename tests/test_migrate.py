@@ -21,7 +21,13 @@ from typing import Any
 
 import pytest
 import yaml
-from support.manifests import InitRunner, validate_manifest_docs
+from support.manifests import (
+    InitRunner,
+    WebhookSettings,
+    pod_security_violations,
+    simulate_webhook,
+    validate_manifest_docs,
+)
 from support.manifests import load_documents as load_manifest_documents
 
 from azwi_netproxy.identitymap import parse_identity_map
@@ -860,3 +866,218 @@ def test_jobs_with_several_identities_get_a_native_sidecar(
         result = kubectl("patch", "--local", "-R", "-f", "manifests", "--type", "merge", "-p", "{}",
                          "-o", "name", cwd=out)
         assert result.returncode == 0, result.stderr
+
+
+# ---------------------------------------------------------------------------- --cni (issue 19)
+
+REDIRECT = "azwi-netproxy.io/redirect"
+CNI_PORT = "azwi-netproxy.io/proxy-port"
+
+
+def workload_manifests(out: Path) -> dict[str, dict[str, Any]]:
+    """Migrated workloads by path under manifests/."""
+    found = {}
+    for path in sorted((out / "manifests").rglob("*.yaml")):
+        obj = yaml.safe_load(path.read_text())
+        if obj["kind"] in WORKLOAD_KINDS:
+            found[path.relative_to(out / "manifests").as_posix()] = obj
+    return found
+
+
+def test_cni_mode_asks_the_plugin_and_declares_the_proxy_first(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = migrate_fixture(tmp_path, capsys, "--cni")
+    assert check_manifests(out) == 12
+    assert validate_output(out) == []  # the shared validator, with its CNI-mode checks
+    workloads = workload_manifests(out)
+    assert len(workloads) == 6
+    for path, obj in workloads.items():
+        pod = pod_template(obj)
+        annotations = pod["metadata"]["annotations"]
+        assert annotations[REDIRECT] == "true", path
+        assert "azure.workload.identity/inject-proxy-sidecar" not in annotations, path
+        assert "azure.workload.identity/proxy-sidecar-port" not in annotations, path
+        assert pod["metadata"]["labels"]["azure.workload.identity/use"] == "true", path
+        spec = pod["spec"]
+        proxy = spec["initContainers"][0]
+        assert proxy["name"] == "azwi-proxy" and proxy["restartPolicy"] == "Always", path
+        assert proxy["startupProbe"]["exec"]["command"][0] == "/proxy", path
+        assert proxy["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}, path
+        port = proxy["args"][0].removeprefix("--proxy-port=")
+        assert annotations.get(CNI_PORT, "8000") == port, path
+        assert all(c["name"] != "azwi-proxy" for c in spec["containers"]), path
+        assert "azwi-proxy-init" not in yaml.safe_dump(obj), path
+        assert "NET_ADMIN" not in yaml.safe_dump(obj), path
+    # The one whose app listens on 8000 tells the plugin where the proxy is.
+    api = pod_template(workloads["payments/deployment-payments-api.yaml"])
+    assert api["metadata"]["annotations"][CNI_PORT] == "8002"
+    assert {"name": "AZWI_IDENTITY_MAP", "value": "/etc/azwi-netproxy/identity-map.yaml"} in api["spec"]["initContainers"][0]["env"]
+    # One identity: no map, no map volume.
+    orders = pod_template(workloads["orders/deployment-orders-api.yaml"])
+    assert CNI_PORT not in orders["metadata"]["annotations"]
+    assert "env" not in orders["spec"]["initContainers"][0] and "volumeMounts" not in orders["spec"]["initContainers"][0]
+    report = (out / "REPORT.md").read_text()
+    assert "## CNI mode (`--cni`)" in report
+    assert "**Install the node agent first**: the DaemonSet `deploy/cni/node-agent.yaml`" in report
+    steps = report.split("## Order of operations")[1]
+    assert steps.index("deploy/cni/node-agent.yaml") < steps.index("kubectl apply -R -f manifests/")
+    assert "hostNetwork: true — no CNI plugin runs" in report
+
+
+def k8s_objects(root: Path) -> dict[tuple[str, str, str], dict[str, Any]]:
+    """The export's objects by (kind, namespace, name), typed as the API server reads them."""
+    objects: dict[tuple[str, str, str], dict[str, Any]] = {}
+    for path in sorted(root.rglob("*")):
+        if path.suffix in (".yaml", ".yml", ".json"):
+            for doc in yaml.safe_load_all(path.read_text()):
+                for obj in (doc.get("items") if doc and doc.get("kind") == "List" else [doc]) or []:
+                    if obj:
+                        objects.setdefault(ref(obj), obj)
+    return objects
+
+
+def test_cni_mode_adds_nothing_pod_security_restricted_forbids(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Our part of each migrated pod passes "restricted"; the app's containers keep what they had."""
+    out = migrate_fixture(tmp_path, capsys, "--cni")
+    inputs = k8s_objects(EXPORT)
+    for path, obj in workload_manifests(out).items():
+        before = pod_template(inputs[ref(obj)])["spec"]
+        after = pod_template(obj)["spec"]
+        added = set(pod_security_violations(after)) - set(pod_security_violations(before))
+        assert added == set(), path
+        assert not [v for v in pod_security_violations(after) if "azwi-proxy" in v], path
+
+
+RESTRICTED_APP = """\
+apiVersion: aadpodidentity.k8s.io/v1
+kind: AzureIdentity
+metadata: {name: one, namespace: strict}
+spec: {type: 0, clientID: 9a9a9a9a-0000-4000-8000-000000000021, resourceID: /subscriptions/0b1f6471-1bf0-4dda-aec3-111122223333/resourceGroups/rg/providers/Microsoft.ManagedIdentity/userAssignedIdentities/one}
+---
+apiVersion: aadpodidentity.k8s.io/v1
+kind: AzureIdentity
+metadata: {name: two, namespace: strict}
+spec: {type: 0, clientID: 9a9a9a9a-0000-4000-8000-000000000022, resourceID: /subscriptions/0b1f6471-1bf0-4dda-aec3-111122223333/resourceGroups/rg/providers/Microsoft.ManagedIdentity/userAssignedIdentities/two}
+---
+apiVersion: aadpodidentity.k8s.io/v1
+kind: AzureIdentityBinding
+metadata: {name: solo, namespace: strict}
+spec: {azureIdentity: one, selector: solo}
+---
+apiVersion: aadpodidentity.k8s.io/v1
+kind: AzureIdentityBinding
+metadata: {name: duo-one, namespace: strict}
+spec: {azureIdentity: one, selector: duo}
+---
+apiVersion: aadpodidentity.k8s.io/v1
+kind: AzureIdentityBinding
+metadata: {name: duo-two, namespace: strict}
+spec: {azureIdentity: two, selector: duo}
+""" + "".join(f"""---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {{name: {name}, namespace: strict}}
+spec:
+  selector: {{matchLabels: {{app: {name}}}}}
+  template:
+    metadata:
+      labels: {{app: {name}, aadpodidbinding: {name}}}
+    spec:
+      serviceAccountName: {name}
+      initContainers:
+        - name: warm-cache
+          image: contoso.azurecr.io/warm:1
+          securityContext:
+            runAsNonRoot: true
+            allowPrivilegeEscalation: false
+            capabilities: {{drop: [ALL]}}
+            seccompProfile: {{type: RuntimeDefault}}
+      containers:
+        - name: app
+          image: contoso.azurecr.io/{name}:1
+          securityContext:
+            runAsNonRoot: true
+            allowPrivilegeEscalation: false
+            capabilities: {{drop: [ALL]}}
+            seccompProfile: {{type: RuntimeDefault}}
+""" for name in ("solo", "duo"))
+
+
+@pytest.mark.parametrize("level", ["baseline", "restricted"])
+def test_cni_mode_pods_of_a_restricted_app_stay_restricted(
+    level: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    export = tmp_path / "strict.yaml"
+    export.write_text(RESTRICTED_APP)
+    inputs = k8s_objects(tmp_path)
+    for obj in inputs.values():
+        if obj["kind"] == "Deployment":
+            assert pod_security_violations(pod_template(obj)["spec"], level) == []
+    settings = WebhookSettings()
+    for cni in (True, False):
+        out = tmp_path / f"out-{cni}"
+        code, _, err = run(["-o", str(out), *(["--cni"] if cni else []), str(export)], capsys)
+        assert code == 0, err
+        problems = validate_output(out)
+        if cni:
+            assert problems == []
+        else:
+            # The webhook appends its init container after the pod's own (deploy/README.md, "Notes
+            # on upstream"): warm-cache runs unredirected. CNI mode's redirect precedes it.
+            assert problems and all("warm-cache runs before azwi-proxy-init" in p for p in problems), problems
+        docs = load_manifest_documents(sorted((out / "manifests").rglob("*.yaml")))
+        for path, obj in workload_manifests(out).items():
+            template = pod_template(obj)
+            sa = next(d for d in docs if d["kind"] == "ServiceAccount"
+                      and d["metadata"]["name"] == template["spec"]["serviceAccountName"])
+            # As the pod runs: after the webhook, in both of its forms.
+            for native in (True, False):
+                spec = simulate_webhook(template, sa, settings, native_sidecar=native)["spec"]
+                violations = pod_security_violations(spec, level)
+                if cni:
+                    assert violations == [], (path, native)
+                else:  # the init container's NET_ADMIN, which CNI mode is there to avoid
+                    assert any("azwi-proxy-init: capability NET_ADMIN added" in v for v in violations), (path, violations)
+
+
+def test_default_output_is_unchanged_by_the_cni_option(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Without --cni nothing of CNI mode appears (test_golden_output pins the rest); with it,
+    only the workloads and REPORT.md differ: service accounts, maps and FICs are the same."""
+    default = tree(migrate_fixture(tmp_path / "default", capsys))
+    cni = tree(migrate_fixture(tmp_path / "cni", capsys, "--cni"))
+    assert default == tree(GOLDEN)
+    assert not [path for path, text in default.items() if "azwi-netproxy.io/" in text or "CNI" in text]
+    assert sorted(default) == sorted(cni)
+    workloads = {f"manifests/{p}" for p in workload_manifests(tmp_path / "default" / "out")}
+    differing = {path for path in default if default[path] != cni[path]}
+    assert differing == workloads | {"REPORT.md"}
+
+
+def test_cni_output_migrated_again_is_a_fixed_point_and_without_cni_loses_the_annotation(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    first = migrate_fixture(tmp_path, capsys, "--cni")
+    again = tmp_path / "again"
+    inputs = [str(first / "manifests"), str(EXPORT / "pod-identity.yaml")]
+    code, _, err = run(["-o", str(again), "--issuer", ISSUER, "--cni", *inputs], capsys)
+    assert code == 0, err
+    assert workload_manifests(again) == workload_manifests(first)
+    back = tmp_path / "back"
+    code, _, err = run(["-o", str(back), "--issuer", ISSUER, *inputs], capsys)
+    assert code == 0, err
+    for path, obj in workload_manifests(back).items():
+        annotations = pod_template(obj)["metadata"]["annotations"]
+        assert REDIRECT not in annotations and CNI_PORT not in annotations, path
+    assert "pod annotations azwi-netproxy.io/redirect" in (back / "manifests" / "payments" / "deployment-payments-api.yaml").read_text()
+
+
+def test_cni_flag_is_in_the_help(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(["--help"], capsys)
+    assert code == 0
+    text = " ".join(out.split())
+    assert "--cni" in text and "deploy/cni/node-agent.yaml" in text and "no NET_ADMIN" in text

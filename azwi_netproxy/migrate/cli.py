@@ -83,10 +83,18 @@ def parser() -> argparse.ArgumentParser:
         help="azure.workload.identity/proxy-sidecar-port (default 8000)",
     )
     p.add_argument(
+        "--cni",
+        action="store_true",
+        help="CNI mode: pods get the azwi-netproxy.io/redirect annotation and the proxy as a native "
+        "sidecar (Kubernetes 1.29+), no init container and no NET_ADMIN; the node agent "
+        "(deploy/cni/node-agent.yaml) must be installed first",
+    )
+    p.add_argument(
         "--proxy-image",
         metavar="IMAGE",
         default=DEFAULT_PROXY_IMAGE,
-        help="proxy image that pods with several identities declare (default %(default)s)",
+        help="proxy image that pods with several identities (with --cni: all pods) declare "
+        "(default %(default)s)",
     )
     p.add_argument(
         "--proxy-init-image",
@@ -305,6 +313,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             remove_binding_label=args.remove_aadpodidbinding,
             proxy_image=_image(args.proxy_image, "--proxy-image"),
             proxy_init_image=_image(args.proxy_init_image, "--proxy-init-image"),
+            cni=args.cni,
         )
         clusters = _inputs(args, outdir)
         plan = build_plan(clusters, options)

@@ -72,6 +72,9 @@ class Options:
     proxy_image: str = DEFAULT_PROXY_IMAGE
     proxy_init_image: str = DEFAULT_PROXY_INIT_IMAGE
     fic_limit: int = FIC_LIMIT
+    # CNI mode (deploy/cni/): the node's chained plugin installs the redirect, so every pod
+    # declares the proxy as a native sidecar and none needs the NET_ADMIN init container.
+    cni: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,6 +124,8 @@ class WorkloadPlan:
     # Why the aadpodidbinding label must stay although cut-over was asked for (or would be).
     label_kept_because: tuple[str, ...] = ()
     identity_binding: bool = False
+    # The redirect comes from the CNI plugin (annotation) instead of the init container.
+    cni: bool = False
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -553,7 +558,11 @@ def _plan_cluster(
         reasons: list[str] = []
         if workload.pod_spec.get("hostNetwork") is True:
             reasons.append(
-                "hostNetwork: true — the proxy's init container would install its NAT redirect in "
+                "hostNetwork: true — no CNI plugin runs for a pod on the node's network, so the "
+                "redirect would never be installed; use the Azure Identity SDK's workload identity "
+                "credential in this workload instead"
+                if options.cni
+                else "hostNetwork: true — the proxy's init container would install its NAT redirect in "
                 "the node's network namespace, redirecting every pod's and the node's IMDS traffic "
                 "(the workload identity webhook refuses such pods for the same reason); use the "
                 "Azure Identity SDK's workload identity credential in this workload instead"
@@ -651,6 +660,7 @@ def _plan_cluster(
                 proxy_port=port,
                 remove_binding_label=options.remove_binding_label and not kept,
                 label_kept_because=tuple(sorted(set(kept))),
+                cni=options.cni,
                 notes=notes,
             )
         )

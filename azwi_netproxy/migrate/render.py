@@ -3,7 +3,8 @@
 Rules:
 1. Pure: a `Plan` in, `{relative path: OutputFile}` out. Writing them is cli.py's job.
    Pods follow deploy/: `webhook/single-identity.yaml` (the webhook injects the proxy) and,
-   for several identities, `webhook/multi-identity.yaml` (the pod declares it).
+   for several identities, `webhook/multi-identity.yaml` (the pod declares it); in CNI mode
+   `cni/pod.yaml` (the plugin's annotation, the proxy declared as a native sidecar, no init).
 2. Input objects are deep-copied before they are changed; unchanged documents are written back
    from their original text whenever that text loads to the same data.
 3. Every identity map is checked with the proxy's own parser before it is returned: a map the
@@ -43,6 +44,11 @@ USE_LABEL: Final = "azure.workload.identity/use"
 INJECT_PROXY_ANNOTATION: Final = "azure.workload.identity/inject-proxy-sidecar"
 PROXY_PORT_ANNOTATION: Final = "azure.workload.identity/proxy-sidecar-port"
 IDENTITY_BINDING_ANNOTATION: Final = "azure.workload.identity/use-identity-binding"
+# CNI mode (CONTRACT.md, azwi-netproxy-cni): the chained plugin redirects pods annotated so.
+REDIRECT_ANNOTATION: Final = "azwi-netproxy.io/redirect"
+CNI_PORT_ANNOTATION: Final = "azwi-netproxy.io/proxy-port"
+CNI_DEFAULT_PORT: Final = 8000  # the plugin's proxyPort when the annotation is absent
+NODE_AGENT_MANIFEST: Final = "deploy/cni/node-agent.yaml"
 PROXY_CONTAINER: Final = "azwi-proxy"  # upstream ProxySidecarContainerName
 INIT_CONTAINER: Final = "azwi-proxy-init"  # upstream ProxyInitContainerName
 PROXY_UID: Final = 1501
@@ -145,7 +151,28 @@ def _workload_manifest(plan: Plan, wp: WorkloadPlan) -> tuple[dict[str, Any], li
         changes.append(f"pod label {BINDING_LABEL} kept: " + "; ".join(wp.label_kept_because))
     else:
         changes.append(f"pod label {BINDING_LABEL} kept until cut-over")
-    if wp.needs_identity_map:
+    if wp.cni:
+        # The webhook's injection would bring back the NET_ADMIN init container.
+        annotations.pop(INJECT_PROXY_ANNOTATION, None)
+        annotations.pop(PROXY_PORT_ANNOTATION, None)
+        annotations[REDIRECT_ANNOTATION] = "true"
+        port_text = ""
+        if wp.proxy_port != CNI_DEFAULT_PORT:
+            annotations[CNI_PORT_ANNOTATION] = str(wp.proxy_port)
+            port_text = f', {CNI_PORT_ANNOTATION}: "{wp.proxy_port}"'
+        else:
+            annotations.pop(CNI_PORT_ANNOTATION, None)
+        _declare_proxy(plan, wp, spec)
+        changes.append(
+            f'pod annotation {REDIRECT_ANNOTATION}: "true"{port_text} (CNI mode: the plugin redirects)'
+        )
+        changes.append(
+            f"declares {PROXY_CONTAINER} as the first init container (native sidecar, Kubernetes 1.29+, "
+            f"port {wp.proxy_port})"
+            + (f" with the identity map from ConfigMap {wp.configmap_name}" if wp.needs_identity_map else "")
+            + f"; no {INIT_CONTAINER}, no capabilities, no {INJECT_PROXY_ANNOTATION}"
+        )
+    elif wp.needs_identity_map:
         annotations.pop(INJECT_PROXY_ANNOTATION, None)
         annotations.pop(PROXY_PORT_ANNOTATION, None)
         _declare_proxy(plan, wp, spec)
@@ -161,6 +188,15 @@ def _workload_manifest(plan: Plan, wp: WorkloadPlan) -> tuple[dict[str, Any], li
         changes.append(
             f'pod annotations {INJECT_PROXY_ANNOTATION}: "true", {PROXY_PORT_ANNOTATION}: "{wp.proxy_port}"'
         )
+    if not wp.cni:
+        # A re-export of a CNI-mode migration: the plugin must no longer redirect these pods.
+        stale = [
+            key
+            for key in (REDIRECT_ANNOTATION, CNI_PORT_ANNOTATION)
+            if annotations.pop(key, None) is not None
+        ]
+        if stale:
+            changes.append(f"pod annotations {', '.join(stale)} removed (not CNI mode)")
     if wp.identity_binding:
         annotations[IDENTITY_BINDING_ANNOTATION] = "true"
         changes.append(f'pod annotation {IDENTITY_BINDING_ANNOTATION}: "true" (FIC budget)')
@@ -250,9 +286,11 @@ def native_sidecar(wp: WorkloadPlan) -> bool:
     A classic sidecar never exits, so a Job (or a Pod that is not restarted) would never
     complete with one; native sidecars need Kubernetes 1.29 or later, which every supported
     AKS version has. Long-running workloads keep the classic form, which any version runs.
+    In CNI mode the redirect exists before the first container starts, so the proxy must be
+    running before any other container: always a native sidecar, first.
     """
     restart = wp.workload.pod_spec.get("restartPolicy")
-    return wp.workload.kind in ("Job", "CronJob") or restart in ("Never", "OnFailure")
+    return wp.cni or wp.workload.kind in ("Job", "CronJob") or restart in ("Never", "OnFailure")
 
 
 def _resources() -> dict[str, Any]:
@@ -265,7 +303,7 @@ def _declare_proxy(plan: Plan, wp: WorkloadPlan, spec: dict[str, Any]) -> None:
     The webhook's injected sidecar cannot be given the identity map, so the pod carries both
     containers under upstream's names and no inject-proxy-sidecar annotation: the webhook then
     injects no containers, and still adds the AZURE_* variables and the projected token to every
-    container, ours included.
+    container, ours included. In CNI mode only the proxy, as deploy/cni/pod.yaml declares it.
     """
     port = str(wp.proxy_port)
     init = {
@@ -286,19 +324,24 @@ def _declare_proxy(plan: Plan, wp: WorkloadPlan, spec: dict[str, Any]) -> None:
         "name": PROXY_CONTAINER,
         "image": plan.options.proxy_image,
         "args": [f"--proxy-port={port}", "--log-level=info"],
-        "env": [{"name": "AZWI_IDENTITY_MAP", "value": f"{MAP_DIR}/{MAP_KEY}"}],
-        "volumeMounts": [{"name": MAP_VOLUME, "mountPath": MAP_DIR, "readOnly": True}],
-        "securityContext": {
-            # The init container exempts PROXY_UID from the redirect.
-            "runAsUser": PROXY_UID,
-            "runAsGroup": PROXY_UID,
-            "runAsNonRoot": True,
-            "readOnlyRootFilesystem": True,
-            "allowPrivilegeEscalation": False,
-            "capabilities": {"drop": ["ALL"]},
-        },
-        "resources": _resources(),
     }
+    if wp.needs_identity_map:
+        proxy["env"] = [{"name": "AZWI_IDENTITY_MAP", "value": f"{MAP_DIR}/{MAP_KEY}"}]
+        proxy["volumeMounts"] = [{"name": MAP_VOLUME, "mountPath": MAP_DIR, "readOnly": True}]
+    proxy["securityContext"] = {
+        # The init container (or the CNI plugin, whose default proxyUID it is) exempts
+        # PROXY_UID from the redirect.
+        "runAsUser": PROXY_UID,
+        "runAsGroup": PROXY_UID,
+        "runAsNonRoot": True,
+        "readOnlyRootFilesystem": True,
+        "allowPrivilegeEscalation": False,
+        "capabilities": {"drop": ["ALL"]},
+    }
+    if wp.cni:
+        # Pod Security "restricted" wants a seccomp profile; the pod's own may set none.
+        proxy["securityContext"]["seccompProfile"] = {"type": "RuntimeDefault"}
+    proxy["resources"] = _resources()
     inits = [
         c
         for c in spec.get("initContainers") or []
@@ -320,7 +363,7 @@ def _declare_proxy(plan: Plan, wp: WorkloadPlan, spec: dict[str, Any]) -> None:
             "timeoutSeconds": 12,
             "failureThreshold": 10,
         }
-        spec["initContainers"] = [init, proxy, *inits]
+        spec["initContainers"] = [proxy, *inits] if wp.cni else [init, proxy, *inits]
         spec["containers"] = containers
     else:
         # First, with upstream's postStart probe: the kubelet starts the app once it answers.
@@ -330,7 +373,12 @@ def _declare_proxy(plan: Plan, wp: WorkloadPlan, spec: dict[str, Any]) -> None:
     volumes = [
         v for v in spec.get("volumes") or [] if not (isinstance(v, dict) and v.get("name") == MAP_VOLUME)
     ]
-    spec["volumes"] = [*volumes, {"name": MAP_VOLUME, "configMap": {"name": wp.configmap_name}}]
+    if wp.needs_identity_map:
+        volumes.append({"name": MAP_VOLUME, "configMap": {"name": wp.configmap_name}})
+    if volumes:
+        spec["volumes"] = volumes
+    else:
+        spec.pop("volumes", None)
 
 
 def _cluster_rbac(plan: Plan) -> dict[str, OutputFile]:

@@ -22,13 +22,17 @@ from azwi_netproxy.migrate.plan import (
     WorkloadPlan,
 )
 from azwi_netproxy.migrate.render import (
+    CNI_DEFAULT_PORT,
+    CNI_PORT_ANNOTATION,
     IDENTITY_BINDING_ANNOTATION,
     INIT_CONTAINER,
     INJECT_PROXY_ANNOTATION,
     MAP_DIR,
     MAP_KEY,
+    NODE_AGENT_MANIFEST,
     PROXY_CONTAINER,
     PROXY_PORT_ANNOTATION,
+    REDIRECT_ANNOTATION,
     USE_LABEL,
     OutputFile,
 )
@@ -103,6 +107,11 @@ def _summary(plan: Plan, files: Mapping[str, OutputFile]) -> list[str]:
         f"- {sum(1 for p in files if p.startswith('manifests/'))} manifests written.",
         "",
     ]
+    if plan.options.cni:
+        lines[-1:-1] = [
+            f"- **CNI mode** (`--cni`): install the node agent (`{NODE_AGENT_MANIFEST}`) on every "
+            f'node first (see "CNI mode").',
+        ]
     return lines
 
 
@@ -114,11 +123,20 @@ def _generated(plan: Plan) -> list[str]:
         f"- `manifests/`{per_cluster}: per namespace, the migrated workloads and their service "
         f"accounts (and identity map ConfigMaps); `_cluster/` holds cluster-scoped RBAC for "
         f"identity binding. Apply with `kubectl apply -R -f manifests/`.",
-        f'  - Pod template: label `{USE_LABEL}: "true"`, annotations '
-        f'`{INJECT_PROXY_ANNOTATION}: "true"` and `{PROXY_PORT_ANNOTATION}` (for several '
-        f'identities: the proxy containers instead, see "Identity maps"), '
-        f'`serviceAccountName`; `{IDENTITY_BINDING_ANNOTATION}: "true"` where the FIC budget '
-        f"calls for identity binding.",
+        (
+            f'  - Pod template (CNI mode): label `{USE_LABEL}: "true"`, annotation '
+            f'`{REDIRECT_ANNOTATION}: "true"` (and `{CNI_PORT_ANNOTATION}` where the proxy cannot '
+            f"listen on {CNI_DEFAULT_PORT}), the proxy `{PROXY_CONTAINER}` declared as the first init "
+            f"container (a native sidecar), no `{INIT_CONTAINER}`, no `{INJECT_PROXY_ANNOTATION}`, "
+            f'`serviceAccountName`; `{IDENTITY_BINDING_ANNOTATION}: "true"` where the FIC budget '
+            f"calls for identity binding."
+            if plan.options.cni
+            else f'  - Pod template: label `{USE_LABEL}: "true"`, annotations '
+            f'`{INJECT_PROXY_ANNOTATION}: "true"` and `{PROXY_PORT_ANNOTATION}` (for several '
+            f'identities: the proxy containers instead, see "Identity maps"), '
+            f'`serviceAccountName`; `{IDENTITY_BINDING_ANNOTATION}: "true"` where the FIC budget '
+            f"calls for identity binding."
+        ),
         f"  - Service account: annotation `{CLIENT_ID_ANNOTATION}` (the default identity) and "
         f'label `{USE_LABEL}: "true"`. An exported service account is patched (its other '
         f"fields kept); a workload on `default` (or none) gets its own `<workload>-wi`, so that "
@@ -361,6 +379,40 @@ def _identity_maps(plan: Plan) -> list[str]:
         "other identity is refused, as pod identity did. Every identity gets a FIC for the "
         "workload's service account. Each map was checked with the proxy's own parser.",
         "",
+        *(_cni_map_delivery() if plan.options.cni else _init_map_delivery(plan, images, default_images)),
+        "",
+    ]
+    headers = (["Cluster"] if plan.multi_cluster else []) + [
+        "Workload",
+        "Default",
+        "All identities",
+        "ConfigMap",
+    ]
+    rows = [
+        [
+            *_cluster_cols(plan, wp.cluster),
+            f"`{wp.ref}`",
+            f"{wp.default.pod_identity} (binding {wp.default.binding})",
+            ", ".join(f"{b.pod_identity} ← {b.binding}" for b in wp.identities),
+            wp.configmap_name,
+        ]
+        for wp in with_map
+    ]
+    return lines + _table(headers, rows)
+
+
+def _cni_map_delivery() -> list[str]:
+    return [
+        "**How the map reaches the proxy.** In CNI mode every migrated pod declares the proxy "
+        f"itself (`{PROXY_CONTAINER}`, the first init container, a native sidecar); for these "
+        f"workloads it also gets `AZWI_IDENTITY_MAP={MAP_DIR}/{MAP_KEY}` and the ConfigMap "
+        "mounted read-only. The webhook still adds the `AZURE_*` variables and the projected "
+        'token to every container, ours included (see "CNI mode").',
+    ]
+
+
+def _init_map_delivery(plan: Plan, images: str, default_images: bool) -> list[str]:
+    return [
         "**How the map reaches the proxy.** The webhook injects its proxy sidecar with fixed "
         "arguments: it cannot be given a variable or a mount. So these workloads declare our two "
         f"containers themselves, under upstream's names: `{INIT_CONTAINER}` as the first init "
@@ -388,44 +440,74 @@ def _identity_maps(plan: Plan) -> list[str]:
         "- Workloads with one identity get no map and keep the injected sidecar: `client_id` "
         "requests need none. If such an app asks by `msi_res_id`/`mi_res_id`, give it a map "
         "the same way.",
+    ]
+
+
+def _cni(plan: Plan) -> list[str]:
+    """What CNI mode asks of the cluster before the manifests are applied."""
+    if not plan.options.cni:
+        return []
+    images = f"`{plan.options.proxy_image}`"
+    return [
+        "## CNI mode (`--cni`)",
+        "",
+        f"The migrated pods carry no `{INIT_CONTAINER}` and ask for no capability: the annotation "
+        f'`{REDIRECT_ANNOTATION}: "true"` asks the azwi-netproxy CNI plugin, chained after the '
+        "cluster's network plugin on every node, to install the redirect in the pod's network "
+        f"namespace while its sandbox is created (`{CNI_PORT_ANNOTATION}` names the proxy's port "
+        f"where it is not {CNI_DEFAULT_PORT}). Our containers add nothing that the Pod Security "
+        '"restricted" level forbids; your own containers are left as they were.',
+        "",
+        f"1. **Install the node agent first**: the DaemonSet `{NODE_AGENT_MANIFEST}` (in "
+        "`kube-system`, with your registry and version in its image), and wait until it is ready "
+        "on every node (`kubectl -n kube-system rollout status daemonset/azwi-netproxy-cni`). "
+        "On a node without a running agent, a pod that asks for the redirect fails sandbox "
+        "creation (the kubelet retries) rather than starting without it.",
+        "2. The nodes need containerd or CRI-O passing pod annotations to chained plugins, and "
+        '`nsenter` (util-linux); see deploy/README.md, "CNI mode".',
+        f"3. Kubernetes 1.29 or later: `{PROXY_CONTAINER}` is the first init container with "
+        "`restartPolicy: Always` (a native sidecar), so it is listening before any other "
+        "container of the pod, your init containers included, is redirected to it.",
+        f"4. Every migrated pod declares the proxy image {images}"
+        + (
+            ": replace `myregistry.azurecr.io` with your registry, or run again with `--proxy-image`."
+            if plan.options.proxy_image == DEFAULT_PROXY_IMAGE
+            else "."
+        )
+        + " The webhook (the `use` label) still adds the `AZURE_*` variables and the projected "
+        f"token; no pod carries `{INJECT_PROXY_ANNOTATION}`, which would make the webhook add its "
+        "privileged init container.",
         "",
     ]
-    headers = (["Cluster"] if plan.multi_cluster else []) + [
-        "Workload",
-        "Default",
-        "All identities",
-        "ConfigMap",
-    ]
-    rows = [
-        [
-            *_cluster_cols(plan, wp.cluster),
-            f"`{wp.ref}`",
-            f"{wp.default.pod_identity} (binding {wp.default.binding})",
-            ", ".join(f"{b.pod_identity} ← {b.binding}" for b in wp.identities),
-            wp.configmap_name,
-        ]
-        for wp in with_map
-    ]
-    return lines + _table(headers, rows)
 
 
 def _next_steps(plan: Plan) -> list[str]:
+    steps = [
+        "Enable the OIDC issuer and workload identity on the cluster(s) "
+        "(`az aks update --enable-oidc-issuer --enable-workload-identity`).",
+        "Create the FICs: `./fic-commands.sh`"
+        + (f" (with `{ISSUER_VARIABLE}` exported)" if any(f.issuer is None for f in plan.fics) else "")
+        + "; and the identity bindings, if any. FICs take a few seconds to propagate.",
+        *(
+            [f"Install the node agent `{NODE_AGENT_MANIFEST}` and wait until it is ready on every node."]
+            if plan.options.cni
+            else []
+        ),
+        "Apply the manifests: `kubectl apply -R -f manifests/`"
+        + (" (per cluster directory)" if plan.multi_cluster else "")
+        + ". Bare Pods and Jobs must be deleted and re-created.",
+        "Check that the pods have the proxy sidecar and get tokens (`kubectl logs POD -c "
+        f"{PROXY_CONTAINER}`).",
+        "Cut-over: run again with `--remove-aadpodidbinding`"
+        + (" (and `--cni`)" if plan.options.cni else "")
+        + ", apply, then delete the "
+        "AzureIdentity, AzureIdentityBinding and AzurePodIdentityException objects (they are "
+        "not copied to the output) and disable pod identity.",
+    ]
     return [
         "## Order of operations",
         "",
-        "1. Enable the OIDC issuer and workload identity on the cluster(s) "
-        "(`az aks update --enable-oidc-issuer --enable-workload-identity`).",
-        "2. Create the FICs: `./fic-commands.sh`"
-        + (f" (with `{ISSUER_VARIABLE}` exported)" if any(f.issuer is None for f in plan.fics) else "")
-        + "; and the identity bindings, if any. FICs take a few seconds to propagate.",
-        "3. Apply the manifests: `kubectl apply -R -f manifests/`"
-        + (" (per cluster directory)" if plan.multi_cluster else "")
-        + ". Bare Pods and Jobs must be deleted and re-created.",
-        "4. Check that the pods have the proxy sidecar and get tokens (`kubectl logs POD -c "
-        f"{PROXY_CONTAINER}`).",
-        "5. Cut-over: run again with `--remove-aadpodidbinding`, apply, then delete the "
-        "AzureIdentity, AzureIdentityBinding and AzurePodIdentityException objects (they are "
-        "not copied to the output) and disable pod identity.",
+        *(f"{number}. {step}" for number, step in enumerate(steps, start=1)),
         "",
     ]
 
@@ -441,6 +523,7 @@ def render_report(plan: Plan, files: Mapping[str, OutputFile]) -> str:
     lines += _budget(plan)
     lines += _identity_binding(plan)
     lines += _identity_maps(plan)
+    lines += _cni(plan)
     if plan.excepted:
         lines += ["## Matched by an AzurePodIdentityException", ""]
         lines += _findings(plan, plan.excepted, "Workload")

@@ -8,7 +8,12 @@ problem found: structure, security contexts, container order, port and uid agree
 between the init and the proxy, and whether our own programs accept the containers' args
 and environment (the init runs `--dry-run` as a subprocess, the proxy's flags and env go
 through `cli.proxy_parser` and `proxy.config.load`, identity maps through the ConfigMap
-they are mounted from).
+they are mounted from). CNI mode too: pods annotated `azwi-netproxy.io/redirect: "true"` get
+their rules from the chained plugin (no init container, and the proxy must be up before any
+other container of the pod talks to IMDS), and the node agent's DaemonSet container is checked
+against what it must see of the host (its `--check` runs once `azwi_netproxy.cni` exists). And
+`pod_security_violations`, a judge of the Pod Security Standards' baseline and restricted levels
+written from their published rules.
 
 Used by tests/test_deploy.py for deploy/ and by the migration tool's tests for what it
 writes. Must not know: which files a caller loads or what a particular manifest is for
@@ -19,16 +24,19 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import importlib.util
 import io
 import os
 import posixpath
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, Literal, NamedTuple
 
 import yaml
 
@@ -37,6 +45,7 @@ from azwi_netproxy.errors import ConfigError
 from azwi_netproxy.init import config as init_config
 from azwi_netproxy.proxy import config as proxy_config
 from azwi_netproxy.proxy import files as proxy_files
+from azwi_netproxy.settings import parse_log_level
 
 # ---- upstream's names (pkg/webhook/consts.go) ----
 USE_LABEL: Final = "azure.workload.identity/use"
@@ -54,6 +63,17 @@ TOKEN_FILE: Final = f"{TOKEN_MOUNT_PATH}/{TOKEN_VOLUME}"
 AUDIENCE: Final = "api://AzureADTokenExchange"
 DEFAULT_PORT: Final = 8000
 IMAGE_UID: Final = 1501  # USER of our proxy image (and of upstream's)
+
+# ---- CNI mode (CONTRACT.md, `azwi-netproxy-cni`; issue 19) ----
+REDIRECT_ANNOTATION: Final = "azwi-netproxy.io/redirect"
+CNI_PORT_ANNOTATION: Final = "azwi-netproxy.io/proxy-port"
+# The plugin's default proxyUID: a node whose conflist sets another one is not visible here.
+CNI_PROXY_UID: Final = 1501
+CNI_AGENT_COMMAND: Final = "azwi-netproxy-cni-agent"
+CNI_MODULE: Final = "azwi_netproxy.cni"
+# The agent's environment: (container-side directory it writes, or the host's view of one).
+CNI_AGENT_DIRS: Final = ("AZWI_CNI_BIN_DIR", "AZWI_CNI_CONF_DIR", "AZWI_CNI_RUN_DIR")
+CNI_AGENT_ENV: Final = (*CNI_AGENT_DIRS, "AZWI_CNI_HOST_BIN_DIR", "AZWI_CNI_UNINSTALL", "LOG_LEVEL")
 
 GUID: Final = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
 KNOWN_KINDS: Final = {
@@ -246,11 +266,15 @@ def image_tag(image: str) -> str | None:
 
 
 def role(container: Mapping[str, Any]) -> str | None:
-    """'init' or 'proxy' for our containers (by upstream's names or by image), else None.
+    """'init', 'proxy' or 'cni-agent' for our containers (by upstream's names, command or image), else None.
 
     By image only under our or upstream's repository path: other meshes ship a `proxy-init` too.
+    The CNI node agent runs from the proxy-init image and is told apart by its command.
     """
     name = container.get("name")
+    command = container.get("command") or []
+    if command and posixpath.basename(str(command[0])) == CNI_AGENT_COMMAND:
+        return "cni-agent"
     repository = image_repository(str(container.get("image", "")))
     ours = "azwi-netproxy" in repository or "workload-identity" in repository
     if name == INIT_NAME or (ours and repository.endswith("/proxy-init")):
@@ -280,6 +304,7 @@ class _Pod:
     spec: dict[str, Any]
     docs: _Docs
     problems: list[str]
+    annotations: Mapping[str, Any] = field(default_factory=dict)
 
     def problem(self, text: str) -> None:
         self.problems.append(f"{self.label}: {text}")
@@ -468,8 +493,8 @@ def _check_proxy(
     index: int,
     container: dict[str, Any],
     *,
-    has_init: bool,
-    init_cfg: init_config.InitConfig | None,
+    redirected: bool,
+    redirect: _Redirect | None,
 ) -> None:
     name = container.get("name")
     if section == "initContainers":
@@ -499,8 +524,8 @@ def _check_proxy(
     if "ALL" not in _caps(container, "drop"):
         pod.problem(f"{name}: capabilities.drop should be [ALL]")
     uid = sc.get("runAsUser", pod_sc.get("runAsUser", IMAGE_UID))
-    if init_cfg is not None and uid != init_cfg.proxy_uid:
-        pod.problem(f"{name}: runs as uid {uid} but the init exempts PROXY_UID {init_cfg.proxy_uid}: "
+    if redirect is not None and uid != redirect.proxy_uid:
+        pod.problem(f"{name}: runs as uid {uid} but {redirect.by} exempts PROXY_UID {redirect.proxy_uid}: "
                     "its own IMDS pass-through would loop back to itself")
 
     args = [str(a) for a in container.get("args") or []]
@@ -517,8 +542,8 @@ def _check_proxy(
     except ConfigError as exc:
         pod.problem(f"{name}: azwi-netproxy rejects its environment: {exc}")
         return
-    if init_cfg is not None and cfg.proxy_port != init_cfg.proxy_port:
-        pod.problem(f"{name}: listens on {cfg.proxy_port} but the init redirects to {init_cfg.proxy_port}")
+    if redirect is not None and cfg.proxy_port != redirect.proxy_port:
+        pod.problem(f"{name}: listens on {cfg.proxy_port} but {redirect.by} redirects to {redirect.proxy_port}")
 
     token = cfg.federated_token_file
     found = pod.mounted_file(container, token)
@@ -550,7 +575,7 @@ def _check_proxy(
         if not hook_cfg.probe or hook_cfg.proxy_port != cfg.proxy_port:
             pod.problem(f"{name}: {what} must be `/proxy --proxy-port={cfg.proxy_port} --probe`")
 
-    if not has_init:
+    if not redirected:
         # Without the redirect only clients that honour AZURE_POD_IDENTITY_AUTHORITY_HOST find the
         # proxy. Init containers are left alone: a classic sidecar is not running yet for them.
         hosts = {f"http://127.0.0.1:{cfg.proxy_port}", f"http://localhost:{cfg.proxy_port}"}
@@ -563,8 +588,166 @@ def _check_proxy(
                             f"AZURE_POD_IDENTITY_AUTHORITY_HOST=http://127.0.0.1:{cfg.proxy_port}")
 
 
-def _check_pod(pod: _Pod, runner: InitRunner | None) -> None:
-    ours = [(section, index, c, role(c)) for section, index, c in pod.containers() if role(c)]
+class CniAgentRunner:
+    """Runs the node agent's `--check` with a container's environment, its directories re-rooted.
+
+    The agent itself is issue 19's other half: until `azwi_netproxy.cni` exists in this
+    checkout, `skip_reason()` says so, nothing runs, and `skipped` lists the containers whose
+    run was skipped (callers skip with that reason; the static checks run regardless). Once
+    it exists, the agent's own console script must be installed and accept the environment:
+    `--check` in a scratch tree where nothing is installed yet may fail (exit 1: not ready),
+    but a usage or configuration error (exit 2, this project's code for both) or a traceback
+    is a problem. The host's real CNI directories are never touched.
+    """
+
+    def __init__(self) -> None:
+        self.results: dict[tuple[tuple[str, ...], tuple[tuple[str, str], ...]], tuple[int, str]] = {}
+        self.skipped: list[str] = []
+
+    @staticmethod
+    def skip_reason() -> str | None:
+        if importlib.util.find_spec(CNI_MODULE) is None:
+            return (f"{CNI_MODULE} is not in this checkout yet (issue 19): the node agent's own check of "
+                    f"its environment cannot run")
+        return None
+
+    @staticmethod
+    def script() -> str | None:
+        return shutil.which(CNI_AGENT_COMMAND, path=str(Path(sys.executable).parent)) or shutil.which(CNI_AGENT_COMMAND)
+
+    def check(self, label: str, args: list[str], env: Mapping[str, str]) -> tuple[int, str] | None:
+        """(exit code, output tail) of `azwi-netproxy-cni-agent ARGS --check`, or None when skipped."""
+        if self.skip_reason() is not None:
+            self.skipped.append(label)
+            return None
+        key = (tuple(args), tuple(sorted(env.items())))
+        if key in self.results:
+            return self.results[key]
+        script = self.script()
+        if script is None:
+            self.results[key] = (127, f"{CNI_MODULE} exists but its console script {CNI_AGENT_COMMAND} is not installed")
+            return self.results[key]
+        with tempfile.TemporaryDirectory(prefix="azwi-cni-agent-") as root:
+            run_env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C.UTF-8", **env}
+            for name in CNI_AGENT_DIRS:
+                if name in env and env[name].startswith("/"):
+                    run_env[name] = root + env[name]
+                    Path(run_env[name]).mkdir(parents=True, exist_ok=True)
+            done = subprocess.run([script, *args, "--check"], capture_output=True, text=True, env=run_env,
+                                  timeout=60, check=False, cwd=root)
+        self.results[key] = (done.returncode, (done.stderr or done.stdout).strip()[-500:])
+        return self.results[key]
+
+
+def _host_path(pod: _Pod, container: Mapping[str, Any], path: str) -> tuple[str, bool] | None:
+    """(the host's path, mounted read-only) for a container path on a hostPath volume, else None."""
+    mounts = sorted(container.get("volumeMounts") or [], key=lambda m: -len(str(m.get("mountPath", ""))))
+    for mount in mounts:
+        base = str(mount.get("mountPath", "")).rstrip("/")
+        if path == base or path.startswith(base + "/"):
+            volume = pod.volume(str(mount.get("name"))) or {}
+            host = (volume.get("hostPath") or {}).get("path")
+            if not host:
+                return None
+            return posixpath.join(str(host), path[len(base):].lstrip("/")).rstrip("/") or "/", bool(mount.get("readOnly"))
+    return None
+
+
+def _check_cni_agent(pod: _Pod, container: dict[str, Any], runner: CniAgentRunner | None) -> None:
+    name = container.get("name")
+    if container.get("command") != [CNI_AGENT_COMMAND]:
+        pod.problem(f"{name}: command must be [{CNI_AGENT_COMMAND!r}], not {container.get('command')}")
+    if pod.spec.get("hostNetwork") is not True:
+        pod.problem(f"{name}: needs hostNetwork: true, or its own sandbox goes through the plugin it serves")
+    if pod.spec.get("hostPID") is not True:
+        pod.problem(f"{name}: needs hostPID: true: the shim on the host enters the agent's mount namespace "
+                    "by its host PID")
+    if (container.get("securityContext") or {}).get("privileged") is not True:
+        pod.problem(f"{name}: must be privileged: it writes the host's CNI directories and enters pods' "
+                    "network namespaces")
+    env = pod.env_of(container)
+    for key in CNI_AGENT_ENV:
+        if key not in env:
+            pod.problem(f"{name}: {key} is not set")
+    if env.get("AZWI_CNI_UNINSTALL", "false") not in ("true", "false"):
+        pod.problem(f"{name}: AZWI_CNI_UNINSTALL {env['AZWI_CNI_UNINSTALL']!r} must be \"true\" or \"false\"")
+    try:
+        parse_log_level(env.get("LOG_LEVEL"))
+    except ConfigError as exc:
+        pod.problem(f"{name}: LOG_LEVEL: {exc}")
+    host_views: dict[str, str] = {}
+    for key in CNI_AGENT_DIRS:
+        value = env.get(key)
+        if value is None:
+            continue
+        found = _host_path(pod, container, value) if value.startswith("/") else None
+        if found is None:
+            pod.problem(f"{name}: {key} {value} is not on a hostPath mount: the host never sees what the "
+                        "agent writes there")
+            continue
+        host_views[key], read_only = found
+        if read_only:
+            pod.problem(f"{name}: {key} {value} is mounted read-only; the agent writes there")
+    host_bin = env.get("AZWI_CNI_HOST_BIN_DIR")
+    if host_bin is not None and "AZWI_CNI_BIN_DIR" in host_views and host_bin != host_views["AZWI_CNI_BIN_DIR"]:
+        pod.problem(f"{name}: AZWI_CNI_HOST_BIN_DIR {host_bin} is not where the host sees AZWI_CNI_BIN_DIR "
+                    f"({host_views['AZWI_CNI_BIN_DIR']})")
+    readiness = (container.get("readinessProbe") or {}).get("exec", {}).get("command")
+    if readiness != [CNI_AGENT_COMMAND, "--check"]:
+        pod.problem(f"{name}: readinessProbe must exec [{CNI_AGENT_COMMAND!r}, '--check'], not {readiness}")
+    if runner is not None:
+        result = runner.check(pod.label, [str(a) for a in container.get("args") or []], env)
+        if result is not None and (result[0] in (2, 127) or "Traceback" in result[1]):
+            pod.problem(f"{name}: {CNI_AGENT_COMMAND} --check exited {result[0]}: {result[1]}")
+
+
+class _Redirect(NamedTuple):
+    """Where the pod's IMDS traffic is sent, which uid is exempt, and who installs the rules."""
+
+    proxy_port: int
+    proxy_uid: int
+    by: str
+
+
+def _cni_redirect(pod: _Pod) -> _Redirect | None:
+    """The CNI plugin's redirect this pod asks for (CONTRACT.md), or None if its annotations are bad."""
+    value = pod.annotations.get(REDIRECT_ANNOTATION)
+    if value != "true":
+        pod.problem(f'{REDIRECT_ANNOTATION} {value!r}: only "true" asks the plugin for the redirect')
+        return None
+    port = pod.annotations.get(CNI_PORT_ANNOTATION, str(DEFAULT_PORT))
+    if not isinstance(port, str) or not port.isdigit() or not 1 <= int(port) <= 65535:
+        pod.problem(f"{CNI_PORT_ANNOTATION} {port!r} is not a port (1-65535, quoted)")
+        return None
+    return _Redirect(int(port), CNI_PROXY_UID, "the CNI plugin")
+
+
+def _check_cni_pod(pod: _Pod, inits: list[tuple[str, int, dict[str, Any]]],
+                   proxies: list[tuple[str, int, dict[str, Any]]]) -> None:
+    """What CNI mode adds: the plugin's rules exist before the first container, so the proxy must too."""
+    if pod.spec.get("hostNetwork"):
+        pod.problem("hostNetwork: no CNI plugin runs for a pod on the node's network; the redirect never "
+                    "happens")
+    for _, _, init in inits:
+        pod.problem(f"{init.get('name')}: in CNI mode the plugin installs the rules; drop the init container "
+                    "and the NET_ADMIN it needs")
+    if not proxies:
+        pod.problem(f"{REDIRECT_ANNOTATION} sends IMDS traffic to a proxy this pod does not run")
+        return
+    section, index, proxy = proxies[0]
+    before = (pod.spec.get("initContainers") or [])[: index if section == "initContainers" else None]
+    for other in before:
+        if role(other) is None:
+            pod.problem(f"init container {other.get('name')} runs before {proxy.get('name')} while the "
+                        "plugin's redirect is already in place: its IMDS requests are refused. Make the "
+                        "proxy the first init container (native sidecar)")
+
+
+def _check_pod(pod: _Pod, runner: InitRunner | None, agent_runner: CniAgentRunner | None = None) -> None:
+    for _, _, container in pod.containers():
+        if role(container) == "cni-agent":
+            _check_cni_agent(pod, container, agent_runner)
+    ours = [(section, index, c, r) for section, index, c in pod.containers() if (r := role(c)) in ("init", "proxy")]
     names = [c.get("name") for _, _, c in pod.containers()]
     for name in {n for n in names if names.count(n) > 1}:
         pod.problem(f"container name {name} is used twice")
@@ -577,19 +760,25 @@ def _check_pod(pod: _Pod, runner: InitRunner | None) -> None:
                         "so the webhook never injects a second one")
         if what == "init" and section != "initContainers":
             pod.problem(f"{container.get('name')}: the rules must be installed by an init container")
+    cni = REDIRECT_ANNOTATION in pod.annotations
+    redirect = _cni_redirect(pod) if cni else None
+    if cni:
+        _check_cni_pod(pod, inits, proxies)
     if not ours:
         return
-    if pod.spec.get("hostNetwork"):
+    if pod.spec.get("hostNetwork") and not cni:
         pod.problem("hostNetwork: the init would change the node's rules; the proxy cannot run here")
     if len(inits) > 1 or len(proxies) > 1:
         pod.problem(f"{len(inits)} init and {len(proxies)} proxy containers: exactly one of each, "
                     "or one proxy alone")
-    if not proxies:
+    if not proxies and not cni:
         pod.problem("the init redirects IMDS traffic to a proxy this pod does not run")
     init_cfg = _check_init(pod, inits[0][1], inits[0][2], runner) if inits else None
+    if init_cfg is not None and not cni:
+        redirect = _Redirect(init_cfg.proxy_port, init_cfg.proxy_uid, "the init")
     if proxies:
         section, index, container = proxies[0]
-        _check_proxy(pod, section, index, container, has_init=bool(inits), init_cfg=init_cfg)
+        _check_proxy(pod, section, index, container, redirected=bool(inits) or cni, redirect=redirect)
 
 
 def validate_manifest_docs(
@@ -598,16 +787,19 @@ def validate_manifest_docs(
     settings: WebhookSettings | None = None,
     run_init: bool = True,
     init_runner: InitRunner | None = None,
+    agent_runner: CniAgentRunner | None = None,
 ) -> list[str]:
     """Every problem found in these documents (one cluster's manifests, loaded together).
 
     Pods labelled for the webhook are checked as the webhook would leave them, in both its
-    native-sidecar (Kubernetes >= 1.32) and classic forms.
+    native-sidecar (Kubernetes >= 1.32) and classic forms. `run_init` also runs the CNI
+    agent's `--check` (see CniAgentRunner for when that is skipped).
     """
     settings = settings or WebhookSettings()
     problems: list[str] = []
     index = _Docs(docs)
     runner = (init_runner or InitRunner()) if run_init else None
+    agents = (agent_runner or CniAgentRunner()) if run_init else None
     for doc in docs:
         label = where(doc)
         kind = doc.get("kind")
@@ -658,14 +850,127 @@ def validate_manifest_docs(
                 continue
             if str(labels.get(USE_LABEL)) != "true":
                 problems.append(f"{label}: {INJECT_ANNOTATION} does nothing without the label {USE_LABEL}: \"true\"")
+            if REDIRECT_ANNOTATION in annotations:
+                problems.append(f"{label}: {INJECT_ANNOTATION} makes the webhook add its privileged init "
+                                f"container, which CNI mode ({REDIRECT_ANNOTATION}) is there to avoid")
         if str(labels.get(USE_LABEL)) == "true":
             if service_account is None and any(d.get("kind") == "ServiceAccount" for d in docs):
                 problems.append(f"{label}: service account {sa_name} is not among these manifests")
             for native in (True, False):
                 mutated = simulate_webhook(template, service_account, settings, native_sidecar=native)
                 mode = "webhook, native sidecar" if native else "webhook, classic sidecar"
-                _check_pod(_Pod(f"{label} ({mode})", namespace, mutated["spec"], index, problems), runner)
+                _check_pod(_Pod(f"{label} ({mode})", namespace, mutated["spec"], index, problems, annotations),
+                           runner, agents)
         else:
-            _check_pod(_Pod(label, namespace, spec, index, problems), runner)
+            _check_pod(_Pod(label, namespace, spec, index, problems, annotations), runner, agents)
     # A ConfigMap reference used by several containers is reported once.
     return list(dict.fromkeys(problems))
+
+
+# ---- Pod Security Standards, as https://kubernetes.io/docs/concepts/security/pod-security-standards/
+# states them (the "latest" policy version). A judge written from the published rules; nothing
+# in the product checks these, so it shares no code with what it judges.
+
+PodSecurityLevel = Literal["baseline", "restricted"]
+_BASELINE_CAPS: Final = frozenset({
+    "AUDIT_WRITE", "CHOWN", "DAC_OVERRIDE", "FOWNER", "FSETID", "KILL", "MKNOD", "NET_BIND_SERVICE",
+    "SETFCAP", "SETGID", "SETPCAP", "SETUID", "SYS_CHROOT",
+})
+_SAFE_SYSCTLS: Final = frozenset({
+    "kernel.shm_rmid_forced", "net.ipv4.ip_local_port_range", "net.ipv4.ip_unprivileged_port_start",
+    "net.ipv4.tcp_syncookies", "net.ipv4.ping_group_range", "net.ipv4.ip_local_reserved_ports",
+    "net.ipv4.tcp_keepalive_time", "net.ipv4.tcp_fin_timeout", "net.ipv4.tcp_keepalive_intvl",
+    "net.ipv4.tcp_keepalive_probes",
+})
+_SELINUX_TYPES: Final = frozenset({"", "container_t", "container_init_t", "container_kvm_t", "container_engine_t"})
+_RESTRICTED_VOLUMES: Final = frozenset({
+    "configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim", "projected", "secret",
+})
+
+
+def _security_context_violations(where: str, sc: Mapping[str, Any]) -> Iterator[str]:
+    """Baseline rules that apply alike to the pod's and a container's securityContext."""
+    if (sc.get("windowsOptions") or {}).get("hostProcess") is True:
+        yield f"{where}: windowsOptions.hostProcess"
+    selinux = sc.get("seLinuxOptions") or {}
+    if str(selinux.get("type") or "") not in _SELINUX_TYPES:
+        yield f"{where}: seLinuxOptions.type {selinux.get('type')}"
+    for key in ("user", "role"):
+        if selinux.get(key):
+            yield f"{where}: seLinuxOptions.{key} is set"
+    if (sc.get("seccompProfile") or {}).get("type") == "Unconfined":
+        yield f"{where}: seccompProfile Unconfined"
+    apparmor = (sc.get("appArmorProfile") or {}).get("type")
+    if apparmor not in (None, "RuntimeDefault", "Localhost"):
+        yield f"{where}: appArmorProfile {apparmor}"
+
+
+def pod_security_violations(
+    spec: Mapping[str, Any], level: PodSecurityLevel = "restricted", annotations: Mapping[str, Any] | None = None
+) -> list[str]:
+    """Every rule of the Pod Security Standards `level` that a pod spec breaks (empty: admitted).
+
+    Container rules are reported per container ("initContainers azwi-proxy: ..."), so two
+    pods' violations can be compared container by container.
+    """
+    found: list[str] = []
+    pod_sc = spec.get("securityContext") or {}
+    for key in ("hostNetwork", "hostPID", "hostIPC"):
+        if spec.get(key) is True:
+            found.append(f"pod: {key}")
+    found += _security_context_violations("pod", pod_sc)
+    if level == "restricted":
+        if pod_sc.get("runAsNonRoot") is False:
+            found.append("pod: runAsNonRoot false")
+        if pod_sc.get("runAsUser") == 0:
+            found.append("pod: runAsUser 0")
+    for sysctl in pod_sc.get("sysctls") or []:
+        if sysctl.get("name") not in _SAFE_SYSCTLS:
+            found.append(f"pod: sysctl {sysctl.get('name')}")
+    for key, value in (annotations or {}).items():
+        if str(key).startswith("container.apparmor.security.beta.kubernetes.io/") and not (
+            value == "runtime/default" or str(value).startswith("localhost/")
+        ):
+            found.append(f"pod: AppArmor annotation {key}: {value}")
+    for volume in spec.get("volumes") or []:
+        kinds = [k for k in volume if k != "name"]
+        if "hostPath" in kinds:
+            found.append(f"pod: hostPath volume {volume.get('name')}")
+        elif level == "restricted" and not set(kinds) <= _RESTRICTED_VOLUMES:
+            found.append(f"pod: volume {volume.get('name')} of type {', '.join(kinds)}")
+    containers = [
+        (section, c) for section in ("initContainers", "containers", "ephemeralContainers")
+        for c in spec.get(section) or []
+    ]
+    for section, container in containers:
+        where_ = f"{section} {container.get('name')}"
+        sc = container.get("securityContext") or {}
+        if sc.get("privileged") is True:
+            found.append(f"{where_}: privileged")
+        added = {str(c).upper().removeprefix("CAP_") for c in (sc.get("capabilities") or {}).get("add") or []}
+        for cap in sorted(added - _BASELINE_CAPS):
+            found.append(f"{where_}: capability {cap} added")
+        if sc.get("procMount") not in (None, "Default"):
+            found.append(f"{where_}: procMount {sc.get('procMount')}")
+        for port in container.get("ports") or []:
+            if port.get("hostPort") not in (None, 0):
+                found.append(f"{where_}: hostPort {port.get('hostPort')}")
+        found += _security_context_violations(where_, sc)
+        if level != "restricted":
+            continue
+        if sc.get("allowPrivilegeEscalation") is not False:
+            found.append(f"{where_}: allowPrivilegeEscalation is not false")
+        non_root = sc.get("runAsNonRoot", pod_sc.get("runAsNonRoot"))
+        if non_root is not True or sc.get("runAsNonRoot") is False:
+            found.append(f"{where_}: runAsNonRoot is not true (neither it nor the pod sets it)")
+        if sc.get("runAsUser", pod_sc.get("runAsUser")) == 0:
+            found.append(f"{where_}: runAsUser 0")
+        seccomp = (sc.get("seccompProfile") or pod_sc.get("seccompProfile") or {}).get("type")
+        if seccomp not in ("RuntimeDefault", "Localhost"):
+            found.append(f"{where_}: seccompProfile is not RuntimeDefault or Localhost (neither it nor the pod sets it)")
+        caps = sc.get("capabilities") or {}
+        if "ALL" not in {str(c).upper() for c in caps.get("drop") or []}:
+            found.append(f"{where_}: capabilities.drop does not include ALL")
+        for cap in sorted((added & _BASELINE_CAPS) - {"NET_BIND_SERVICE"}):
+            found.append(f"{where_}: restricted allows adding only NET_BIND_SERVICE, not {cap}")
+    return found
