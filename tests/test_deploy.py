@@ -370,8 +370,8 @@ def test_cni_node_agent_is_the_daemonset_the_plugin_needs() -> None:
         "AZWI_CNI_BIN_DIR": "/host/opt/cni/bin",
         "AZWI_CNI_CONF_DIR": "/host/etc/cni/net.d",
         "AZWI_CNI_RUN_DIR": "/var/run/azwi-netproxy",
-        "AZWI_CNI_HOST_BIN_DIR": "/opt/cni/bin",
         "AZWI_CNI_UNINSTALL": "false",
+        "AZWI_CNI_PLUGIN_CONFIG": "{}",
         "LOG_LEVEL": "info",
     }
     assert agent["readinessProbe"]["exec"]["command"] == [CNI_AGENT_COMMAND, "--check"]
@@ -679,8 +679,8 @@ CNI_MUTATIONS: list[tuple[str, str, Callable[[list[dict[str, Any]]], None], str]
     ("agent without hostNetwork", "cni/node-agent.yaml", lambda d: _spec(d).pop("hostNetwork"), "hostNetwork"),
     ("agent not privileged", "cni/node-agent.yaml", lambda d: _agent(d)["securityContext"].pop("privileged"),
      "must be privileged"),
-    ("host bin dir elsewhere", "cni/node-agent.yaml", lambda d: _agent_env(d, "AZWI_CNI_HOST_BIN_DIR", "/usr/lib/cni"),
-     "not where the host sees AZWI_CNI_BIN_DIR (/opt/cni/bin)"),
+    ("run dir elsewhere on the host", "cni/node-agent.yaml", lambda d: _agent_env(d, "AZWI_CNI_RUN_DIR", "/run/azwi"),
+     "not on a hostPath"),
     ("bin dir read-only", "cni/node-agent.yaml", _bin_mount_read_only, "mounted read-only"),
     ("conf dir not the host's", "cni/node-agent.yaml", _conf_not_host_path, "AZWI_CNI_CONF_DIR /host/etc/cni/net.d is not on a hostPath"),
     ("uninstall not a boolean", "cni/node-agent.yaml", lambda d: _agent_env(d, "AZWI_CNI_UNINSTALL", "yes"),

@@ -73,7 +73,7 @@ CNI_AGENT_COMMAND: Final = "azwi-netproxy-cni-agent"
 CNI_MODULE: Final = "azwi_netproxy.cni"
 # The agent's environment: (container-side directory it writes, or the host's view of one).
 CNI_AGENT_DIRS: Final = ("AZWI_CNI_BIN_DIR", "AZWI_CNI_CONF_DIR", "AZWI_CNI_RUN_DIR")
-CNI_AGENT_ENV: Final = (*CNI_AGENT_DIRS, "AZWI_CNI_HOST_BIN_DIR", "AZWI_CNI_UNINSTALL", "LOG_LEVEL")
+CNI_AGENT_ENV: Final = (*CNI_AGENT_DIRS, "AZWI_CNI_UNINSTALL", "AZWI_CNI_PLUGIN_CONFIG", "LOG_LEVEL")
 
 GUID: Final = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
 KNOWN_KINDS: Final = {
@@ -688,10 +688,11 @@ def _check_cni_agent(pod: _Pod, container: dict[str, Any], runner: CniAgentRunne
         host_views[key], read_only = found
         if read_only:
             pod.problem(f"{name}: {key} {value} is mounted read-only; the agent writes there")
-    host_bin = env.get("AZWI_CNI_HOST_BIN_DIR")
-    if host_bin is not None and "AZWI_CNI_BIN_DIR" in host_views and host_bin != host_views["AZWI_CNI_BIN_DIR"]:
-        pod.problem(f"{name}: AZWI_CNI_HOST_BIN_DIR {host_bin} is not where the host sees AZWI_CNI_BIN_DIR "
-                    f"({host_views['AZWI_CNI_BIN_DIR']})")
+    # The shim, on the host, reads the agent's state file at the path the agent writes it.
+    run_dir = env.get("AZWI_CNI_RUN_DIR")
+    if run_dir is not None and host_views.get("AZWI_CNI_RUN_DIR", run_dir) != run_dir:
+        pod.problem(f"{name}: AZWI_CNI_RUN_DIR {run_dir} is seen by the host at "
+                    f"{host_views['AZWI_CNI_RUN_DIR']}: the shim looks for it at {run_dir}")
     readiness = (container.get("readinessProbe") or {}).get("exec", {}).get("command")
     if readiness != [CNI_AGENT_COMMAND, "--check"]:
         pod.problem(f"{name}: readinessProbe must exec [{CNI_AGENT_COMMAND!r}, '--check'], not {readiness}")
