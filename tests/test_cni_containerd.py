@@ -117,6 +117,7 @@ def test_a_pod_that_asks_gets_the_rules_before_it_runs_and_others_do_not(
             assert _rules(name).returncode != 0, "a pod that did not ask got our table"
         finally:
             _detach(name)
+    offset = ctrd.log_size()
     with ctrd.pod("asks", annotations={**REDIRECT, "azwi-netproxy.io/proxy-port": "8123"}) as asks:
         name = _attach(asks)
         try:
@@ -125,6 +126,11 @@ def test_a_pod_that_asks_gets_the_rules_before_it_runs_and_others_do_not(
             assert "8123" in listed.stdout, listed.stdout
         finally:
             _detach(name)
+    # The plugin's JSON log lines end up in the runtime's log, naming the pod.
+    lines = [json.loads(line) for line in ctrd.log_since(offset).splitlines() if line.startswith("{")]
+    installed = [line for line in lines if line.get("message") == "redirect installed"]
+    assert [(line["logger"], line["pod"], line["proxy_port"]) for line in installed] == [
+        ("cni", "default/asks", 8123)], lines
 
 
 def test_a_bad_annotation_or_a_missing_agent_fails_only_the_sandbox_that_asks(ctrd_node: tuple[cri.Containerd, Node]) -> None:

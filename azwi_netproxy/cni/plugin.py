@@ -91,7 +91,14 @@ def _enter(invocation: Invocation, environ: Mapping[str, str]) -> bool:
 
 
 def _context(invocation: Invocation) -> dict[str, Any]:
-    return {"command": invocation.command, "container_id": invocation.container_id, "netns": invocation.netns}
+    context = {
+        "command": invocation.command,
+        "container_id": invocation.container_id,
+        "netns": invocation.netns,
+    }
+    if invocation.pod:
+        context["pod"] = invocation.pod
+    return context
 
 
 def run(invocation: Invocation, environ: Mapping[str, str]) -> dict[str, Any] | None:

@@ -106,6 +106,8 @@ class Invocation:
     cleanup: InitConfig = field(default_factory=lambda: InitConfig(action="cleanup"))
     prev_result: Mapping[str, Any] | None = None
     log_level: str = "info"
+    # "namespace/name" from CNI_ARGS (K8S_POD_NAMESPACE, K8S_POD_NAME), for the logs only.
+    pod: str = ""
 
 
 def version_body() -> dict[str, Any]:
@@ -238,6 +240,14 @@ def wanted_rules(config: Mapping[str, Any], base: InitConfig) -> InitConfig | No
     )
 
 
+def pod_of(cni_args: str) -> str:
+    """The pod that CNI_ARGS names (the kubelet's runtimes set K8S_POD_NAMESPACE and
+    K8S_POD_NAME), as namespace/name; '' if it names none."""
+    pairs = dict(part.split("=", 1) for part in cni_args.split(";") if "=" in part)
+    name = pairs.get("K8S_POD_NAME", "")
+    return f"{pairs.get('K8S_POD_NAMESPACE', '')}/{name}" if name else ""
+
+
 def _environment(environ: Mapping[str, str], command: Command) -> tuple[str, str, str]:
     container_id = environ.get("CNI_CONTAINERID", "")
     netns = environ.get("CNI_NETNS", "")
@@ -287,6 +297,7 @@ def parse(environ: Mapping[str, str], stdin: bytes) -> Invocation:
         cleanup=InitConfig(backend=base.backend, action="cleanup"),
         prev_result=prev,
         log_level=log_level,
+        pod=pod_of(environ.get("CNI_ARGS", "")),
     )
 
 
