@@ -17,6 +17,8 @@ def test_the_runtime_loads_the_first_config_file_by_name() -> None:
     assert chain.primary_config(names) == "05-cilium.conf"
     assert chain.primary_config(["10-a.conflist", "10-a.conflist.azwi-netproxy.tmp"]) == "10-a.conflist"
     assert chain.primary_config(["notes.txt"]) is None
+    # libcni goes by the extension alone: a dot file with one is loaded, and first.
+    assert chain.primary_config(["10-a.conflist", ".00-hidden.json"]) == ".00-hidden.json"
 
 
 def test_our_entry_goes_last_once_and_others_are_untouched() -> None:

@@ -229,7 +229,7 @@ def uninstall_once(settings: AgentSettings) -> list[str]:
     except FileNotFoundError:
         names = []
     for name in names:
-        if not name.endswith(chain.CONFIG_SUFFIXES) or name.startswith("."):
+        if not name.endswith(chain.CONFIG_SUFFIXES):
             continue
         path = settings.conf_dir / name
         config = _read_config(path)

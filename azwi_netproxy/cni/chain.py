@@ -26,7 +26,8 @@ def our_entry(settings: Mapping[str, Any] | None = None) -> dict[str, Any]:
 
 def primary_config(names: Iterable[str]) -> str | None:
     """The file of the conf dir that the runtime loads, or None if there is none yet."""
-    candidates = sorted(name for name in names if name.endswith(CONFIG_SUFFIXES) and not name.startswith("."))
+    # As libcni's ConfFiles: by extension only (dot files included), in lexical order.
+    candidates = sorted(name for name in names if name.endswith(CONFIG_SUFFIXES))
     return candidates[0] if candidates else None
 
 
