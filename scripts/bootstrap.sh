@@ -15,6 +15,9 @@ APT_PACKAGES=(
     nodejs
     # The CNI tests run a private containerd whose CRI plugin calls the chain.
     containerd runc containernetworking-plugins
+    # The image tests build both images with podman (runc and conmon come with it) on a base
+    # that mmdebstrap makes from Debian's packages, and run them as a pod.
+    podman mmdebstrap
 )
 
 if [[ $(id -u) -ne 0 ]]; then
