@@ -7,8 +7,9 @@
 #   docker buildx build --target proxy      -t REGISTRY/azwi-netproxy/proxy:VERSION .
 #   podman build        --target proxy      -t REGISTRY/azwi-netproxy/proxy:VERSION .
 #
-# Any Debian 12 based image with python3.11, python3-venv and ca-certificates works as
-# PYTHON_IMAGE (tests/test_images.py builds on one made with mmdebstrap).
+# Any Debian 12 based image with python3.11 (`python` on PATH), python3-venv and
+# ca-certificates works as PYTHON_IMAGE (tests/test_images.py builds on one that mmdebstrap
+# makes from Debian's packages).
 #
 # Behind a TLS-intercepting proxy, give the build your CA bundle without baking it in: the
 # steps that download mount the secret `ca-certificates` over the image's bundle, so
@@ -93,9 +94,10 @@ RUN ln -s /opt/venv/bin/azwi-netproxy /proxy
 # the sidecar needs about 1 MB less in every pod; nothing it runs reads a docstring or
 # relies on an assert.
 ENV PYTHONOPTIMIZE=2
-# The level-2 bytecode of the stdlib modules the sidecar imports. python:3.11-slim ships it
-# (then nothing is written); Debian's python3.11 has level 0 only, and the read-only proxy
-# would compile asyncio, ssl, email, ... from source at every start (about 1 s of CPU).
+# The level-2 bytecode of the stdlib modules the sidecar imports (about 4 MB). No base has
+# it: the official python images delete every .pyc, Debian's python3.11 has level 0 only;
+# without it the read-only proxy would compile asyncio, ssl, email, ... from source at
+# every start (about 1 s of CPU).
 # Importing every module of the proxy, the libraries it loads lazily and what those load
 # when they first connect (the idna codec, importlib.resources' readers) finds them;
 # tests/test_images.py runs the proxy with PYTHONVERBOSE and fails on any it missed.

@@ -95,13 +95,12 @@ def images() -> Iterator[ImageSet]:
     session = uuid.uuid4().hex[:10]
     podman = Podman()
     scratch = Path(tempfile.mkdtemp(prefix="azwi-img-build-"))
-    built: ImageSet | None = None
+    used: set[str] = set()
     with img.storage_lock():
         try:
-            built = img.build_images(podman, session, scratch)
-            yield built
+            yield img.build_images(podman, session, scratch, used)
         finally:
-            img.remove_images(podman, built, session)
+            img.remove_images(podman, used)
             shutil.rmtree(scratch, ignore_errors=True)
 
 

@@ -36,7 +36,7 @@ import time
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager, suppress
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
@@ -52,6 +52,7 @@ SUPPORT_DIR: Final = Path(__file__).resolve().parent
 STORAGE: Final = Path("/var/lib/azwi-netproxy-test/containers")
 RUNROOT: Final = Path("/run/azwi-netproxy-test/containers")
 BASE_IMAGE: Final = "localhost/azwi-netproxy-test-base:bookworm"
+TAG_PREFIX: Final = "localhost/azwi-netproxy-test:"  # + session + "-" + what
 PYTHON_IMAGE_OVERRIDE: Final = os.environ.get("AZWI_TEST_PYTHON_IMAGE", "").strip()
 MMDEBSTRAP_ARGS: Final = (
     "--variant=minbase",
@@ -203,7 +204,6 @@ class ImageSet:
     init: str
     app: str
     build_seconds: float
-    used_layers: set[str] = field(default_factory=set)
 
     def size(self, podman: Podman, image: str) -> int:
         return int(podman.inspect(image)["Size"])
@@ -294,19 +294,18 @@ def storage_lock() -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def build_images(podman: Podman, session: str, scratch: Path) -> ImageSet:
-    """Both targets of the Dockerfile and the app image, tagged for this session."""
+def build_images(podman: Podman, session: str, scratch: Path, used: set[str]) -> ImageSet:
+    """Both targets of the Dockerfile and the app image, tagged for this session; the layers
+    the builds used or made are added to `used`."""
     started = time.monotonic()
     base = ensure_base(podman)
-    used: set[str] = set()
-    prefix = f"localhost/azwi-netproxy-test:{session}"
+    prefix = f"{TAG_PREFIX}{session}"
     images = ImageSet(
         base=base,
         proxy=f"{prefix}-proxy",
         init=f"{prefix}-proxy-init",
         app=f"{prefix}-app",
         build_seconds=0.0,
-        used_layers=used,
     )
     dockerfile = REPO / "Dockerfile"
     _build(podman, images.proxy, base, target="proxy", context=REPO, containerfile=dockerfile, used=used)
@@ -327,21 +326,22 @@ def build_images(podman: Podman, session: str, scratch: Path) -> ImageSet:
     return images
 
 
-def remove_images(podman: Podman, images: ImageSet | None, session: str) -> None:
-    """The session's tags, then every untagged image its builds did not use (stale cache)."""
-    if images is not None:
-        tags = [images.proxy, images.init, images.app]
-    else:  # the build failed part-way: whatever it tagged
-        listed = podman.run("images", "--format", "{{.Repository}}:{{.Tag}}", quiet=True).stdout.split()
-        tags = [t for t in listed if t.startswith(f"localhost/azwi-netproxy-test:{session}-")]
-    for tag in tags:
-        podman.run("rmi", tag, quiet=True)
-    keep = images.used_layers if images else set()
+def remove_images(podman: Podman, used: set[str]) -> None:
+    """The tests' tags, then every untagged image its builds did not use (stale cache).
+
+    `podman untag` leaves the images themselves, so what this session built or reused stays
+    as the next session's cache; `used` holds the layers its builds reported, also when a
+    build failed part-way.
+    """
+    listed = podman.run("images", "--format", "{{.Repository}}:{{.Tag}}", quiet=True).stdout.split()
+    for tag in listed:
+        # Under the session lock every test tag is this session's or one a killed run left.
+        if tag.startswith(TAG_PREFIX):
+            podman.run("untag", tag, tag, quiet=True)
     for _ in range(10):  # children first: a parent goes once nothing is built on it
         doc = json.loads(podman.run("images", "-a", "--format", "json", quiet=True).stdout or "[]")
-        stale = [i["Id"] for i in doc if not i.get("Names") and not any(i["Id"].startswith(k) for k in keep)]
-        removed = sum(podman.run("rmi", i, quiet=True).returncode == 0 for i in stale)
-        if not removed:
+        stale = [i["Id"] for i in doc if not i.get("Names") and not any(i["Id"].startswith(k) for k in used)]
+        if sum(podman.run("rmi", i, quiet=True).returncode == 0 for i in stale) == 0:
             break
 
 
