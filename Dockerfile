@@ -47,19 +47,20 @@ RUN --mount=type=secret,id=ca-certificates,target=/etc/ssl/certs/ca-certificates
     /opt/builder/bin/pip wheel --wheel-dir /wheels "/src[init]"
 
 # ---- one venv per image, at the same path, without pip or setuptools ----
-# The builder's pip installs offline from /wheels into a venv that has no pip of its own.
+# The builder's pip installs offline from /wheels into a venv that has no pip of its own,
+# compiling nothing itself (it would compile at level 0 for the proxy too).
 # Bytecode is compiled as unchecked-hash (valid whatever mtimes COPY gives the sources, so
 # a read-only image never needs to write a .pyc), at the one optimisation level the
 # image's program runs with, and the wheels' shared objects lose their symbols.
 FROM build AS venv-proxy
 RUN python -m venv --without-pip /opt/venv \
-    && /opt/builder/bin/pip --python /opt/venv/bin/python install --no-index --find-links /wheels azwi-netproxy \
+    && /opt/builder/bin/pip --python /opt/venv/bin/python install --no-compile --no-index --find-links /wheels azwi-netproxy \
     && find /opt/venv -name '*.so' -exec strip --strip-unneeded {} + \
     && /opt/venv/bin/python -m compileall -q -f -o 2 --invalidation-mode unchecked-hash /opt/venv/lib
 
 FROM build AS venv-init
 RUN python -m venv --without-pip /opt/venv \
-    && /opt/builder/bin/pip --python /opt/venv/bin/python install --no-index --find-links /wheels "azwi-netproxy[init]" \
+    && /opt/builder/bin/pip --python /opt/venv/bin/python install --no-compile --no-index --find-links /wheels "azwi-netproxy[init]" \
     && find /opt/venv -name '*.so' -exec strip --strip-unneeded {} + \
     && /opt/venv/bin/python -m compileall -q -f -o 0 --invalidation-mode unchecked-hash /opt/venv/lib
 

@@ -346,7 +346,14 @@ def run_no_network(podman: Podman, image: str, *argv: str, entrypoint: str = "/b
 # What the venv holds, and whatever else on the image's PATH or disk betrays a build tool.
 CONTENTS = r"""
 import importlib.metadata as m, json, os, shutil
+pycs = [os.path.join(r, f) for r, _, files in os.walk("/opt/venv") for f in files if f.endswith(".pyc")]
+def flags(path):
+    with open(path, "rb") as f:
+        return int.from_bytes(f.read(8)[4:8], "little")
 print(json.dumps({
+    # PEP 552 flags 0b01: hash-based and unchecked, valid whatever mtimes the image gives.
+    "pyc": {"opt-2": sum(".opt-2." in p for p in pycs), "level-0": sum(os.path.basename(p).count(".") == 2 for p in pycs),
+            "not-unchecked-hash": sum(flags(p) != 1 for p in pycs)},
     "dists": sorted(d.metadata["Name"].lower() for d in m.distributions()),
     "tools": sorted(t for t in ("gcc", "cc", "pip", "pip3", "make") if shutil.which(t)),
     "dirs": sorted(p for p in ("/src", "/wheels", "/opt/builder", "/root/.cache/pip") if os.path.exists(p)),
@@ -380,6 +387,10 @@ def test_both_images_build_within_budget_and_carry_only_their_program(
         assert "azwi-netproxy" in contents["dists"]
         assert not {"pip", "setuptools", "wheel", "pyroute2", "pytest"} & set(contents["dists"]), contents
         assert contents["tools"] == [] and contents["dirs"] == [] and contents["tests"] == [], contents
+    # Bytecode at the one level each program runs at (the proxy with PYTHONOPTIMIZE=2).
+    assert proxy["pyc"]["level-0"] == 0 and proxy["pyc"]["opt-2"] > 100, proxy["pyc"]
+    assert init["pyc"]["opt-2"] == 0 and init["pyc"]["level-0"] > 100, init["pyc"]
+    assert proxy["pyc"]["not-unchecked-hash"] == init["pyc"]["not-unchecked-hash"] == 0
     assert "python-iptables" not in proxy["dists"]
     assert "python-iptables" in init["dists"]
     # Both backends' tools and the libraries python-iptables loads, in the init image only.
