@@ -188,6 +188,7 @@ class Transcript:
 
 def _shorten(command: str) -> str:
     """Long values (scripts, tokens, GUIDs) cut so each command fits on a line or two."""
+    command = command.replace("\n", "\\n")
     command = re.sub(r"'[^']{120,}'", lambda m: m.group(0)[:60] + "...'", command)
     return command if len(command) < 600 else command[:600] + " ..."
 
