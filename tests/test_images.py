@@ -39,8 +39,12 @@ from support.fake_entra import decode_fake_token
 from support.fake_imds import INSTANCE
 from support.images import Containers, ImageSet, Podman, PodNet, Transcript
 from support.manifests import role
-from support.pod import in_netns
 from support.proxyproc import make_sa_token, new_guid
+
+# test_pod_netns has support.pod's asserts rewritten; importing it unrewritten first would
+# make that a collection error.
+pytest.register_assert_rewrite("support.pod")
+from support.pod import in_netns  # noqa: E402
 
 pytestmark = [pytest.mark.root, pytest.mark.slow, pytest.mark.timeout(180, func_only=True)]
 
