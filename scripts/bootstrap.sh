@@ -17,6 +17,9 @@ APT_PACKAGES=(
     containerd runc containernetworking-plugins
     # The CNI shim's JSON scanner is tested with each awk a node may have.
     gawk busybox
+    # The image tests build both images with podman (runc and conmon come with it) on a base
+    # that mmdebstrap makes from Debian's packages, and run them as a pod.
+    podman mmdebstrap
 )
 
 if [[ $(id -u) -ne 0 ]]; then
