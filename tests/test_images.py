@@ -324,8 +324,7 @@ def show_logs(podman: Podman, name: str, transcript: Transcript, lines: int = 8)
 
 
 def init_rules_present(net: PodNet, backend: str) -> bool:
-    snapshot = netns.netfilter_snapshot(net.pod)
-    return ("table ip azwi_proxy" in snapshot) if backend == "nftables" else ("AZWI_PROXY_OUTPUT" in snapshot)
+    return init_rules_present_in(netns.netfilter_snapshot(net.pod), backend)
 
 
 # ---- the images themselves -------------------------------------------------------------------
@@ -655,3 +654,65 @@ def test_native_sidecar_manifest_order_and_security_contexts(
     assert token_requests(net) == []
     # 5. The kubelet stops the sidecar after the app.
     stop_within_grace(podman, proxy, transcript)
+
+
+# ---- CNI mode: the node agent from the proxy-init image ----------------------------------------
+
+
+def test_the_cni_agent_runs_from_the_init_image_as_its_daemonset_runs_it(
+    images: ImageSet, podman: Podman, transcript: Transcript
+) -> None:
+    """deploy/cni/node-agent.yaml's container, as podman can run it: the init image with
+    `azwi-netproxy-cni-agent`, privileged, the host's PID namespace, the node's CNI dirs and
+    run dir mounted; no network (the DaemonSet's hostNetwork is the node's, which a test
+    must not use, and the agent needs none). The plugin is then called as a runtime calls it,
+    from a bin dir holding only the shim the containerised agent wrote, and works inside
+    the image (nft, python-iptables' libraries) for a pod namespace of the test's."""
+    from support.cni_node import REFERENCE_PLUGINS, Runtime, cluster_conflist, node
+
+    with node(cluster_conflist()) as made, netns.namespace("azimgcni") as pod_ns:
+        name = f"azwi-test-cni-agent-{uuid.uuid4().hex[:8]}"
+        made.run_dir.mkdir()
+        mounts = [("/host/opt/cni/bin", made.bin_dir), ("/host/etc/cni/net.d", made.conf_dir),
+                  (str(made.run_dir), made.run_dir)]
+        env = {"AZWI_CNI_BIN_DIR": "/host/opt/cni/bin", "AZWI_CNI_CONF_DIR": "/host/etc/cni/net.d",
+               "AZWI_CNI_RUN_DIR": str(made.run_dir), "AZWI_CNI_INTERVAL_S": "0.2", "LOG_LEVEL": "info"}
+        flags = ["--privileged", "--pid", "host", "--network", "none", *img.ULIMITS,
+                 *(f for inside, outside in mounts for f in ("-v", f"{outside}:{inside}")),
+                 *(f for key, value in env.items() for f in ("-e", f"{key}={value}"))]
+        podman.ok("run", "-d", "--name", name, *flags, "--entrypoint", "azwi-netproxy-cni-agent", images.init)
+        try:
+            deadline = time.monotonic() + 30
+            while podman.run("exec", name, "azwi-netproxy-cni-agent", "--check", quiet=True).returncode != 0:
+                assert time.monotonic() < deadline, podman.ok("logs", name)
+                time.sleep(0.2)
+            assert sorted(p.name for p in made.bin_dir.iterdir()) == ["azwi-netproxy"]
+            assert "PYTHON=/opt/venv/bin/python" in (made.bin_dir / "azwi-netproxy").read_text()
+            conflist = made.conflist()
+            assert conflist["plugins"][-1]["type"] == "azwi-netproxy"
+            for backend in ("nftables", "iptables"):
+                chained = json.loads(json.dumps(conflist))
+                chained["plugins"][-1]["backend"] = backend
+                runtime = Runtime([made.bin_dir, REFERENCE_PLUGINS], container_id=uuid.uuid4().hex,
+                                  netns=f"/run/netns/{pod_ns}",
+                                  annotations={"azwi-netproxy.io/redirect": "true"})
+                added = runtime.add(chained)
+                assert added.returncode == 0, str(added)
+                snapshot = netns.netfilter_snapshot(pod_ns)
+                assert init_rules_present_in(snapshot, backend), snapshot
+                assert runtime.check(chained).returncode == 0
+                deleted = runtime.delete(chained)
+                assert deleted.returncode == 0, str(deleted)
+                assert not init_rules_present_in(netns.netfilter_snapshot(pod_ns), backend)
+            transcript.note("the agent's log:\n" + podman.ok("logs", name)[-2000:])
+            stopped = podman.run("stop", "-t", "10", name)
+            assert stopped.returncode == 0, stopped.stderr
+            code = podman.ok("inspect", "--format", "{{.State.ExitCode}}", name).strip()
+            assert code == "0", code
+            assert not (made.run_dir / "cni-agent").exists(), "the stopped agent left its state file"
+        finally:
+            podman.run("rm", "-f", "-t", "0", name, quiet=True)
+
+
+def init_rules_present_in(snapshot: str, backend: str) -> bool:
+    return ("table ip azwi_proxy" in snapshot) if backend == "nftables" else ("AZWI_PROXY_OUTPUT" in snapshot)
