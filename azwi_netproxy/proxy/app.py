@@ -49,6 +49,8 @@ _TEXT: Final = b"text/plain; charset=utf-8"
 _MEMO_LIMIT: Final = 1024
 _MEMO_TARGET_BYTES: Final = 1024
 AsyncResponse = Coroutine[Any, Any, Response]
+_TOKEN: Final = imds.Route.TOKEN
+_monotonic: Final = time.monotonic
 
 
 class _Target:
@@ -83,8 +85,8 @@ class _Target:
         self.client_id = client_id
         self.resource_json = resource_json
         self.error = error
-        # (second, token, body): reused within the second it was rendered in.
-        self.answer: tuple[int, Token, bytes] | None = None
+        # (second, token, answer): reused within the second it was rendered in.
+        self.answer: tuple[int, Token, Response] | None = None
         # The constant parts of this target's 200 access lines, per cache outcome.
         self.log_fields: dict[str, tuple[str, str]] = {}
 
@@ -131,10 +133,10 @@ class TokenApp:
 
     # ---- entry points ----
     def dispatch(self, request: Request) -> Response | AsyncResponse:
-        started = time.monotonic()
+        started = _monotonic()
         target = self._targets.get(request.target) or self._understand(request.target)
         route = target.route
-        if route is imds.Route.TOKEN:
+        if route is _TOKEN:
             refusal = self._refusal(request, target)
             if refusal is not None:
                 return self._fail(request, refusal, started, target)
@@ -143,7 +145,8 @@ class TokenApp:
             hit = self._cache.peek(key, now)
             if hit is None:
                 return self._token_miss(request, target, key, started)
-            return self._token_answer(request, target, *hit, started, now)
+            token, outcome = hit
+            return self._token_answer(request, target, token, outcome, started, now)
         if route is imds.Route.READY:
             if request.method not in ("GET", "HEAD"):
                 return self._fail(request, MethodNotAllowed("Method not allowed"), started, target)
@@ -229,23 +232,26 @@ class TokenApp:
     def _token_answer(
         self, request: Request, target: _Target, token: Token, outcome: str, started: float, now: float
     ) -> Response:
-        """A 200 with `token`, counted and logged; its body rendered once per second and token."""
+        """A 200 with `token`, counted and logged; rendered once per second and token."""
         second = int(now)
         answer = target.answer
         if answer is not None and answer[0] == second and answer[1] is token:
-            body = answer[2]
+            response = answer[2]
         else:
-            body = imds.render_token(
-                access_token=token.access_token,
-                client_id=target.client_id,
-                resource_json=target.resource_json,
-                expires_on=token.expires_on,
-                ext_expires_on=token.ext_expires_on,
-                not_before=token.issued_at,
-                token_type=token.token_type,
-                now=second,
+            response = Response(
+                200,
+                imds.render_token(
+                    access_token=token.access_token,
+                    client_id=target.client_id,
+                    resource_json=target.resource_json,
+                    expires_on=token.expires_on,
+                    ext_expires_on=token.ext_expires_on,
+                    not_before=token.issued_at,
+                    token_type=token.token_type,
+                    now=second,
+                ),
             )
-            target.answer = (second, token, body)
+            target.answer = (second, token, response)
         self._metrics.token_ok += 1
         access = self._access
         if access.enabled:
@@ -254,8 +260,8 @@ class TokenApp:
                 # CacheOutcome is a StrEnum: the member is its own string.
                 fields = access.fields("GET", request.target, 200, target.client_id, outcome)
                 target.log_fields[outcome] = fields
-            access.line(now, fields, int((time.monotonic() - started) * 1_000_000))
-        return Response(200, body)
+            access.line(now, fields, int((_monotonic() - started) * 1_000_000))
+        return response
 
     # ---- pass-through ----
     def _passthrough_or_refuse(

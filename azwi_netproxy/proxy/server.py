@@ -143,12 +143,13 @@ class HttpProtocol(asyncio.Protocol):
                 self.deadline = self._loop.time() + self._state.limits.header_timeout_s
         else:
             self.deadline = None
-        if requests:
-            if not self._busy and not self._queue and len(requests) == 1:
+            if len(requests) == 1:
+                # The usual case, one whole request on an idle connection: answered at once.
                 self._answer(requests[0])
-            else:
-                self._queue.extend(requests)
-                self._drain_queue()
+                return
+        if requests:
+            self._queue.extend(requests)
+            self._drain_queue()
             if len(self._queue) > _MAX_PIPELINE and not self._read_paused and self._transport:
                 self._read_paused = True
                 self._transport.pause_reading()
@@ -219,7 +220,7 @@ class HttpProtocol(asyncio.Protocol):
         if not keep_alive:
             self._close()
             return
-        if self._reading_request and not self._busy and not self._queue:
+        if self._reader.reading_request and not self._busy and not self._queue:
             # The next request began while this one was answered: its header clock starts now.
             self.deadline = self._loop.time() + state.limits.header_timeout_s
 

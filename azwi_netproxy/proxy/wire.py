@@ -38,6 +38,8 @@ MSG_VERSION: Final = "only HTTP/1.0 and HTTP/1.1 are answered"
 # A request line whose protocol llhttp accepts besides HTTP: `METHOD target RTSP/1.0`.
 _OTHER_PROTOCOL_LINE: Final = re.compile(rb"(?:^|\n)[!#$%&'*+.^_`|~0-9A-Za-z-]+ [^ \r\n]+ (?:RTSP|ICE)/")
 _TAIL_BYTES: Final = MAX_TARGET_BYTES + 64
+# httptools hands the method over as bytes; the usual ones are decoded once.
+_METHODS: Final = {m.encode(): m for m in ("GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH")}
 
 
 @dataclass(slots=True)
@@ -52,6 +54,9 @@ class Request:
 
     def header_values(self, name: bytes) -> list[bytes]:
         return [value for key, value in self.headers if key == name]
+
+
+_new_request: Final = object.__new__
 
 
 class RequestReader:
@@ -91,8 +96,11 @@ class RequestReader:
             MalformedRequest: malformed input or a limit exceeded; its `completed` holds
                 the requests the same bytes completed before the bad one.
         """
-        named = b"RTSP/" in data or b"ICE/" in data or (self._tail and self._straddles(data))
-        if named and _OTHER_PROTOCOL_LINE.search(self._tail + data) is not None:
+        # find, not `in`: `bytes in bytes` first tries the needle as an integer, and the
+        # TypeError it raises and clears costs more than the search.
+        if (
+            data.find(b"RTSP/") != -1 or data.find(b"ICE/") != -1 or (self._tail and self._straddles(data))
+        ) and _OTHER_PROTOCOL_LINE.search(self._tail + data) is not None:
             raise self._failed(MalformedRequest(MSG_VERSION))
         if data:
             self.reading_request = True
@@ -106,8 +114,11 @@ class RequestReader:
             raise self._failed(MalformedRequest("protocol upgrade is not supported")) from None
         except httptools.HttpParserError:
             raise self._failed(MalformedRequest("malformed request")) from None
-        # A request line split between chunks is looked at whole with the next one.
-        self._tail = data[-_TAIL_BYTES:] if self.reading_request else b""
+        if self.reading_request:
+            # A request line split between chunks is looked at whole with the next one.
+            self._tail = data[-_TAIL_BYTES:]
+        elif self._tail:
+            self._tail = b""
         done = self._completed
         if done:
             self._completed = []
@@ -166,25 +177,28 @@ class RequestReader:
         # RFC 9112, section 3.2: a 400 for an HTTP/1.1 request without a Host header, and
         # for any request with more than one (Go's server, upstream's, does the same).
         hosts = self._hosts
-        if hosts > 1 or (hosts == 0 and version == "1.1"):
+        if hosts != 1 and (hosts or version == "1.1"):
             self._fail(MalformedRequest("a request needs exactly one Host header"))
+        # Filled in place rather than through the dataclass's __init__: a Python call and
+        # its keyword handling less on every request.
+        request = _new_request(Request)
+        method = parser.get_method()
+        request.method = _METHODS.get(method) or method.decode("ascii", "replace")
+        request.target = self._target
+        request.http_version = version
+        request.headers = self._headers
         body = self._body
-        self._completed.append(
-            Request(
-                parser.get_method().decode("ascii", "replace"),
-                self._target,
-                version,
-                self._headers,
-                b"".join(body) if body else b"",
-                parser.should_keep_alive(),
-            )
-        )
+        if body:
+            request.body = b"".join(body)
+            self._body = []
+        else:
+            request.body = b""
+        request.keep_alive = parser.should_keep_alive()
+        self._completed.append(request)
         self._target = b""
         self._headers = []
         self._header_bytes = 0
         self._hosts = 0
-        if body:
-            self._body = []
         self.reading_request = False
 
 
@@ -198,8 +212,14 @@ class Response:
     close: bool = False
 
 
-_REASONS: Final = {status.value: status.phrase.encode("ascii") for status in HTTPStatus}
 SERVER_HEADER: Final = b"azwi-netproxy"
+_STATUS_LINES: Final = {
+    status.value: b"HTTP/1.1 %d %s\r\n" % (status.value, status.phrase.encode("ascii"))
+    for status in HTTPStatus
+}
+_PLAIN: Final = (
+    b"%sContent-Type: %s\r\nContent-Length: %d\r\nDate: %s\r\nServer: " + SERVER_HEADER + b"\r\n\r\n%s"
+)
 
 
 class DateHeader:
@@ -230,12 +250,16 @@ def serialize(
     http10_keep_alive: bool = False,
 ) -> bytes:
     """Render a response; for HEAD the body is left out but its length is kept."""
+    status = response.status
+    body = response.body
+    status_line = _STATUS_LINES.get(status) or b"HTTP/1.1 %d Unknown\r\n" % status
+    if keep_alive and not http10_keep_alive and not head and not response.headers:
+        # The usual answer, a keep-alive one without headers of its own: one formatting.
+        return _PLAIN % (status_line, response.content_type, len(body), date, body)
     parts = [
-        b"HTTP/1.1 %d %s\r\nContent-Type: " % (response.status, _REASONS.get(response.status, b"Unknown")),
-        response.content_type,
-        b"\r\nContent-Length: %d\r\nDate: " % len(response.body),
-        date,
-        b"\r\nServer: " + SERVER_HEADER + b"\r\n",
+        status_line,
+        b"Content-Type: " + response.content_type,
+        b"\r\nContent-Length: %d\r\nDate: %s\r\nServer: %s\r\n" % (len(body), date, SERVER_HEADER),
     ]
     if response.headers:
         for name, value in response.headers:
@@ -247,6 +271,5 @@ def serialize(
         parts.append(b"Connection: keep-alive\r\n")
     parts.append(b"\r\n")
     if not head:
-        parts.append(response.body)
+        parts.append(body)
     return b"".join(parts)
-
