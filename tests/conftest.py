@@ -18,12 +18,13 @@ import pytest
 from hypothesis import settings
 
 sys.path.insert(0, str(Path(__file__).parent))
+
+from support.caps import CAN_NETNS, NETNS_SKIP_REASON
+
 # support.pod is a helper library several modules import and a fixture plugin some load
 # (pytest_plugins): registered here, before any module imports it, its asserts are rewritten
 # whichever module pytest collects first.
 pytest.register_assert_rewrite("support.pod")
-
-from support.caps import CAN_NETNS, NETNS_SKIP_REASON
 
 REPO = Path(__file__).resolve().parent.parent
 
