@@ -385,3 +385,21 @@ def test_agent_refuses_bad_settings_with_one_line(variable: str, value: str, mes
                           capture_output=True, text=True, timeout=30)
     assert done.returncode == 2, done
     assert len(done.stderr.strip().splitlines()) == 1 and message in done.stderr, done.stderr
+
+
+def test_agent_is_not_ready_while_the_primary_config_cannot_be_chained(cni_node: Node) -> None:
+    """A single-plugin .conf sorting first is what the runtime loads: nothing can be chained
+    to it, and the agent says so (readiness fails) instead of editing another file."""
+    single = cni_node.conf_dir / "05-single.conf"
+    single.write_text(json.dumps({"cniVersion": "1.0.0", "name": "single", "type": "loopback"}))
+    try:
+        time.sleep(0.5)
+        check = cni_node.agent_check()
+        assert check.returncode == 1 and "05-single.conf is not a conflist" in check.stdout, check
+        assert json.loads(single.read_text()) == {"cniVersion": "1.0.0", "name": "single", "type": "loopback"}
+    finally:
+        single.unlink()
+    deadline = time.monotonic() + 10
+    while cni_node.agent_check().returncode != 0:
+        assert time.monotonic() < deadline, cni_node.agent_check().stdout
+        time.sleep(0.1)
