@@ -16,13 +16,13 @@ The rules are judged by the kernel (nft's own listing) and by where clients' tra
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import ExitStack
 from pathlib import Path
-from typing import Any
 
 import grpc
 import pytest
@@ -30,28 +30,16 @@ import trustme
 from support import cri, netns
 from support.caps import CAN_NETNS, NETNS_SKIP_REASON
 from support.cni_node import Node
-from support.fake_entra import FakeEntraClient, decode_fake_token, issue_server_cert
-from support.fake_imds import FakeImdsClient
-from support.pod import in_netns
-from support.proxyproc import (
-    ProjectedToken,
-    base_env,
-    http_request,
-    make_sa_token,
-    new_guid,
-    shared_tempdir,
-    start_script,
-    stop_process,
-)
+from support.fake_entra import issue_server_cert
+from support.netns import METADATA_IP, Topology
+from support.pod import TOKEN_URL, Identity, PodSandbox, in_netns
+from support.proxyproc import ProjectedToken, make_sa_token, new_guid, shared_tempdir, stop_process
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(240)]
 
 _SKIP = cri.skip_reason() or ("" if CAN_NETNS else NETNS_SKIP_REASON)
 SUPPORT = Path(__file__).resolve().parent / "support"
 REDIRECT = {"azwi-netproxy.io/redirect": "true"}
-METADATA_IP = "169.254.169.254"
-TOKEN_URL = (f"http://{METADATA_IP}/metadata/identity/oauth2/token"
-             "?api-version=2018-02-01&resource=https://management.azure.com/")
 
 
 def _loaded_plugins(ctrd: cri.Containerd) -> list[list[str]]:
@@ -165,82 +153,54 @@ def test_a_whole_pod_run_through_the_plugin(ctrd_node: tuple[cri.Containerd, Nod
                                             python_for_other_uids: str, package_pythonpath: str) -> None:
     """containerd creates the pod, our ADD installs the rules, the proxy runs as uid 1501
     and an app as uid 1000 gets a token from a fake Entra on the node side; with the proxy
-    stopped, nothing of the app's reaches the node's (fake) IMDS."""
+    stopped, nothing of the app's reaches the node's (fake) IMDS. The pod's handles are
+    support.pod's, over the containerd pod's namespace and the harness's node namespace."""
     ctrd, _node = ctrd_node
-    work = shared_tempdir("azwi-cri-pod-")
     node_ns = ctrd.node_netns
-    procs: list[Any] = []
-    with ctrd.pod("app", annotations=REDIRECT) as pod:
+    with ExitStack() as stack, ctrd.pod("app", annotations=REDIRECT) as pod:
         name = _attach(pod)
-        try:
-            gateway = subprocess.run(["ip", "-n", name, "-j", "route", "show", "default"], check=True,
-                                     capture_output=True, text=True).stdout
-            node_addr = json.loads(gateway)[0]["gateway"]
-            # The node's IMDS, played by the fake, on the node side (our namespace).
-            subprocess.run(["ip", "-n", node_ns, "addr", "add", f"{METADATA_IP}/32", "dev", "lo"], check=True)
-            imds = start_script(netns.ns_argv(node_ns, [sys.executable, str(SUPPORT / "fake_imds.py"),
-                                                        "--bind", f"{METADATA_IP}:80"]), work / "imds.log")
-            procs.append(imds.proc)
-            ca = trustme.CA()
-            ca_file = work / "ca.pem"
-            ca.cert_pem.write_to_path(str(ca_file))
-            ca_file.chmod(0o644)
-            issue_server_cert(ca, work / "entra-cert", node_addr)
-            entra = start_script(netns.ns_argv(node_ns, [sys.executable, str(SUPPORT / "fake_entra.py"),
-                                                         "--bind", f"{node_addr}:443",
-                                                         "--cert-dir", str(work / "entra-cert")]),
-                                 work / "entra.log")
-            procs.append(entra.proc)
-            tenant, client = new_guid(), new_guid()
-            issuer = f"https://oidc.prod-aks.azure.com/{new_guid()}/"
-            sa_dir = work / "sa"
-            sa_dir.mkdir(mode=0o755)
-            token = ProjectedToken(sa_dir, make_sa_token("team", "app", issuer=issuer))
-            entra_client = FakeEntraClient(f"https://{node_addr}:443", str(ca_file))
-            in_netns(node_ns, lambda: entra_client.add_app(tenant, client,
-                                                           ["system:serviceaccount:team:app"], issuer))
-            env = {**base_env(package_pythonpath), "AZURE_TENANT_ID": tenant, "AZURE_CLIENT_ID": client,
-                   "AZURE_FEDERATED_TOKEN_FILE": str(token.path),
-                   "AZURE_AUTHORITY_HOST": f"https://{node_addr}/", "SSL_CERT_FILE": str(ca_file)}
-            log = (work / "proxy.log").open("wb")
-            proxy = subprocess.Popen(netns.ns_argv(name, [python_for_other_uids, "-m", "azwi_netproxy",
-                                                          "--proxy-port=8000"], uid=1501),
-                                     env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
-            log.close()
-            procs.append(proxy)
-            deadline = time.monotonic() + 15
-            while True:
-                try:
-                    if in_netns(name, lambda: http_request(8000, "/readyz", timeout_s=1).status) == 200:
-                        break
-                except OSError:
-                    pass
-                assert proxy.poll() is None and time.monotonic() < deadline, (work / "proxy.log").read_text()
-                time.sleep(0.05)
+        stack.callback(_detach, name)
+        work = shared_tempdir("azwi-cri-pod-")
+        stack.callback(shutil.rmtree, work, True)
+        (work / "logs").mkdir()
+        routes = subprocess.run(["ip", "-n", name, "-j", "route", "show", "default"], check=True,
+                                capture_output=True, text=True).stdout
+        node_addr = json.loads(routes)[0]["gateway"]
+        # The node's IMDS, played by the fake, on the node side (the harness's namespace).
+        subprocess.run(["ip", "-n", node_ns, "addr", "add", f"{METADATA_IP}/32", "dev", "lo"], check=True)
+        stack.callback(subprocess.run, ["ip", "-n", node_ns, "addr", "del", f"{METADATA_IP}/32", "dev", "lo"],
+                       check=False, capture_output=True)
+        imds = netns.start_fake_in(node_ns, "fake_imds.py", f"{METADATA_IP}:80", work / "logs" / "imds.log")
+        stack.callback(stop_process, imds.proc)
+        ca = trustme.CA()
+        ca_file = work / "ca.pem"
+        ca.cert_pem.write_to_path(str(ca_file))
+        ca_file.chmod(0o644)
+        issue_server_cert(ca, work / "entra-cert", node_addr)
+        entra = netns.start_fake_in(node_ns, "fake_entra.py", f"{node_addr}:443", work / "logs" / "entra.log",
+                                    "--cert-dir", str(work / "entra-cert"))
+        stack.callback(stop_process, entra.proc)
+        sa_dir = work / "sa"
+        sa_dir.mkdir(mode=0o755)
+        issuer = f"https://oidc.prod-aks.azure.com/{new_guid()}/"
+        identity = Identity(new_guid(), new_guid(), "system:serviceaccount:team:app", issuer,
+                            ProjectedToken(sa_dir, make_sa_token("team", "app", issuer=issuer)))
+        topo = Topology(pod=name, imds=node_ns, sts=node_ns, peer=None, metadata_ip=METADATA_IP,
+                        sts_addr=node_addr)
+        sandbox = PodSandbox(topo=topo, backend="nftables", python=python_for_other_uids,
+                             pythonpath=package_pythonpath, work=work, identity=identity,
+                             entra_process=entra, imds_process=imds, ca_file=str(ca_file))
+        stack.callback(sandbox.close)
+        in_netns(node_ns, lambda: sandbox.entra().add_app(identity.tenant_id, identity.client_id,
+                                                          [identity.subject], issuer))
+        sandbox.start_proxy()
 
-            def curl() -> tuple[int, str]:
-                done = netns.run_in(name, ["curl", "-sS", "--max-time", "5", "-H", "Metadata: true",
-                                           "-w", "\n%{http_code}", TOKEN_URL], uid=1000, timeout=20,
-                                    env={"PATH": "/usr/bin:/bin"})
-                body, _, code = done.stdout.rpartition("\n")
-                return int(code or 0), body
-
-            status, body = curl()
-            assert status == 200, body
-            minted = decode_fake_token(json.loads(body)["access_token"])["n"]
-            exchanges = in_netns(node_ns, entra_client.exchanges)
-            assert [e["client_id"] for e in exchanges if e.get("token_n") == minted] == [client]
-            print("--- app (uid 1000) in the containerd pod got a token:", body[:160], sep="\n")
-            imds_client = FakeImdsClient(f"http://{METADATA_IP}:80")
-            seen = len(in_netns(node_ns, imds_client.records))
-            stop_process(proxy)
-            status, body = curl()
-            assert status == 0, f"with the proxy stopped the app got HTTP {status}: {body}"
-            assert len(in_netns(node_ns, imds_client.records)) == seen, "the app reached the node's IMDS"
-        finally:
-            for proc in reversed(procs):
-                stop_process(proc)
-            subprocess.run(["ip", "-n", node_ns, "addr", "del", f"{METADATA_IP}/32", "dev", "lo"],
-                           check=False, capture_output=True)
-            _detach(name)
-            subprocess.run(["rm", "-rf", str(work)], check=False)
+        got = sandbox.curl(TOKEN_URL)
+        assert got.status == 200, str(got)
+        assert sandbox.exchange_of(got.json()["access_token"])["client_id"] == identity.client_id
+        print("--- app (uid 1000) in the containerd pod got a token:", got.body[:160], sep="\n")
+        seen = len(sandbox.imds_records())
+        sandbox.stop_proxy()
+        got = sandbox.curl(TOKEN_URL, max_time_s=5)
+        assert got.status == 0, f"with the proxy stopped the app got {got}"
+        assert len(sandbox.imds_records()) == seen, "the app reached the node's IMDS"

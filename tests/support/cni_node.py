@@ -25,7 +25,6 @@ import contextlib
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -34,6 +33,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
+
+from support.proxyproc import stop_process
 
 REFERENCE_PLUGINS: Final = Path("/usr/lib/cni")
 AGENT: Final = Path(sys.executable).with_name("azwi-netproxy-cni-agent")
@@ -114,18 +115,13 @@ class Node:
             time.sleep(0.1)
             done = self.agent_check(*args, **extra)
 
-    def stop_agent(self, sig: int = signal.SIGTERM) -> int | None:
-        """Stop the agent we started, by its PID; its exit code (None if none was running)."""
+    def stop_agent(self) -> int | None:
+        """Stop the agent we started, by its PID (SIGTERM, as the kubelet does); its exit code
+        (None if none was running)."""
         agent, self.agent = self.agent, None
         if agent is None:
             return None
-        if agent.poll() is None:
-            os.kill(agent.pid, sig)
-            try:
-                agent.wait(10)
-            except subprocess.TimeoutExpired:
-                agent.kill()
-                agent.wait(10)
+        stop_process(agent, timeout_s=10)
         return agent.returncode
 
 

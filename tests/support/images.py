@@ -31,7 +31,6 @@ import re
 import shlex
 import shutil
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator, Sequence
@@ -45,10 +44,9 @@ import trustme
 from support import netns
 from support.fake_entra import FakeEntraClient, issue_server_cert
 from support.fake_imds import FakeImdsClient
-from support.proxyproc import ScriptProcess, shared_tempdir, start_script, stop_process
+from support.proxyproc import ScriptProcess, shared_tempdir, stop_process
 
 REPO: Final = Path(__file__).resolve().parents[2]
-SUPPORT_DIR: Final = Path(__file__).resolve().parent
 STORAGE: Final = Path("/var/lib/azwi-netproxy-test/containers")
 RUNROOT: Final = Path("/run/azwi-netproxy-test/containers")
 BASE_IMAGE: Final = "localhost/azwi-netproxy-test-base:bookworm"
@@ -380,10 +378,6 @@ class PodNet:
         return FakeImdsClient(f"http://{netns.METADATA_IP}:80")
 
 
-def _start_fake(ns: str, script: str, bind: str, log: Path, *extra: str) -> ScriptProcess:
-    argv = netns.ns_argv(ns, [sys.executable, str(SUPPORT_DIR / script), "--bind", bind, *extra])
-    return start_script(argv, log)
-
 
 @contextmanager
 def pod_network() -> Iterator[PodNet]:
@@ -420,7 +414,7 @@ def pod_network() -> Iterator[PodNet]:
             ("fake_imds.py", f"{netns.METADATA_IP}:80", "imds.log"),
         ):
             script, bind, log, *extra = args
-            started = _start_fake(node, script, bind, work / log, *extra)
+            started = netns.start_fake_in(node, script, bind, work / log, *extra)
             stack.callback(stop_process, started.proc)
             procs.append(started)
         yield PodNet(pod, node, work, ca_file, *procs)

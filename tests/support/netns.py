@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import re
 import subprocess
+import sys
+from pathlib import Path
 from typing import Literal
 
 from azwi_netproxy.demo.sandbox import (  # re-exported for the test modules (__all__)
@@ -37,15 +39,22 @@ from azwi_netproxy.demo.sandbox import (  # re-exported for the test modules (__
     run_in,
     topology,
 )
+from support.proxyproc import SUPPORT_DIR, ScriptProcess, start_script
 
 __all__ = [
     "METADATA_IP", "SYSTEM_PYTHON", "Processes", "Topology", "add_address", "add_route",
     "connect", "hits", "legacy_tables", "namespace", "netfilter_snapshot", "ns_argv", "probe",
-    "processes", "run_in", "start_responder", "topology",
+    "processes", "run_in", "start_fake_in", "start_responder", "topology",
 ]
 
 # Processes run under other uids need an interpreter they can read; Debian's is (STYLE 9).
 SYSTEM_PYTHON = "/usr/bin/python3"
+
+
+def start_fake_in(ns: str, script: str, bind: str, log: Path, *extra: str) -> ScriptProcess:
+    """One of support's fakes (fake_imds.py, fake_entra.py) in `ns`, once it says it is ready."""
+    argv = ns_argv(ns, [sys.executable, str(SUPPORT_DIR / script), "--bind", bind, *extra])
+    return start_script(argv, log)
 
 
 # ---- where does traffic land? ------------------------------------------------------------

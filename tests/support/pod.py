@@ -63,7 +63,6 @@ from support.proxyproc import (
     make_sa_token,
     new_guid,
     shared_tempdir,
-    start_script,
     stop_process,
 )
 
@@ -73,7 +72,6 @@ CLIENT_UID: Final = 1000
 PROXY_PORT: Final = 8000
 ENTRA_PORT: Final = 443
 IMDS_PORT: Final = 80
-SUPPORT_DIR: Final = Path(__file__).resolve().parent
 TOKEN_URL: Final = (
     f"http://{METADATA_IP}/metadata/identity/oauth2/token"
     "?api-version=2018-02-01&resource=https://management.azure.com/"
@@ -429,10 +427,6 @@ class PodSandbox:
         self.stop_proxy(signal.SIGKILL)
 
 
-def _start_fake(ns: str, script: str, bind: str, log: Path, *extra: str) -> ScriptProcess:
-    argv = netns.ns_argv(ns, [sys.executable, str(SUPPORT_DIR / script), "--bind", bind, *extra])
-    return start_script(argv, log)
-
 
 def build_pod(stack: ExitStack, backend: str, python: str, pythonpath: str,
               redirect: Callable[[PodSandbox], None] | None = None) -> PodSandbox:
@@ -452,10 +446,10 @@ def build_pod(stack: ExitStack, backend: str, python: str, pythonpath: str,
     cert_dir = work / "entra-cert"
     issue_server_cert(ca, cert_dir, topo.sts_addr)
 
-    imds = _start_fake(topo.imds, "fake_imds.py", f"{METADATA_IP}:{IMDS_PORT}",
+    imds = netns.start_fake_in(topo.imds, "fake_imds.py", f"{METADATA_IP}:{IMDS_PORT}",
                        work / "logs" / "fake_imds.log")
     stack.callback(stop_process, imds.proc)
-    entra = _start_fake(topo.sts, "fake_entra.py", f"{topo.sts_addr}:{ENTRA_PORT}",
+    entra = netns.start_fake_in(topo.sts, "fake_entra.py", f"{topo.sts_addr}:{ENTRA_PORT}",
                         work / "logs" / "fake_entra.log", "--cert-dir", str(cert_dir))
     stack.callback(stop_process, entra.proc)
 
