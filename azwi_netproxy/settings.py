@@ -1,4 +1,5 @@
-"""Values every program checks the same way: ports, uids, IPv4 addresses, log levels.
+"""Values every program checks the same way: ports, uids, IPv4 addresses, log levels; and
+the defaults and names that more than one program uses.
 
 Pure: strings in, values or ConfigError out; each error names the flag or variable, so the
 command line prints one line and exits 2 before anything changes. Each program's own
@@ -18,6 +19,10 @@ DEFAULT_PROXY_UID: Final = 1501
 DEFAULT_METADATA_IP: Final = "169.254.169.254"
 DEFAULT_METADATA_PORT: Final = 80
 LOG_LEVELS: Final = ("debug", "info", "warning", "error")
+# CNI mode's pod annotations (CONTRACT.md, azwi-netproxy-cni): the plugin reads them, the
+# migration tool writes them.
+CNI_REDIRECT_ANNOTATION: Final = "azwi-netproxy.io/redirect"
+CNI_PORT_ANNOTATION: Final = "azwi-netproxy.io/proxy-port"
 
 # Upstream's logger (mlog) also knows these names, and the webhook passes its own current
 # level to the sidecar and its probe, so all of them must be accepted. An empty value is

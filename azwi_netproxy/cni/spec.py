@@ -27,6 +27,8 @@ from typing import Any, Final, Literal
 from azwi_netproxy.errors import ConfigError
 from azwi_netproxy.init.config import InitConfig
 from azwi_netproxy.settings import (
+    CNI_PORT_ANNOTATION,
+    CNI_REDIRECT_ANNOTATION,
     DEFAULT_METADATA_IP,
     DEFAULT_METADATA_PORT,
     DEFAULT_PROXY_PORT,
@@ -42,8 +44,8 @@ SUPPORTED_VERSIONS: Final = ("0.3.1", "0.4.0", "1.0.0")
 _ACCEPTED_VERSIONS: Final = frozenset({"0.3.0", *SUPPORTED_VERSIONS})
 PLUGIN_TYPE: Final = "azwi-netproxy"
 ANNOTATIONS_CAPABILITY: Final = "io.kubernetes.cri.pod-annotations"
-REDIRECT_ANNOTATION: Final = "azwi-netproxy.io/redirect"
-PORT_ANNOTATION: Final = "azwi-netproxy.io/proxy-port"
+REDIRECT_ANNOTATION: Final = CNI_REDIRECT_ANNOTATION
+PORT_ANNOTATION: Final = CNI_PORT_ANNOTATION
 
 Command = Literal["ADD", "DEL", "CHECK", "VERSION"]
 _COMMANDS: Final = ("ADD", "DEL", "CHECK", "VERSION")

@@ -37,6 +37,7 @@ from azwi_netproxy.migrate.plan import (
     fit_name,
     rbac_name,
 )
+from azwi_netproxy.settings import CNI_PORT_ANNOTATION, CNI_REDIRECT_ANNOTATION, DEFAULT_PROXY_PORT
 
 USE_LABEL: Final = "azure.workload.identity/use"
 # The upstream webhook injects the proxy when this annotation is present (pkg/webhook/consts.go
@@ -45,9 +46,8 @@ INJECT_PROXY_ANNOTATION: Final = "azure.workload.identity/inject-proxy-sidecar"
 PROXY_PORT_ANNOTATION: Final = "azure.workload.identity/proxy-sidecar-port"
 IDENTITY_BINDING_ANNOTATION: Final = "azure.workload.identity/use-identity-binding"
 # CNI mode (CONTRACT.md, azwi-netproxy-cni): the chained plugin redirects pods annotated so.
-REDIRECT_ANNOTATION: Final = "azwi-netproxy.io/redirect"
-CNI_PORT_ANNOTATION: Final = "azwi-netproxy.io/proxy-port"
-CNI_DEFAULT_PORT: Final = 8000  # the plugin's proxyPort when the annotation is absent
+REDIRECT_ANNOTATION: Final = CNI_REDIRECT_ANNOTATION
+CNI_DEFAULT_PORT: Final = DEFAULT_PROXY_PORT  # the plugin's proxyPort when the annotation is absent
 NODE_AGENT_MANIFEST: Final = "deploy/cni/node-agent.yaml"
 PROXY_CONTAINER: Final = "azwi-proxy"  # upstream ProxySidecarContainerName
 INIT_CONTAINER: Final = "azwi-proxy-init"  # upstream ProxyInitContainerName

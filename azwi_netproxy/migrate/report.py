@@ -23,7 +23,6 @@ from azwi_netproxy.migrate.plan import (
 )
 from azwi_netproxy.migrate.render import (
     CNI_DEFAULT_PORT,
-    CNI_PORT_ANNOTATION,
     IDENTITY_BINDING_ANNOTATION,
     INIT_CONTAINER,
     INJECT_PROXY_ANNOTATION,
@@ -36,6 +35,7 @@ from azwi_netproxy.migrate.render import (
     USE_LABEL,
     OutputFile,
 )
+from azwi_netproxy.settings import CNI_PORT_ANNOTATION
 
 TITLE = "# Migration from AKS pod identity to workload identity (azwi-netproxy-migrate)"
 
