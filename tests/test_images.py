@@ -430,6 +430,8 @@ def test_image_configs_are_upstreams(images: ImageSet, podman: Podman) -> None:
     assert init["Entrypoint"] == ["/init/azwi-netproxy-init"] and not init.get("Cmd")
     env = {k: v for k, _, v in (e.partition("=") for e in proxy["Env"])}
     assert env["PYTHONOPTIMIZE"] == "2" and env["PATH"].startswith("/opt/venv/bin:")
+    for config in (proxy, init):
+        assert "PYTHONNOUSERSITE=1" in config["Env"], config["Env"]
     version = run_no_network(podman, images.proxy, "--version", entrypoint="/proxy")
     assert version.strip().startswith("azwi-netproxy ")
     version = run_no_network(podman, images.init, "--version", entrypoint="/init/azwi-netproxy-init")
@@ -550,13 +552,33 @@ def test_read_only_proxy_never_compiles_python_at_run_time(
     assert curl(containers, images, INSTANCE_URL).status == 200
     podman.ok("stop", "-t", str(GRACE_S), proxy, timeout=GRACE_S + 30)
     logs = podman.run("logs", proxy, quiet=True)
-    loaded = [
-        line for line in (logs.stdout + logs.stderr).splitlines() if line.startswith("# code object from")
-    ]
-    from_source = [line for line in loaded if not line.rstrip("'").endswith(".pyc")]
+    loaded, from_source = code_loaded(logs.stdout + logs.stderr)
     transcript.note(f"{len(loaded)} modules loaded, {len(from_source)} compiled from source")
     assert len(loaded) > 100
     assert from_source == []
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_init_never_compiles_python_at_run_time(
+    backend: str, images: ImageSet, net: PodNet, containers: Containers, transcript: Transcript
+) -> None:
+    # The init container runs at every pod start: a stdlib module without its bytecode in
+    # the image is compiled there each time (the images test builds on a base without any).
+    flags = (*INIT_FLAGS, "-e", "PYTHONVERBOSE=1")
+    for argv in (("--backend", backend), ("--backend", backend, "--check")):
+        done = containers.run("init", images.init, *argv, flags=flags)
+        assert done.returncode == 0, done.stderr[-3000:]
+        loaded, from_source = code_loaded(done.stdout + done.stderr)
+        transcript.note(f"init {' '.join(argv)}: {len(loaded)} modules loaded, {len(from_source)} compiled from source")
+        assert len(loaded) > 50
+        assert from_source == [], "\n".join(from_source)
+    assert init_rules_present(net, backend)
+
+
+def code_loaded(verbose_output: str) -> tuple[list[str], list[str]]:
+    """PYTHONVERBOSE's "code object from" lines: every module's, and those read from source."""
+    loaded = [line for line in verbose_output.splitlines() if line.startswith("# code object from")]
+    return loaded, [line for line in loaded if not line.rstrip("'").endswith(".pyc")]
 
 
 # ---- the native sidecar, as deploy/manual/native-sidecar.yaml lays out the pod ----------------

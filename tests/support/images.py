@@ -49,12 +49,18 @@ from support.proxyproc import ScriptProcess, shared_tempdir, stop_process
 REPO: Final = Path(__file__).resolve().parents[2]
 STORAGE: Final = Path("/var/lib/azwi-netproxy-test/containers")
 RUNROOT: Final = Path("/run/azwi-netproxy-test/containers")
-BASE_IMAGE: Final = "localhost/azwi-netproxy-test-base:bookworm"
+# Without any .pyc, as the official python images are (they delete every one): what an
+# image needs compiled it must compile itself, and tests/test_images.py sees what is missing.
+BASE_IMAGE: Final = "localhost/azwi-netproxy-test-base:bookworm-nopyc"
+# The base of earlier runs, with Debian's .pyc files: removed when the new one is made.
+_OLD_BASE_IMAGES: Final = ("localhost/azwi-netproxy-test-base:bookworm",)
 TAG_PREFIX: Final = "localhost/azwi-netproxy-test:"  # + session + "-" + what
 PYTHON_IMAGE_OVERRIDE: Final = os.environ.get("AZWI_TEST_PYTHON_IMAGE", "").strip()
 MMDEBSTRAP_ARGS: Final = (
     "--variant=minbase",
     "--include=python3,python3-venv,python-is-python3,ca-certificates",
+    '--customize-hook=find "$1/usr/lib/python3" "$1/usr/lib/python3.11" -depth -name __pycache__ -type d '
+    "-exec rm -rf {} +",
     "bookworm",
     "-",
 )
@@ -253,6 +259,9 @@ def ensure_base(podman: Podman) -> str:
         return PYTHON_IMAGE_OVERRIDE
     if podman.exists(BASE_IMAGE):
         return BASE_IMAGE
+    for old in _OLD_BASE_IMAGES:
+        if podman.exists(old):
+            podman.run("rmi", "-f", old, quiet=True)
     # Debian's mirrors are plain http (signed by the archive key): no CA needed here.
     strap = subprocess.Popen(["mmdebstrap", *MMDEBSTRAP_ARGS], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
