@@ -37,7 +37,12 @@ from azwi_netproxy.migrate.plan import (
     fit_name,
     rbac_name,
 )
-from azwi_netproxy.settings import CNI_PORT_ANNOTATION, CNI_REDIRECT_ANNOTATION, DEFAULT_PROXY_PORT
+from azwi_netproxy.settings import (
+    CNI_PORT_ANNOTATION,
+    CNI_REDIRECT_ANNOTATION,
+    DEFAULT_PROXY_PORT,
+    DEFAULT_PROXY_UID,
+)
 
 USE_LABEL: Final = "azure.workload.identity/use"
 # The upstream webhook injects the proxy when this annotation is present (pkg/webhook/consts.go
@@ -51,7 +56,7 @@ CNI_DEFAULT_PORT: Final = DEFAULT_PROXY_PORT  # the plugin's proxyPort when the 
 NODE_AGENT_MANIFEST: Final = "deploy/cni/node-agent.yaml"
 PROXY_CONTAINER: Final = "azwi-proxy"  # upstream ProxySidecarContainerName
 INIT_CONTAINER: Final = "azwi-proxy-init"  # upstream ProxyInitContainerName
-PROXY_UID: Final = 1501
+PROXY_UID: Final = DEFAULT_PROXY_UID  # the proxy image's USER, which the init exempts
 MAP_VOLUME: Final = "azwi-identity-map"
 MAP_DIR: Final = "/etc/azwi-netproxy"
 MAP_KEY: Final = "identity-map.yaml"
