@@ -84,10 +84,11 @@ COPY --from=venv-init /opt/venv /opt/venv
 COPY --chmod=0755 init/ /init/
 # The level-0 bytecode of the stdlib modules the init, the CNI agent and the CNI plugin
 # import (about 3 MB). The official python images delete every .pyc: without it each of
-# them compiles logging, json, subprocess, ctypes, ... from source at every run, that is
-# at every pod start (the init container, or the plugin the runtime calls for the pod),
-# about 0.3 s of CPU each time. tests/test_images.py builds on a base without .pyc files
-# and fails on any module the init compiles at run time.
+# them compiles logging, json, subprocess, ctypes, ... from source at every run: the init
+# container at every pod start, the CNI plugin (`python -I`, which writes what it compiles
+# into the agent's container) at its first calls, about 0.3 s of CPU each time.
+# tests/test_images.py builds on a base without .pyc files and fails on any module the
+# init or the plugin compiles at run time.
 RUN python -c 'import compileall, importlib, pkgutil, sys, sysconfig; \
 import azwi_netproxy.init as init, azwi_netproxy.cni as cni, iptc, argparse, encodings.ascii; \
 [importlib.import_module(m.name) for p in (init, cni) for m in pkgutil.walk_packages(p.__path__, p.__name__ + ".")]; \

@@ -726,6 +726,11 @@ def test_the_cni_agent_runs_from_the_init_image_as_its_daemonset_runs_it(
                 deleted = runtime.delete(chained)
                 assert deleted.returncode == 0, str(deleted)
                 assert not init_rules_present_in(netns.netfilter_snapshot(pod_ns), backend)
+            # The shim runs `python -I`, which writes the bytecode of what it had to compile
+            # into the container: each module there is one every plugin call would compile
+            # on a read-only root (the image's own bytecode is in its layers, not the diff).
+            written = [line for line in podman.ok("diff", name).splitlines() if line.endswith(".pyc")]
+            assert written == [], "\n".join(written)
             transcript.note("the agent's log:\n" + podman.ok("logs", name)[-2000:])
             stopped = podman.run("stop", "-t", "10", name)
             assert stopped.returncode == 0, stopped.stderr
