@@ -9,7 +9,8 @@ The judge is Python's json module: the shim must hand on exactly the prevResult 
 configuration it got (as a runtime's next plugin would read it), whatever JSON the
 cluster's plugin put there, for pods that did not ask for the redirect; and refuse every
 configuration that names the annotation with any value but "false" (as Go's encoder, which
-containerd's libcni uses, writes it: no blank space; any other spelling counts as asking).
+containerd's libcni uses, writes it: no blank space; any other spelling, an escaped slash
+included, counts as asking).
 """
 
 from __future__ import annotations
@@ -96,6 +97,16 @@ def test_without_agent_only_the_annotation_decides(tmp_path: Path, awk: str) -> 
             done = _call(path, command, json.dumps(config, separators=(",", ":")))
             body = json.loads(done.stdout)
             assert done.returncode == 1 and body["code"] == 11 and "not running" in body["msg"], done
+        # The same request with the slash escaped, as JSON allows (Python's json reads it as
+        # the same name): still refused, whatever the value, "false" included.
+        for escaped_value in (value, "false"):
+            text = json.dumps({**config, "runtimeConfig": {"io.kubernetes.cri.pod-annotations": {
+                "azwi-netproxy.io/redirect": escaped_value}}}, separators=(",", ":"))
+            text = text.replace("azwi-netproxy.io/redirect", "azwi-netproxy.io\\/redirect")
+            assert json.loads(text)["runtimeConfig"]["io.kubernetes.cri.pod-annotations"] == {
+                "azwi-netproxy.io/redirect": escaped_value}
+            done = _call(path, "ADD", text)
+            assert done.returncode == 1 and json.loads(done.stdout)["code"] == 11, done
     off = {"cniVersion": "1.0.0", "type": "azwi-netproxy", "prevResult": prev,
            "runtimeConfig": {"io.kubernetes.cri.pod-annotations": {"azwi-netproxy.io/redirect": "false"}}}
     done = _call(path, "ADD", json.dumps(off, separators=(",", ":")))
