@@ -15,6 +15,7 @@ included, counts as asking).
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
@@ -99,10 +100,10 @@ def test_without_agent_only_the_annotation_decides(tmp_path: Path, awk: str) -> 
             assert done.returncode == 1 and body["code"] == 11 and "not running" in body["msg"], done
         # The same request with the slash escaped, as JSON allows (Python's json reads it as
         # the same name): still refused, whatever the value, "false" included.
-        for escaped_value in (value, "false"):
+        for escaped_value, slash in itertools.product((value, "false"), ("\\/", "\\u002f", "\\u002F")):
             text = json.dumps({**config, "runtimeConfig": {"io.kubernetes.cri.pod-annotations": {
                 "azwi-netproxy.io/redirect": escaped_value}}}, separators=(",", ":"))
-            text = text.replace("azwi-netproxy.io/redirect", "azwi-netproxy.io\\/redirect")
+            text = text.replace("azwi-netproxy.io/redirect", f"azwi-netproxy.io{slash}redirect")
             assert json.loads(text)["runtimeConfig"]["io.kubernetes.cri.pod-annotations"] == {
                 "azwi-netproxy.io/redirect": escaped_value}
             done = _call(path, "ADD", text)
