@@ -105,7 +105,8 @@ if ! pid=$(agent_pid); then
     case "$config" in
     *'"azwi-netproxy.io/redirect":"false"'*) ;;
     # JSON may escape the slash: those spellings count as asking too (never as not asking).
-    *'"azwi-netproxy.io/redirect"'* | *'"azwi-netproxy.io\/redirect"'* | *'"azwi-netproxy.io\u002'[fF]'redirect"'*)
+    *'"azwi-netproxy.io/redirect"'* | *'"azwi-netproxy.io\/redirect"'* | \
+        *'"azwi-netproxy.io\u002'[fF]'redirect"'*)
         fail "the azwi-netproxy CNI node agent is not running on this node" \
             "the pod asked for the redirect; the runtime retries once the agent runs again"
         ;;
