@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import sys
 import time
+from collections.abc import Callable
 
 import httptools
 import uvloop
@@ -51,14 +52,19 @@ class Floor(asyncio.Protocol):
             self.transport.close()
 
 
-async def main(port: int) -> None:
+async def main(port: int, protocol: Callable[[], asyncio.Protocol]) -> None:
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(Floor, "127.0.0.1", port, backlog=1024)
+    server = await loop.create_server(protocol, "127.0.0.1", port, backlog=1024)
     print("ready", flush=True)
     async with server:
         await server.serve_forever()
 
 
-if __name__ == "__main__":
+def serve(protocol: Callable[[], asyncio.Protocol]) -> None:
+    """Serve `protocol` on 127.0.0.1 at the port given as the first argument, on uvloop."""
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        runner.run(main(int(sys.argv[1])))
+        runner.run(main(int(sys.argv[1]), protocol))
+
+
+if __name__ == "__main__":
+    serve(Floor)
