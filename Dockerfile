@@ -89,12 +89,8 @@ COPY --chmod=0755 init/ /init/
 # into the agent's container) at its first calls, about 0.3 s of CPU each time.
 # tests/test_images.py builds on a base without .pyc files and fails on any module the
 # init or the plugin compiles at run time.
-RUN python -c 'import compileall, importlib, pkgutil, sys, sysconfig; \
-import azwi_netproxy.init as init, azwi_netproxy.cni as cni, iptc, argparse, encodings.ascii; \
-[importlib.import_module(m.name) for p in (init, cni) for m in pkgutil.walk_packages(p.__path__, p.__name__ + ".")]; \
-stdlib = sysconfig.get_path("stdlib") + "/"; \
-files = {getattr(m, "__file__", None) or "" for m in list(sys.modules.values())}; \
-sys.exit(not all([compileall.compile_file(f, quiet=1, optimize=0) for f in sorted(files) if f.startswith(stdlib)]))'
+RUN --mount=type=bind,source=scripts/compile_stdlib.py,target=/tmp/compile_stdlib.py \
+    python /tmp/compile_stdlib.py 0 'azwi_netproxy.init.*' 'azwi_netproxy.cni.*' iptc argparse encodings.ascii
 ENTRYPOINT ["/init/azwi-netproxy-init"]
 
 # ---- proxy: the sidecar, non-root, nothing to write ----
@@ -119,14 +115,10 @@ ENV PYTHONOPTIMIZE=2
 # Importing every module of the proxy, the libraries it loads lazily and what those load
 # when they first connect (the idna codec, importlib.resources' readers) finds them;
 # tests/test_images.py runs the proxy with PYTHONVERBOSE and fails on any it missed.
-RUN python -c 'import compileall, importlib, pkgutil, sys, sysconfig; \
-import azwi_netproxy.cli, azwi_netproxy.proxy as proxy; \
-[importlib.import_module(m.name) for m in pkgutil.walk_packages(proxy.__path__, "azwi_netproxy.proxy.")]; \
-import httpx, httpcore, anyio, prometheus_client.exposition, prometheus_client.process_collector, yaml; \
-import encodings.idna, importlib.readers, importlib.resources.readers, zipfile; \
-stdlib = sysconfig.get_path("stdlib") + "/"; \
-files = {getattr(m, "__file__", None) or "" for m in list(sys.modules.values())}; \
-sys.exit(not all([compileall.compile_file(f, quiet=1, optimize=2) for f in sorted(files) if f.startswith(stdlib)]))'
+RUN --mount=type=bind,source=scripts/compile_stdlib.py,target=/tmp/compile_stdlib.py \
+    python /tmp/compile_stdlib.py 2 azwi_netproxy.cli 'azwi_netproxy.proxy.*' httpx httpcore anyio \
+        prometheus_client.exposition prometheus_client.process_collector yaml \
+        encodings.idna importlib.readers importlib.resources.readers zipfile
 # Numeric, as runAsNonRoot needs to verify it; upstream's proxy image uses the same uid,
 # and azwi-netproxy-init exempts it (PROXY_UID) from the redirect.
 USER 1501:1501

@@ -322,7 +322,7 @@ class TokenApp:
                 request.method,
                 request.target,
                 response.status,
-                int((time.monotonic() - started) * 1_000_000),
+                int((_monotonic() - started) * 1_000_000),
                 client_id,
                 cache,
             )
