@@ -107,12 +107,13 @@ def run(invocation: Invocation, environ: Mapping[str, str]) -> dict[str, Any] | 
     Raises:
         CniError: the refusal the runtime gets.
     """
-    # Imported here: VERSION, and pods that did not ask, never load the backends.
-    from azwi_netproxy.init import run as init_run
-
+    # The init's rules and backends are imported only where they are used: VERSION, and
+    # ADD and CHECK of a pod that did not ask, never load them.
     if invocation.command == "VERSION":
         return spec.version_body()
     if invocation.command == "DEL":
+        from azwi_netproxy.init import run as init_run
+
         if not _enter(invocation, environ):
             log.info("the pod's network namespace is gone: nothing to remove", extra=_context(invocation))
             return None
@@ -124,6 +125,8 @@ def run(invocation: Invocation, environ: Mapping[str, str]) -> dict[str, Any] | 
     if invocation.rules is None:
         log.info("the pod did not ask for the redirect", extra=_context(invocation))
         return spec.result_for(invocation) if invocation.command == "ADD" else None
+    from azwi_netproxy.init import run as init_run
+
     _enter(invocation, environ)
     if invocation.command == "CHECK":
         try:
