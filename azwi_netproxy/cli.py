@@ -185,6 +185,12 @@ def init_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="do not reject other ports/protocols to METADATA_IP from the pod (fail open)",
     )
+    parser.add_argument(
+        "--passthrough",
+        default=None,
+        help="env AZWI_PASSTHROUGH, the sidecar's: all (default) exempts PROXY_UID's TCP to "
+        "METADATA_IP:METADATA_PORT for pass-through; none exempts nothing",
+    )
     parser.add_argument("--log-level", default=None, help="debug, info, warning or error")
     parser.add_argument("--version", action="version", version=f"azwi-netproxy-init {__version__}")
     mode = parser.add_mutually_exclusive_group()

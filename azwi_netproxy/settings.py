@@ -19,10 +19,17 @@ DEFAULT_PROXY_UID: Final = 1501
 DEFAULT_METADATA_IP: Final = "169.254.169.254"
 DEFAULT_METADATA_PORT: Final = 80
 LOG_LEVELS: Final = ("debug", "info", "warning", "error")
-# CNI mode's pod annotations (CONTRACT.md, azwi-netproxy-cni): the plugin reads them, the
-# migration tool writes them.
+# The pod annotations of CNI mode and node mode (CONTRACT.md, azwi-netproxy-cni and "Node
+# mode"): the plugin reads them, the migration tool writes them.
 CNI_REDIRECT_ANNOTATION: Final = "azwi-netproxy.io/redirect"
 CNI_PORT_ANNOTATION: Final = "azwi-netproxy.io/proxy-port"
+CNI_PASSTHROUGH_ANNOTATION: Final = "azwi-netproxy.io/passthrough"
+NODE_PROXY_ANNOTATION: Final = "azwi-netproxy.io/node-proxy"
+NODE_CLIENT_ID_ANNOTATION: Final = "azwi-netproxy.io/client-id"
+NODE_TENANT_ID_ANNOTATION: Final = "azwi-netproxy.io/tenant-id"
+NODE_IDENTITY_MAP_ANNOTATION: Final = "azwi-netproxy.io/identity-map"
+# The sidecar's and the init's pass-through policy (--passthrough, AZWI_PASSTHROUGH).
+PASSTHROUGH_POLICIES: Final = ("all", "none")
 
 # Upstream's logger (mlog) also knows these names, and the webhook passes its own current
 # level to the sidecar and its probe, so all of them must be accepted. An empty value is

@@ -412,6 +412,8 @@ INIT_BAD = [
     (["--check", "--cleanup"], {}, "not allowed with argument", "check-and-cleanup"),
     (["--log-level", "verbose"], {}, "--log-level", "log-level"),
     (["extra"], {}, "unrecognized arguments: extra", "positional"),
+    ([], {"AZWI_PASSTHROUGH": "some"}, "AZWI_PASSTHROUGH: 'some' is not one of all, none", "env-passthrough"),
+    (["--passthrough", "None"], {}, "--passthrough: 'None' is not one of all, none", "flag-passthrough"),
 ]
 
 

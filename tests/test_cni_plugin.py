@@ -222,6 +222,19 @@ def test_proxy_port_annotation_and_del_of_a_vanished_namespace(cni_node: Node) -
     assert runtime.delete(conflist, netns="").returncode == 0
 
 
+def test_passthrough_none_annotation_installs_no_exemption(cni_node: Node, scratch_ns: str) -> None:
+    """Judged by what the kernel lists: with "none" no rule names a uid; without it, one does."""
+    conflist = cni_node.conflist()
+    for passthrough, exempt in (("none", False), ("all", True)):
+        runtime = _runtime(cni_node, scratch_ns, {**REDIRECT, "azwi-netproxy.io/passthrough": passthrough})
+        outcome = runtime.add(conflist)
+        assert outcome.returncode == 0, str(outcome)
+        listed = netns.run_in(scratch_ns, ["nft", "list", "table", "ip", "azwi_proxy"]).stdout
+        assert "redirect to :8000" in listed, listed
+        assert ("skuid" in listed) is exempt, listed
+        assert runtime.delete(conflist).returncode == 0
+
+
 @pytest.mark.parametrize(
     ("change", "annotations", "code"),
     [
@@ -233,6 +246,7 @@ def test_proxy_port_annotation_and_del_of_a_vanished_namespace(cni_node: Node) -
         ({"proxyport": 8001}, REDIRECT, 2),
         ({}, {"azwi-netproxy.io/redirect": "yes"}, 7),
         ({}, {**REDIRECT, "azwi-netproxy.io/proxy-port": "http"}, 7),
+        ({}, {**REDIRECT, "azwi-netproxy.io/passthrough": "some"}, 7),
         ({"cniVersion": "2.0.0"}, REDIRECT, 1),
     ],
 )

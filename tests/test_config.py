@@ -165,6 +165,12 @@ def test_init_backends(backend: str) -> None:
     assert init_config.load({"backend": backend}, {}).backend == backend
 
 
+def test_init_exempts_the_proxy_uid_unless_passthrough_is_none() -> None:
+    assert init_config.load({}, {}).passthrough == "all"
+    assert init_config.load({}, {"AZWI_PASSTHROUGH": "none"}).passthrough == "none"
+    assert init_config.load({"passthrough": "all"}, {"AZWI_PASSTHROUGH": "none"}).passthrough == "all"
+
+
 def test_init_fails_closed_unless_asked() -> None:
     assert init_config.load({}, {}).fail_closed is True
     assert init_config.load({"allow_other_metadata_traffic": True}, {}).fail_closed is False

@@ -19,11 +19,14 @@ import pytest
 from azwi_netproxy.init import rules
 from azwi_netproxy.init.config import load as load_init
 
-DEFAULT = rules.Ruleset(proxy_port=8000, proxy_uid=1501, metadata_ip="169.254.169.254",
+DEFAULT = rules.Ruleset(proxy_port=8000, exempt_uid=1501, metadata_ip="169.254.169.254",
                         metadata_port=80)
-CUSTOM = rules.Ruleset(proxy_port=15080, proxy_uid=2000, metadata_ip="10.20.30.40",
+CUSTOM = rules.Ruleset(proxy_port=15080, exempt_uid=2000, metadata_ip="10.20.30.40",
                        metadata_port=8081)
-FAIL_OPEN = rules.Ruleset(proxy_port=8000, proxy_uid=1501, metadata_ip="169.254.169.254",
+# --passthrough none (and node mode): nothing is exempt.
+NO_EXEMPTION = rules.Ruleset(proxy_port=8000, exempt_uid=None, metadata_ip="169.254.169.254",
+                             metadata_port=80)
+FAIL_OPEN = rules.Ruleset(proxy_port=8000, exempt_uid=1501, metadata_ip="169.254.169.254",
                           metadata_port=80, fail_closed=False)
 
 TABLE = {"family": "ip", "name": "azwi_proxy"}
@@ -38,6 +41,11 @@ def _daddr(ip: str) -> dict[str, Any]:
                       "right": ip}}
 
 
+def _dport(port: int) -> dict[str, Any]:
+    return {"match": {"op": "==", "left": {"payload": {"protocol": "tcp", "field": "dport"}},
+                      "right": port}}
+
+
 NFT_DEFAULT = {"nftables": [
     {"metainfo": {"json_schema_version": 1}},
     {"add": {"table": TABLE}},
@@ -49,7 +57,7 @@ NFT_DEFAULT = {"nftables": [
                        "type": "filter", "hook": "output", "prio": 0, "policy": "accept"}}},
     {"add": {"rule": {"family": "ip", "table": "azwi_proxy", "chain": "nat_output",
                       "comment": "azwi-proxy/proxy-uid-bypass",
-                      "expr": [_skuid(1501), {"return": None}]}}},
+                      "expr": [_skuid(1501), _daddr("169.254.169.254"), _dport(80), {"return": None}]}}},
     {"add": {"rule": {"family": "ip", "table": "azwi_proxy", "chain": "nat_output",
                       "comment": "azwi-proxy/redirect-imds",
                       "expr": [
@@ -61,11 +69,12 @@ NFT_DEFAULT = {"nftables": [
                       ]}}},
     {"add": {"rule": {"family": "ip", "table": "azwi_proxy", "chain": "filter_output",
                       "comment": "azwi-proxy/proxy-uid-bypass",
-                      "expr": [_skuid(1501), {"return": None}]}}},
+                      "expr": [_skuid(1501), _daddr("169.254.169.254"), _dport(80), {"return": None}]}}},
     {"add": {"rule": {"family": "ip", "table": "azwi_proxy", "chain": "filter_output",
                       "comment": "azwi-proxy/established",
                       "expr": [
                           _daddr("169.254.169.254"),
+                          _dport(80),
                           {"match": {"op": "in", "left": {"ct": {"key": "state"}},
                                      "right": ["established", "related"]}},
                           {"return": None},
@@ -90,7 +99,7 @@ NFT_CUSTOM = {"nftables": [
                        "type": "filter", "hook": "output", "prio": 0, "policy": "accept"}}},
     {"add": {"rule": {"family": "ip", "table": "azwi_proxy", "chain": "nat_output",
                       "comment": "azwi-proxy/proxy-uid-bypass",
-                      "expr": [_skuid(2000), {"return": None}]}}},
+                      "expr": [_skuid(2000), _daddr("10.20.30.40"), _dport(8081), {"return": None}]}}},
     {"add": {"rule": {"family": "ip", "table": "azwi_proxy", "chain": "nat_output",
                       "comment": "azwi-proxy/redirect-imds",
                       "expr": [
@@ -102,11 +111,12 @@ NFT_CUSTOM = {"nftables": [
                       ]}}},
     {"add": {"rule": {"family": "ip", "table": "azwi_proxy", "chain": "filter_output",
                       "comment": "azwi-proxy/proxy-uid-bypass",
-                      "expr": [_skuid(2000), {"return": None}]}}},
+                      "expr": [_skuid(2000), _daddr("10.20.30.40"), _dport(8081), {"return": None}]}}},
     {"add": {"rule": {"family": "ip", "table": "azwi_proxy", "chain": "filter_output",
                       "comment": "azwi-proxy/established",
                       "expr": [
                           _daddr("10.20.30.40"),
+                          _dport(8081),
                           {"match": {"op": "in", "left": {"ct": {"key": "state"}},
                                      "right": ["established", "related"]}},
                           {"return": None},
@@ -129,7 +139,7 @@ NFT_FAIL_OPEN = {"nftables": [
                        "type": "nat", "hook": "output", "prio": -100, "policy": "accept"}}},
     {"add": {"rule": {"family": "ip", "table": "azwi_proxy", "chain": "nat_output",
                       "comment": "azwi-proxy/proxy-uid-bypass",
-                      "expr": [_skuid(1501), {"return": None}]}}},
+                      "expr": [_skuid(1501), _daddr("169.254.169.254"), _dport(80), {"return": None}]}}},
     {"add": {"rule": {"family": "ip", "table": "azwi_proxy", "chain": "nat_output",
                       "comment": "azwi-proxy/redirect-imds",
                       "expr": [
@@ -173,14 +183,14 @@ NFT_TEXT_DEFAULT = """\
 table ip azwi_proxy {
 \tchain nat_output {
 \t\ttype nat hook output priority -100; policy accept;
-\t\tmeta skuid 1501 return comment "azwi-proxy/proxy-uid-bypass"
+\t\tmeta skuid 1501 ip daddr 169.254.169.254 tcp dport 80 return comment "azwi-proxy/proxy-uid-bypass"
 \t\tip daddr 169.254.169.254 tcp dport 80 redirect to :8000 comment "azwi-proxy/redirect-imds"
 \t}
 
 \tchain filter_output {
 \t\ttype filter hook output priority filter; policy accept;
-\t\tmeta skuid 1501 return comment "azwi-proxy/proxy-uid-bypass"
-\t\tip daddr 169.254.169.254 ct state established,related return comment "azwi-proxy/established"
+\t\tmeta skuid 1501 ip daddr 169.254.169.254 tcp dport 80 return comment "azwi-proxy/proxy-uid-bypass"
+\t\tip daddr 169.254.169.254 tcp dport 80 ct state established,related return comment "azwi-proxy/established"
 \t\tip daddr 169.254.169.254 reject with tcp reset comment "azwi-proxy/fail-closed-tcp"
 \t\tip daddr 169.254.169.254 reject comment "azwi-proxy/fail-closed"
 \t}
@@ -190,7 +200,7 @@ NFT_TEXT_FAIL_OPEN = """\
 table ip azwi_proxy {
 \tchain nat_output {
 \t\ttype nat hook output priority -100; policy accept;
-\t\tmeta skuid 1501 return comment "azwi-proxy/proxy-uid-bypass"
+\t\tmeta skuid 1501 ip daddr 169.254.169.254 tcp dport 80 return comment "azwi-proxy/proxy-uid-bypass"
 \t\tip daddr 169.254.169.254 tcp dport 80 redirect to :8000 comment "azwi-proxy/redirect-imds"
 \t}
 }"""
@@ -201,14 +211,14 @@ IPT_TEXT_DEFAULT = """\
 :AZWI_PROXY_OUTPUT -
 -I OUTPUT 1 -m comment --comment "azwi-proxy/jump" -j AZWI_PROXY_OUTPUT
 -A AZWI_PROXY_REDIRECT -p tcp -m comment --comment "azwi-proxy/redirect-to-proxy" -j REDIRECT --to-ports 8000
--A AZWI_PROXY_OUTPUT -m owner --uid-owner 1501 -m comment --comment "azwi-proxy/proxy-uid-bypass" -j RETURN
+-A AZWI_PROXY_OUTPUT -d 169.254.169.254/32 -p tcp -m owner --uid-owner 1501 -m tcp --dport 80 -m comment --comment "azwi-proxy/proxy-uid-bypass" -j RETURN
 -A AZWI_PROXY_OUTPUT -d 169.254.169.254/32 -p tcp -m tcp --dport 80 -m comment --comment "azwi-proxy/redirect-imds" -j AZWI_PROXY_REDIRECT
 COMMIT
 *filter
 :AZWI_PROXY_FILTER -
 -I OUTPUT 1 -m comment --comment "azwi-proxy/jump" -j AZWI_PROXY_FILTER
--A AZWI_PROXY_FILTER -m owner --uid-owner 1501 -m comment --comment "azwi-proxy/proxy-uid-bypass" -j RETURN
--A AZWI_PROXY_FILTER -d 169.254.169.254/32 -m conntrack --ctstate RELATED,ESTABLISHED -m comment --comment "azwi-proxy/established" -j RETURN
+-A AZWI_PROXY_FILTER -d 169.254.169.254/32 -p tcp -m owner --uid-owner 1501 -m tcp --dport 80 -m comment --comment "azwi-proxy/proxy-uid-bypass" -j RETURN
+-A AZWI_PROXY_FILTER -d 169.254.169.254/32 -p tcp -m conntrack --ctstate RELATED,ESTABLISHED -m tcp --dport 80 -m comment --comment "azwi-proxy/established" -j RETURN
 -A AZWI_PROXY_FILTER -d 169.254.169.254/32 -p tcp -m comment --comment "azwi-proxy/fail-closed-tcp" -j REJECT --reject-with tcp-reset
 -A AZWI_PROXY_FILTER -d 169.254.169.254/32 -m comment --comment "azwi-proxy/fail-closed" -j REJECT --reject-with icmp-port-unreachable
 COMMIT"""
@@ -219,7 +229,7 @@ IPT_TEXT_CUSTOM_FAIL_OPEN = """\
 :AZWI_PROXY_OUTPUT -
 -I OUTPUT 1 -m comment --comment "azwi-proxy/jump" -j AZWI_PROXY_OUTPUT
 -A AZWI_PROXY_REDIRECT -p tcp -m comment --comment "azwi-proxy/redirect-to-proxy" -j REDIRECT --to-ports 15080
--A AZWI_PROXY_OUTPUT -m owner --uid-owner 2000 -m comment --comment "azwi-proxy/proxy-uid-bypass" -j RETURN
+-A AZWI_PROXY_OUTPUT -d 10.20.30.40/32 -p tcp -m owner --uid-owner 2000 -m tcp --dport 8081 -m comment --comment "azwi-proxy/proxy-uid-bypass" -j RETURN
 -A AZWI_PROXY_OUTPUT -d 10.20.30.40/32 -p tcp -m tcp --dport 8081 -m comment --comment "azwi-proxy/redirect-imds" -j AZWI_PROXY_REDIRECT
 COMMIT"""
 
@@ -230,7 +240,7 @@ COMMIT"""
         (DEFAULT, "nftables", NFT_TEXT_DEFAULT),
         (FAIL_OPEN, "nftables", NFT_TEXT_FAIL_OPEN),
         (DEFAULT, "iptables", IPT_TEXT_DEFAULT),
-        (rules.Ruleset(proxy_port=15080, proxy_uid=2000, metadata_ip="10.20.30.40",
+        (rules.Ruleset(proxy_port=15080, exempt_uid=2000, metadata_ip="10.20.30.40",
                        metadata_port=8081, fail_closed=False), "iptables",
          IPT_TEXT_CUSTOM_FAIL_OPEN),
     ],
@@ -254,8 +264,8 @@ def test_iptables_plan_default() -> None:
                  "target": {"REDIRECT": {"to-ports": "8000"}}},
             )),
             ("AZWI_PROXY_OUTPUT", (
-                {"owner": {"uid-owner": "1501"}, "comment": _comment("proxy-uid-bypass"),
-                 "target": "RETURN"},
+                {"dst": "169.254.169.254/32", "protocol": "tcp", "owner": {"uid-owner": "1501"},
+                 "tcp": {"dport": "80"}, "comment": _comment("proxy-uid-bypass"), "target": "RETURN"},
                 {"dst": "169.254.169.254/32", "protocol": "tcp", "tcp": {"dport": "80"},
                  "comment": _comment("redirect-imds"), "target": "AZWI_PROXY_REDIRECT"},
             )),
@@ -266,9 +276,10 @@ def test_iptables_plan_default() -> None:
         name="filter",
         chains=(
             ("AZWI_PROXY_FILTER", (
-                {"owner": {"uid-owner": "1501"}, "comment": _comment("proxy-uid-bypass"),
-                 "target": "RETURN"},
-                {"dst": "169.254.169.254/32", "conntrack": {"ctstate": "RELATED,ESTABLISHED"},
+                {"dst": "169.254.169.254/32", "protocol": "tcp", "owner": {"uid-owner": "1501"},
+                 "tcp": {"dport": "80"}, "comment": _comment("proxy-uid-bypass"), "target": "RETURN"},
+                {"dst": "169.254.169.254/32", "protocol": "tcp",
+                 "conntrack": {"ctstate": "RELATED,ESTABLISHED"}, "tcp": {"dport": "80"},
                  "comment": _comment("established"), "target": "RETURN"},
                 {"dst": "169.254.169.254/32", "protocol": "tcp",
                  "comment": _comment("fail-closed-tcp"),
@@ -283,7 +294,7 @@ def test_iptables_plan_default() -> None:
 
 def test_iptables_plan_custom_fail_open() -> None:
     nat, filter_ = rules.iptables_plan(rules.Ruleset(
-        proxy_port=15080, proxy_uid=2000, metadata_ip="10.20.30.40", metadata_port=8081,
+        proxy_port=15080, exempt_uid=2000, metadata_ip="10.20.30.40", metadata_port=8081,
         fail_closed=False,
     ))
     assert dict(nat.chains) == {
@@ -292,14 +303,62 @@ def test_iptables_plan_custom_fail_open() -> None:
              "target": {"REDIRECT": {"to-ports": "15080"}}},
         ),
         "AZWI_PROXY_OUTPUT": (
-            {"owner": {"uid-owner": "2000"}, "comment": _comment("proxy-uid-bypass"),
-             "target": "RETURN"},
+            {"dst": "10.20.30.40/32", "protocol": "tcp", "owner": {"uid-owner": "2000"},
+             "tcp": {"dport": "8081"}, "comment": _comment("proxy-uid-bypass"), "target": "RETURN"},
             {"dst": "10.20.30.40/32", "protocol": "tcp", "tcp": {"dport": "8081"},
              "comment": _comment("redirect-imds"), "target": "AZWI_PROXY_REDIRECT"},
         ),
     }
     # Fail-open: nothing of ours in filter, so an install removes an earlier filter chain.
     assert filter_ == rules.IptablesTable(name="filter")
+
+
+NFT_TEXT_NO_EXEMPTION = """\
+table ip azwi_proxy {
+\tchain nat_output {
+\t\ttype nat hook output priority -100; policy accept;
+\t\tip daddr 169.254.169.254 tcp dport 80 redirect to :8000 comment "azwi-proxy/redirect-imds"
+\t}
+
+\tchain filter_output {
+\t\ttype filter hook output priority filter; policy accept;
+\t\tip daddr 169.254.169.254 reject with tcp reset comment "azwi-proxy/fail-closed-tcp"
+\t\tip daddr 169.254.169.254 reject comment "azwi-proxy/fail-closed"
+\t}
+}"""
+
+IPT_TEXT_NO_EXEMPTION = """\
+*nat
+:AZWI_PROXY_REDIRECT -
+:AZWI_PROXY_OUTPUT -
+-I OUTPUT 1 -m comment --comment "azwi-proxy/jump" -j AZWI_PROXY_OUTPUT
+-A AZWI_PROXY_REDIRECT -p tcp -m comment --comment "azwi-proxy/redirect-to-proxy" -j REDIRECT --to-ports 8000
+-A AZWI_PROXY_OUTPUT -d 169.254.169.254/32 -p tcp -m tcp --dport 80 -m comment --comment "azwi-proxy/redirect-imds" -j AZWI_PROXY_REDIRECT
+COMMIT
+*filter
+:AZWI_PROXY_FILTER -
+-I OUTPUT 1 -m comment --comment "azwi-proxy/jump" -j AZWI_PROXY_FILTER
+-A AZWI_PROXY_FILTER -d 169.254.169.254/32 -p tcp -m comment --comment "azwi-proxy/fail-closed-tcp" -j REJECT --reject-with tcp-reset
+-A AZWI_PROXY_FILTER -d 169.254.169.254/32 -m comment --comment "azwi-proxy/fail-closed" -j REJECT --reject-with icmp-port-unreachable
+COMMIT"""
+
+
+@pytest.mark.parametrize(("backend", "expected"),
+                         [("nftables", NFT_TEXT_NO_EXEMPTION), ("iptables", IPT_TEXT_NO_EXEMPTION)])
+def test_passthrough_none_exempts_no_uid(backend: str, expected: str) -> None:
+    """--passthrough none: no rule names a uid, and no flow to the address is let through."""
+    assert rules.render_text(NO_EXEMPTION, backend) == expected  # type: ignore[arg-type]
+    assert all(rule.uid is None and not rule.established for rule in NO_EXEMPTION.rules())
+
+
+@pytest.mark.parametrize(
+    ("environ", "flags"),
+    [({"AZWI_PASSTHROUGH": "none"}, {}), ({"AZWI_PASSTHROUGH": "all"}, {"passthrough": "none"}),
+     ({"AZWI_PASSTHROUGH": " none "}, {})],
+    ids=["environment", "flag-overrides-environment", "blank-space"],
+)
+def test_passthrough_none_from_flag_or_environment(environ: dict[str, str], flags: dict[str, Any]) -> None:
+    assert rules.Ruleset.from_config(load_init(flags, environ)) == NO_EXEMPTION
 
 
 def test_every_rule_carries_our_comment() -> None:

@@ -413,10 +413,12 @@ def test_other_uids_cannot_reach_the_metadata_address_on_any_port(
     blocked = ["proxy", *(["refused"] * len(OTHER_PORTS)), "error:EPERM", "error:EPERM",
                "error:EPERM", "proxy", "refused"]
     assert others == dict.fromkeys(others, blocked)
-    # The proxy's uid (and only it) reaches the real IMDS, on every port and protocol.
+    # The proxy's uid (and only it) reaches the real IMDS, and only where pass-through goes:
+    # TCP to port 80. Every other port and protocol is closed to it too.
     exempt = probe_many(topo.pod, 1501, targets[:-2])
-    assert exempt == ["imds-80", *(f"imds-{port}" for port in OTHER_PORTS), "imds-udp-53",
-                      "imds-udp-123", "echo-reply"]
+    assert exempt == ["imds-80", *(["refused"] * len(OTHER_PORTS)), "error:EPERM", "error:EPERM",
+                      "error:EPERM"]
+    assert hits(procs, responders.pop(80)) == [topo.pod_imds_addr]  # uid 1501's probe, nobody else's
     for responder in [*responders.values(), *udp.values()]:
-        assert hits(procs, responder) == [topo.pod_imds_addr]  # uid 1501's probe, nobody else's
+        assert hits(procs, responder) == []
 

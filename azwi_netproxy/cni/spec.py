@@ -18,6 +18,7 @@ Rules (CNI spec 1.0.0, "Execution Protocol" and "Error"; configs of 0.3.1 and 0.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import json
 from collections.abc import Mapping
@@ -25,14 +26,16 @@ from dataclasses import dataclass, field
 from typing import Any, Final, Literal
 
 from azwi_netproxy.errors import ConfigError
-from azwi_netproxy.init.config import InitConfig
+from azwi_netproxy.init.config import InitConfig, Passthrough
 from azwi_netproxy.settings import (
+    CNI_PASSTHROUGH_ANNOTATION,
     CNI_PORT_ANNOTATION,
     CNI_REDIRECT_ANNOTATION,
     DEFAULT_METADATA_IP,
     DEFAULT_METADATA_PORT,
     DEFAULT_PROXY_PORT,
     DEFAULT_PROXY_UID,
+    PASSTHROUGH_POLICIES,
     parse_ipv4,
     parse_log_level,
     parse_port,
@@ -46,6 +49,7 @@ PLUGIN_TYPE: Final = "azwi-netproxy"
 ANNOTATIONS_CAPABILITY: Final = "io.kubernetes.cri.pod-annotations"
 REDIRECT_ANNOTATION: Final = CNI_REDIRECT_ANNOTATION
 PORT_ANNOTATION: Final = CNI_PORT_ANNOTATION
+PASSTHROUGH_ANNOTATION: Final = CNI_PASSTHROUGH_ANNOTATION
 
 Command = Literal["ADD", "DEL", "CHECK", "VERSION"]
 _COMMANDS: Final = ("ADD", "DEL", "CHECK", "VERSION")
@@ -224,22 +228,41 @@ def wanted_rules(config: Mapping[str, Any], base: InitConfig) -> InitConfig | No
         )
     if redirect.strip().lower() == _FALSE:
         return None
+    return dataclasses.replace(
+        base, proxy_port=_port_annotation(annotations, base), passthrough=_passthrough_annotation(annotations)
+    )
+
+
+def _port_annotation(annotations: Mapping[str, Any], base: InitConfig) -> int:
+    """The pod's proxy port: its annotation, else the node's proxyPort.
+
+    Raises:
+        CniError: code 7 for a value that is not a port.
+    """
     port_text = annotations.get(PORT_ANNOTATION)
     if port_text is None:
-        return base
+        return base.proxy_port
     if not isinstance(port_text, str):
         raise CniError(INVALID_CONFIG, f"annotation {PORT_ANNOTATION}: {port_text!r} is not a string")
     try:
-        port = parse_port(port_text, f"annotation {PORT_ANNOTATION}")
+        return parse_port(port_text, f"annotation {PORT_ANNOTATION}")
     except ConfigError as exc:
         raise CniError(INVALID_CONFIG, str(exc)) from None
-    return InitConfig(
-        proxy_port=port,
-        proxy_uid=base.proxy_uid,
-        metadata_ip=base.metadata_ip,
-        metadata_port=base.metadata_port,
-        backend=base.backend,
-    )
+
+
+def _passthrough_annotation(annotations: Mapping[str, Any]) -> Passthrough:
+    """The pod's pass-through policy (as its sidecar's AZWI_PASSTHROUGH): "all" unless it says "none".
+
+    Raises:
+        CniError: code 7 for another value.
+    """
+    value = annotations.get(PASSTHROUGH_ANNOTATION, "all")
+    if not isinstance(value, str) or value.strip().lower() not in PASSTHROUGH_POLICIES:
+        raise CniError(
+            INVALID_CONFIG,
+            f"annotation {PASSTHROUGH_ANNOTATION}: {value!r} is not one of {', '.join(PASSTHROUGH_POLICIES)}",
+        )
+    return "none" if value.strip().lower() == "none" else "all"
 
 
 def pod_of(cni_args: str) -> str:

@@ -17,6 +17,7 @@ from azwi_netproxy.settings import (
     DEFAULT_METADATA_PORT,
     DEFAULT_PROXY_PORT,
     DEFAULT_PROXY_UID,
+    PASSTHROUGH_POLICIES,
     flag_or_env,
     parse_ipv4,
     parse_log_level,
@@ -26,6 +27,9 @@ from azwi_netproxy.settings import (
 
 Backend = Literal["auto", "nftables", "iptables"]
 InitAction = Literal["install", "dry-run", "check", "cleanup"]
+# The sidecar's pass-through policy (its --passthrough / AZWI_PASSTHROUGH): only "all" needs
+# the proxy's uid exempted from the redirect.
+Passthrough = Literal["all", "none"]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -36,8 +40,10 @@ class InitConfig:
     metadata_port: int = DEFAULT_METADATA_PORT
     backend: Backend = "auto"
     action: InitAction = "install"
-    # Fail closed: processes other than the proxy reach METADATA_IP only through the proxy.
+    # Fail closed: nothing but the exempt pass-through reaches METADATA_IP except through the proxy.
     fail_closed: bool = True
+    # "none": no uid is exempt from the redirect (the sidecar never reaches IMDS itself).
+    passthrough: Passthrough = "all"
     log_level: str = "info"
 
 
@@ -70,6 +76,10 @@ def load(flags: Mapping[str, object], environ: Mapping[str, str]) -> InitConfig:
         flag_or_env(flags.get("metadata_port"), environ, "METADATA_PORT", DEFAULT_METADATA_PORT),  # type: ignore[arg-type]
         "METADATA_PORT" if flags.get("metadata_port") is None else "--metadata-port",
     )
+    passthrough = str(flag_or_env(flags.get("passthrough"), environ, "AZWI_PASSTHROUGH", "all")).strip()
+    if passthrough not in PASSTHROUGH_POLICIES:
+        name = "AZWI_PASSTHROUGH" if flags.get("passthrough") is None else "--passthrough"
+        raise ConfigError(f"{name}: {passthrough!r} is not one of {', '.join(PASSTHROUGH_POLICIES)}")
     return InitConfig(
         proxy_port=proxy_port,
         proxy_uid=proxy_uid,
@@ -78,5 +88,6 @@ def load(flags: Mapping[str, object], environ: Mapping[str, str]) -> InitConfig:
         backend=backend,  # type: ignore[arg-type]
         action=action,  # type: ignore[arg-type]
         fail_closed=not bool(flags.get("allow_other_metadata_traffic")),
+        passthrough=passthrough,  # type: ignore[arg-type]
         log_level=log_level,
     )

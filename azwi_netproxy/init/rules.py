@@ -12,13 +12,17 @@ Rules:
    in the form `iptc.easy.decode_iptc_rule` returns them, so `--check` is a plain comparison
    (tests/test_init_netns.py proves both round trips on a real kernel).
 
-What the rules do (issue 3):
+What the rules do:
 - nat OUTPUT: TCP from the pod's processes to METADATA_IP:METADATA_PORT is redirected to
-  127.0.0.1:PROXY_PORT, except packets of PROXY_UID (the proxy's pass-through to real IMDS).
-- filter OUTPUT (fail closed, on by default): anything else to METADATA_IP from processes
-  other than PROXY_UID is rejected. The filter hook (priority 0) runs after the nat hook
-  (priority -100), so a redirected packet arrives there with daddr 127.0.0.1 and passes;
-  what still carries METADATA_IP is another port or protocol.
+  127.0.0.1:PROXY_PORT.
+- filter OUTPUT (fail closed, on by default): anything else to METADATA_IP is rejected. The
+  filter hook (priority 0) runs after the nat hook (priority -100), so a redirected packet
+  arrives there with daddr 127.0.0.1 and passes; what still carries METADATA_IP is another
+  port or protocol.
+- The exemption, only where the sidecar's pass-through needs it (`exempt_uid`): TCP from
+  PROXY_UID to METADATA_IP:METADATA_PORT, and nothing else of that uid, skips both. Any
+  process that can become that uid (root in the pod can) reaches the real IMDS through it,
+  so every mode that needs no pass-through (`--passthrough none`, node mode) installs none.
 """
 
 from __future__ import annotations
@@ -83,7 +87,9 @@ class Ruleset:
     """The configuration values the rules depend on."""
 
     proxy_port: int
-    proxy_uid: int
+    # The uid whose TCP to METADATA_IP:METADATA_PORT skips the redirect (the sidecar's
+    # pass-through); None: nothing is exempt, whatever uid a process runs as.
+    exempt_uid: int | None
     metadata_ip: str
     metadata_port: int
     fail_closed: bool = True
@@ -92,7 +98,7 @@ class Ruleset:
     def from_config(cls, cfg: InitConfig) -> Ruleset:
         return cls(
             proxy_port=cfg.proxy_port,
-            proxy_uid=cfg.proxy_uid,
+            exempt_uid=cfg.proxy_uid if cfg.passthrough == "all" else None,
             metadata_ip=cfg.metadata_ip,
             metadata_port=cfg.metadata_port,
             fail_closed=cfg.fail_closed,
@@ -100,30 +106,67 @@ class Ruleset:
 
     def rules(self) -> tuple[Rule, ...]:
         """The desired rules in evaluation order, nat hook first."""
+        ip, port = self.metadata_ip, self.metadata_port
+        # Only what pass-through needs: TCP to IMDS's own port. The uid's other traffic to
+        # the address (other ports, UDP, ICMP) is redirected or rejected like anyone's.
+        exempt: tuple[Rule, ...] = ()
+        if self.exempt_uid is not None:
+            exempt = (
+                Rule(
+                    hook="nat",
+                    purpose="proxy-uid-bypass",
+                    uid=self.exempt_uid,
+                    daddr=ip,
+                    protocol="tcp",
+                    dport=port,
+                    verdict="return",
+                ),
+            )
         nat = (
-            Rule(hook="nat", purpose="proxy-uid-bypass", uid=self.proxy_uid, verdict="return"),
+            *exempt,
             Rule(
                 hook="nat",
                 purpose="redirect-imds",
-                daddr=self.metadata_ip,
+                daddr=ip,
                 protocol="tcp",
-                dport=self.metadata_port,
+                dport=port,
                 verdict="redirect",
                 to_port=self.proxy_port,
             ),
         )
         if not self.fail_closed:
             return nat
-        ip = self.metadata_ip
+        filter_exempt: tuple[Rule, ...] = ()
+        if self.exempt_uid is not None:
+            filter_exempt = (
+                Rule(
+                    hook="filter",
+                    purpose="proxy-uid-bypass",
+                    uid=self.exempt_uid,
+                    daddr=ip,
+                    protocol="tcp",
+                    dport=port,
+                    verdict="return",
+                ),
+                # The proxy's own connections to IMDS must be able to close: after close()
+                # the socket is orphaned, `meta skuid`/`-m owner` no longer match its FIN and
+                # RST, and the kernel's TIME_WAIT replies carry no socket at all. Conntrack
+                # still knows the flow. Nothing else can be established to that port, because
+                # the first packet of any other flow is rejected below (its conntrack entry is
+                # never confirmed). Without an exemption nothing is ever established there.
+                Rule(
+                    hook="filter",
+                    purpose="established",
+                    daddr=ip,
+                    protocol="tcp",
+                    dport=port,
+                    established=True,
+                    verdict="return",
+                ),
+            )
         return (
             *nat,
-            Rule(hook="filter", purpose="proxy-uid-bypass", uid=self.proxy_uid, verdict="return"),
-            # The proxy's own connections to IMDS must be able to close: after close() the
-            # socket is orphaned, `meta skuid`/`-m owner` no longer match its FIN and RST, and
-            # the kernel's TIME_WAIT replies carry no socket at all. Conntrack still knows the
-            # flow. Nothing else can be established to METADATA_IP, because the first packet
-            # of any other flow is rejected below (its conntrack entry is never confirmed).
-            Rule(hook="filter", purpose="established", daddr=ip, established=True, verdict="return"),
+            *filter_exempt,
             Rule(
                 hook="filter", purpose="fail-closed-tcp", daddr=ip, protocol="tcp", verdict="reject-tcp-reset"
             ),

@@ -184,6 +184,7 @@ def run_init(
             "metadata_ip": cfg.metadata_ip,
             "metadata_port": cfg.metadata_port,
             "fail_closed": cfg.fail_closed,
+            "passthrough": cfg.passthrough,
             "action": cfg.action,
         },
     )

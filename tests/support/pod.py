@@ -77,7 +77,7 @@ TOKEN_URL: Final = (
     "?api-version=2018-02-01&resource=https://management.azure.com/"
 )
 INSTANCE_URL: Final = f"http://{METADATA_IP}/metadata/instance?api-version=2021-02-01"
-RULESET: Final = rules.Ruleset(proxy_port=PROXY_PORT, proxy_uid=PROXY_UID,
+RULESET: Final = rules.Ruleset(proxy_port=PROXY_PORT, exempt_uid=PROXY_UID,
                                metadata_ip=METADATA_IP, metadata_port=IMDS_PORT)
 
 # azure-identity as an app uses it: no endpoint override, so it calls 169.254.169.254.
