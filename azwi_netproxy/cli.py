@@ -1,4 +1,5 @@
-"""Command lines of `azwi-netproxy`, `azwi-netproxy-init`, `azwi-netproxy-cni` and its agent.
+"""Command lines of `azwi-netproxy`, `azwi-netproxy-init`, `azwi-netproxy-cni` and its agent,
+and `azwi-netproxy-node` (node mode's node process).
 
 The only module that sees argv and os.environ. Exit codes: 0 success, 1 runtime failure,
 2 bad flag, environment value or file (one clear line on stderr, nothing changed).
@@ -305,3 +306,44 @@ def cni_agent_main(argv: Sequence[str] | None = None) -> int:
     finally:
         if writer is not None:
             writer.drain()
+
+
+def node_parser() -> argparse.ArgumentParser:
+    parser = _parser(
+        "azwi-netproxy-node",
+        "node mode: answer IMDS token requests for every pod of this node enrolled by the CNI "
+        "plugin, inside each pod's network namespace (env AZURE_TENANT_ID, AZURE_AUTHORITY_HOST, "
+        "AZWI_KUBELET_PODS_DIR, AZWI_NODE_PASSTHROUGH, AZWI_CNI_RUN_DIR, LOG_LEVEL, ...)",
+    )
+    parser.add_argument("--version", action="version", version=f"azwi-netproxy-node {__version__}")
+    parser.add_argument("--log-level", default=None, help="debug, info, warning or error (env LOG_LEVEL)")
+    parser.add_argument("--metrics-port", default=None, help="Prometheus metrics on this port (0.0.0.0)")
+    parser.add_argument(
+        "--check", action="store_true", help="exit 0 only if this node's node process answers (readiness)"
+    )
+    return parser
+
+
+def node_main(argv: Sequence[str] | None = None) -> int:
+    args = node_parser().parse_args(argv)
+    try:
+        from azwi_netproxy.proxy import config, files
+
+        cfg = config.load_node(vars(args), os.environ, _environment_proxies())
+        if cfg.identity_binding is None and not cfg.check:
+            files.check_trust_store(cfg.ssl_cert_file, cfg.ssl_cert_dir)
+    except ConfigError as exc:
+        return _config_error("azwi-netproxy-node", exc)
+    if cfg.check:
+        from azwi_netproxy import nodecontrol
+
+        try:
+            nodecontrol.call(cfg.run_dir, {"op": "ping"}, timeout_s=5.0)
+        except (nodecontrol.NodeUnavailable, nodecontrol.NodeRefused, OSError) as exc:
+            sys.stdout.write(f"{exc}\n")
+            return 1
+        return 0
+    writer = logs.configure(cfg.log_level, logger_name="node")
+    from azwi_netproxy.proxy.node import run_node
+
+    return run_node(cfg, writer)

@@ -7,13 +7,12 @@ line that names the file and the entry at fault.
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass, field
 from typing import Any, Final
 
 from azwi_netproxy.errors import ConfigError
+from azwi_netproxy.settings import GUID
 
-_GUID: Final = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
 _KNOWN_TOP: Final = frozenset({"onlyListed", "identities"})
 _KNOWN_ENTRY: Final = frozenset({"clientID", "resourceID", "objectID", "tenantID", "name"})
 
@@ -37,17 +36,20 @@ class IdentityMap:
 
 
 def _guid(value: Any, where: str, key: str) -> str:
-    if not isinstance(value, str) or not _GUID.match(value.strip()):
+    if not isinstance(value, str) or not GUID.match(value.strip()):
         raise ConfigError(f"{where}: {key} {value!r} is not a GUID")
     return value.strip().lower()
 
 
-def parse_identity_map(text: str, *, source: str = "identity map") -> IdentityMap:
+def parse_identity_map(text: str, *, source: str = "identity map", label: str | None = None) -> IdentityMap:
     """Parse and check an identity map (YAML or JSON).
+
+    Errors begin with `label` (default: AZWI_IDENTITY_MAP and the file's name, `source`).
 
     Raises:
         ConfigError: malformed document, unknown keys, bad GUIDs or duplicates.
     """
+    label = label or f"AZWI_IDENTITY_MAP {source}"
     doc: Any
     if text.lstrip().startswith("{"):
         # JSON first: it allows tab indentation, which YAML does not.
@@ -55,7 +57,7 @@ def parse_identity_map(text: str, *, source: str = "identity map") -> IdentityMa
             doc = json.loads(text)
         except json.JSONDecodeError as exc:
             raise ConfigError(
-                f"AZWI_IDENTITY_MAP {source}: not valid JSON at line {exc.lineno}: {exc.msg}"
+                f"{label}: not valid JSON at line {exc.lineno}: {exc.msg}"
             ) from None
     else:
         import yaml  # only pods with a map pay for PyYAML's import at start-up
@@ -65,27 +67,27 @@ def parse_identity_map(text: str, *, source: str = "identity map") -> IdentityMa
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             at = f" at line {mark.line + 1}" if mark is not None else ""
-            raise ConfigError(f"AZWI_IDENTITY_MAP {source}: not valid YAML or JSON{at}") from None
+            raise ConfigError(f"{label}: not valid YAML or JSON{at}") from None
     if not isinstance(doc, dict):
-        raise ConfigError(f"AZWI_IDENTITY_MAP {source}: expected a mapping with 'identities'")
+        raise ConfigError(f"{label}: expected a mapping with 'identities'")
     unknown = set(doc) - _KNOWN_TOP
     if unknown:
-        raise ConfigError(f"AZWI_IDENTITY_MAP {source}: unknown key {sorted(map(str, unknown))[0]!r}")
+        raise ConfigError(f"{label}: unknown key {sorted(map(str, unknown))[0]!r}")
     only_listed = doc.get("onlyListed", False)
     if not isinstance(only_listed, bool):
-        raise ConfigError(f"AZWI_IDENTITY_MAP {source}: onlyListed must be true or false")
+        raise ConfigError(f"{label}: onlyListed must be true or false")
     entries = doc.get("identities")
     if entries is None:
         entries = []
     if not isinstance(entries, list):
-        raise ConfigError(f"AZWI_IDENTITY_MAP {source}: identities must be a list")
+        raise ConfigError(f"{label}: identities must be a list")
 
     by_client: dict[str, MappedIdentity] = {}
     by_resource: dict[str, MappedIdentity] = {}
     by_object: dict[str, MappedIdentity] = {}
     identities: list[MappedIdentity] = []
     for index, entry in enumerate(entries):
-        where = f"AZWI_IDENTITY_MAP {source}: identities[{index}]"
+        where = f"{label}: identities[{index}]"
         if not isinstance(entry, dict):
             raise ConfigError(f"{where}: expected a mapping")
         unknown = set(entry) - _KNOWN_ENTRY

@@ -302,7 +302,7 @@ class AccessLog:
         self._second = -1
         self._prefix = ""
         # Requests repeat (the same few token URLs); escape each once.
-        self._fields: dict[tuple[str, bytes, int, str | None, str | None], tuple[str, str]] = {}
+        self._fields: dict[tuple[str, bytes, int, str | None, str | None, str | None], tuple[str, str]] = {}
 
     @property
     def dropped_lines(self) -> int:
@@ -345,10 +345,19 @@ class AccessLog:
         return "".join(parts)
 
     def fields(
-        self, method: str, target: bytes, status: int, client_id: str | None, cache: str | None
+        self,
+        method: str,
+        target: bytes,
+        status: int,
+        client_id: str | None,
+        cache: str | None,
+        pod: str | None = None,
     ) -> tuple[str, str]:
-        """The constant parts of a line around the duration, escaped once per distinct request."""
-        key = (method, target, status, client_id, cache)
+        """The constant parts of a line around the duration, escaped once per distinct request.
+
+        `pod` (node mode: namespace/name) names the pod the request came from.
+        """
+        key = (method, target, status, client_id, cache, pod)
         fields = self._fields.get(key)
         if fields is None:
             message = "successfully acquired token" if status == 200 and cache else "request"
@@ -362,6 +371,8 @@ class AccessLog:
                 tail += f',"client_id":{json.dumps(client_id)}'
             if cache is not None:
                 tail += f',"cache":{json.dumps(cache)}'
+            if pod is not None:
+                tail += f',"pod":{json.dumps(pod)}'
             fields = (head, tail + "}\n")
             if len(self._fields) > 2048:
                 self._fields.clear()
@@ -390,10 +401,11 @@ class AccessLog:
         duration_us: int,
         client_id: str | None,
         cache: str | None,
+        pod: str | None = None,
     ) -> None:
         """An access line for any answer (errors, pass-through, probes)."""
         if self.enabled:
-            self.line(now, self.fields(method, target, status, client_id, cache), duration_us)
+            self.line(now, self.fields(method, target, status, client_id, cache, pod), duration_us)
 
     def flush(self) -> None:
         self._flush_scheduled = False

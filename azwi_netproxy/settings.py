@@ -9,6 +9,7 @@ configuration (proxy/config.py, init/config.py) builds on these.
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Mapping
 from typing import Final
 
@@ -19,6 +20,9 @@ DEFAULT_PROXY_UID: Final = 1501
 DEFAULT_METADATA_IP: Final = "169.254.169.254"
 DEFAULT_METADATA_PORT: Final = 80
 LOG_LEVELS: Final = ("debug", "info", "warning", "error")
+# Where the CNI plugin, its agent and the node process keep their state (AZWI_CNI_RUN_DIR):
+# the host's path, mounted at the same path in the DaemonSet's containers.
+DEFAULT_RUN_DIR: Final = "/var/run/azwi-netproxy"
 # The pod annotations of CNI mode and node mode (CONTRACT.md, azwi-netproxy-cni and "Node
 # mode"): the plugin reads them, the migration tool writes them.
 CNI_REDIRECT_ANNOTATION: Final = "azwi-netproxy.io/redirect"
@@ -30,6 +34,11 @@ NODE_TENANT_ID_ANNOTATION: Final = "azwi-netproxy.io/tenant-id"
 NODE_IDENTITY_MAP_ANNOTATION: Final = "azwi-netproxy.io/identity-map"
 # The sidecar's and the init's pass-through policy (--passthrough, AZWI_PASSTHROUGH).
 PASSTHROUGH_POLICIES: Final = ("all", "none")
+
+# Entra client, object and tenant IDs are GUIDs; a tenant may also be named by its domain,
+# as azidentity accepts it in the token URL's path.
+GUID: Final = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
+TENANT: Final = re.compile(r"^[0-9A-Za-z.-]+$")
 
 # Upstream's logger (mlog) also knows these names, and the webhook passes its own current
 # level to the sidecar and its probe, so all of them must be accepted. An empty value is
@@ -100,3 +109,27 @@ def flag_or_env(flag: object, environ: Mapping[str, str], env_name: str, default
     if value is not None and value.strip() != "":
         return value
     return default
+
+
+def parse_client_id(value: str, name: str) -> str:
+    """A client ID (a GUID), lower-cased.
+
+    Raises:
+        ConfigError: anything else.
+    """
+    text = value.strip()
+    if not GUID.match(text):
+        raise ConfigError(f"{name}: {value!r} is not a client ID (a GUID)")
+    return text.lower()
+
+
+def parse_tenant_id(value: str, name: str) -> str:
+    """A tenant: a GUID or a domain name, as it goes into the token URL's path.
+
+    Raises:
+        ConfigError: anything else.
+    """
+    text = value.strip()
+    if not TENANT.match(text):
+        raise ConfigError(f"{name}: {value!r} is not a tenant ID (a GUID or a domain name)")
+    return text

@@ -8,7 +8,8 @@ Depends: /bin/sh, awk (mawk; gawk and busybox where installed), hypothesis.
 The judge is Python's json module: the shim must hand on exactly the prevResult of the
 configuration it got (as a runtime's next plugin would read it), whatever JSON the
 cluster's plugin put there, for pods that did not ask for the redirect; and refuse every
-configuration that names the annotation with any value but "false" (as Go's encoder, which
+configuration that names either annotation (the redirect's, node mode's) with any value but
+"false" (as Go's encoder, which
 containerd's libcni uses, writes it: no blank space; any other spelling, an escaped slash
 included, counts as asking).
 """
@@ -87,13 +88,17 @@ def test_without_agent_a_pod_that_did_not_ask_gets_prev_result_unchanged(
     assert json.loads(done.stdout) == prev
 
 
+@pytest.mark.parametrize("annotation", ["azwi-netproxy.io/redirect", "azwi-netproxy.io/node-proxy"])
 @pytest.mark.parametrize("awk", KINDS)
-def test_without_agent_only_the_annotation_decides(tmp_path: Path, awk: str) -> None:
+def test_without_agent_only_the_annotation_decides(tmp_path: Path, awk: str, annotation: str) -> None:
     path = _shim(tmp_path, awk)
     prev = {"cniVersion": "1.0.0", "ips": [{"address": "198.18.0.2/30"}]}
+    # The other mode's annotation saying "false" changes nothing: this one still asks.
+    other = ({"azwi-netproxy.io/node-proxy": "false"} if annotation.endswith("redirect")
+             else {"azwi-netproxy.io/redirect": "false"})
     for value in ("true", "True", "yes", ""):
         config = {"cniVersion": "1.0.0", "type": "azwi-netproxy", "prevResult": prev,
-                  "runtimeConfig": {"io.kubernetes.cri.pod-annotations": {"azwi-netproxy.io/redirect": value}}}
+                  "runtimeConfig": {"io.kubernetes.cri.pod-annotations": {**other, annotation: value}}}
         for command in ("ADD", "CHECK"):
             done = _call(path, command, json.dumps(config, separators=(",", ":")))
             body = json.loads(done.stdout)
@@ -102,19 +107,19 @@ def test_without_agent_only_the_annotation_decides(tmp_path: Path, awk: str) -> 
         # the same name): still refused, whatever the value, "false" included.
         for escaped_value, slash in itertools.product((value, "false"), ("\\/", "\\u002f", "\\u002F")):
             text = json.dumps({**config, "runtimeConfig": {"io.kubernetes.cri.pod-annotations": {
-                "azwi-netproxy.io/redirect": escaped_value}}}, separators=(",", ":"))
-            text = text.replace("azwi-netproxy.io/redirect", f"azwi-netproxy.io{slash}redirect")
+                annotation: escaped_value}}}, separators=(",", ":"))
+            text = text.replace(annotation, annotation.replace("/", slash))
             assert json.loads(text)["runtimeConfig"]["io.kubernetes.cri.pod-annotations"] == {
-                "azwi-netproxy.io/redirect": escaped_value}
+                annotation: escaped_value}
             done = _call(path, "ADD", text)
             assert done.returncode == 1 and json.loads(done.stdout)["code"] == 11, done
     off = {"cniVersion": "1.0.0", "type": "azwi-netproxy", "prevResult": prev,
-           "runtimeConfig": {"io.kubernetes.cri.pod-annotations": {"azwi-netproxy.io/redirect": "false"}}}
+           "runtimeConfig": {"io.kubernetes.cri.pod-annotations": {**other, annotation: "false"}}}
     done = _call(path, "ADD", json.dumps(off, separators=(",", ":")))
     assert done.returncode == 0 and json.loads(done.stdout) == prev, done
     # DEL succeeds whatever was asked; CHECK of a pod that did not ask passes; VERSION answers.
     assert _call(path, "DEL", json.dumps({"runtimeConfig": {"io.kubernetes.cri.pod-annotations": {
-        "azwi-netproxy.io/redirect": "true"}}})).returncode == 0
+        annotation: "true"}}})).returncode == 0
     assert _call(path, "CHECK", json.dumps(off, separators=(",", ":"))).returncode == 0
     version = _call(path, "VERSION", "")
     assert version.returncode == 0 and "1.0.0" in json.loads(version.stdout)["supportedVersions"]

@@ -31,14 +31,13 @@ from typing import Any, Final
 from azwi_netproxy.cni import chain, shim, spec
 from azwi_netproxy.cni.spec import PLUGIN_TYPE
 from azwi_netproxy.errors import ConfigError
-from azwi_netproxy.settings import parse_log_level
+from azwi_netproxy.settings import DEFAULT_RUN_DIR, parse_log_level
 
 log = logging.getLogger(__name__)
 
 STATE_FILE_NAME: Final = "cni-agent"
 DEFAULT_BIN_DIR: Final = "/host/opt/cni/bin"
 DEFAULT_CONF_DIR: Final = "/host/etc/cni/net.d"
-DEFAULT_RUN_DIR: Final = "/var/run/azwi-netproxy"
 DEFAULT_INTERVAL_S: Final = 2.0
 _TRUE: Final = frozenset({"true", "1", "yes"})
 _FALSE: Final = frozenset({"false", "0", "no", ""})

@@ -11,8 +11,8 @@ nor our libraries are installed; the agent's container has both. So the shim:
 2. opens CNI_NETNS, which exists only in the runtime's mount namespace, as descriptor 3;
 3. enters the agent's mount namespace and root with nsenter (util-linux, on every node)
    and runs `python -I -m azwi_netproxy.cni` there, stdin and CNI_ variables unchanged.
-Without a live agent, a pod whose configuration names our annotation (other than with the
-exact value "false") fails ADD and CHECK with code 11 (try again later: the runtime
+Without a live agent, a pod whose configuration names our redirect or node-proxy annotation
+(other than with the exact value "false") fails ADD and CHECK with code 11 (try again later: the runtime
 retries the sandbox), so none starts without the rules it asked for; any other pod gets
 prevResult handed on, cut out of stdin by a small JSON scanner in awk (POSIX, on every
 node), so the node's other pods do not depend on our agent; DEL always succeeds (the
@@ -22,6 +22,7 @@ namespace is being torn down anyway).
 from __future__ import annotations
 
 import json
+import os
 import shlex
 
 from azwi_netproxy.cni.spec import SUPPORTED_VERSIONS, TRY_AGAIN_LATER, version_body
@@ -99,22 +100,32 @@ VERSION)
     ;;
 esac
 
+# Whether the configuration on stdin ($config) names the annotation azwi-netproxy.io/$1
+# with any value but "false". JSON may escape the slash: those spellings count as asking
+# too (never as not asking).
+asks() {
+    case "$config" in
+    *'"azwi-netproxy.io/'"$1"'":"false"'*) return 1 ;;
+    *'"azwi-netproxy.io/'"$1"'"'* | *'"azwi-netproxy.io\/'"$1"'"'* | \
+        *'"azwi-netproxy.io\u002'[fF]"$1"'"'*) return 0 ;;
+    esac
+    return 1
+}
+
 if ! pid=$(agent_pid); then
     [ "${CNI_COMMAND:-}" = DEL ] && exit 0
     config=$(cat)
-    case "$config" in
-    *'"azwi-netproxy.io/redirect":"false"'*) ;;
-    # JSON may escape the slash: those spellings count as asking too (never as not asking).
-    *'"azwi-netproxy.io/redirect"'* | *'"azwi-netproxy.io\/redirect"'* | \
-        *'"azwi-netproxy.io\u002'[fF]'redirect"'*)
+    if asks redirect || asks node-proxy; then
         fail "the azwi-netproxy CNI node agent is not running on this node" \
-            "the pod asked for the redirect; the runtime retries once the agent runs again"
-        ;;
-    esac
+            "the pod asked for the redirect or node mode; the runtime retries once the agent runs again"
+    fi
     [ "${CNI_COMMAND:-}" = ADD ] || exit 0
     printf '%s\n' "$config" | LC_ALL=C awk "$PREV_RESULT"
     exit
 fi
+# Where the plugin finds the node process (node mode): the agent's run dir, the host's path.
+AZWI_CNI_RUN_DIR=@RUN_DIR@
+export AZWI_CNI_RUN_DIR
 if [ -n "${CNI_NETNS:-}" ] && [ -e "$CNI_NETNS" ]; then
     exec 3<"$CNI_NETNS"
     AZWI_CNI_NETNS_FD=3
@@ -127,9 +138,10 @@ exec nsenter --target "$pid" --mount --root --wd -- "$PYTHON" -I -m azwi_netprox
 
 
 def render(*, state_file: str, python: str) -> str:
-    """The shim for an agent that keeps its state in `state_file` and runs `python`."""
+    """The shim for an agent that keeps its state in `state_file` (in its run dir) and runs `python`."""
     return (
         _TEMPLATE.replace("@STATE@", shlex.quote(state_file))
+        .replace("@RUN_DIR@", shlex.quote(os.path.dirname(state_file)))
         .replace("@PYTHON@", shlex.quote(python))
         .replace("@VERSION_BODY@", json.dumps(version_body(), separators=(",", ":")))
         .replace("@VERSION@", SUPPORTED_VERSIONS[-1])

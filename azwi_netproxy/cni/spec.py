@@ -21,10 +21,11 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal
 
+from azwi_netproxy.enrolment import check_identity_map, check_pod_uid
 from azwi_netproxy.errors import ConfigError
 from azwi_netproxy.init.config import InitConfig, Passthrough
 from azwi_netproxy.settings import (
@@ -35,10 +36,16 @@ from azwi_netproxy.settings import (
     DEFAULT_METADATA_PORT,
     DEFAULT_PROXY_PORT,
     DEFAULT_PROXY_UID,
+    NODE_CLIENT_ID_ANNOTATION,
+    NODE_IDENTITY_MAP_ANNOTATION,
+    NODE_PROXY_ANNOTATION,
+    NODE_TENANT_ID_ANNOTATION,
     PASSTHROUGH_POLICIES,
+    parse_client_id,
     parse_ipv4,
     parse_log_level,
     parse_port,
+    parse_tenant_id,
     parse_uid,
 )
 
@@ -65,6 +72,9 @@ INVALID_CONFIG: Final = 7
 TRY_AGAIN_LATER: Final = 11
 RULES_FAILED: Final = 100
 RULES_DIFFER: Final = 101
+# Node mode: the node process could not serve the pod, or (CHECK) does not serve it.
+NODE_FAILED: Final = 102
+NODE_NOT_SERVING: Final = 103
 
 _STANDARD_KEYS: Final = frozenset(
     {
@@ -98,6 +108,16 @@ class CniError(Exception):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class NodeRequest:
+    """A pod that asked for node mode: what the node process needs to serve it (checked)."""
+
+    pod_uid: str
+    client_id: str | None
+    tenant_id: str | None
+    identity_map: str | None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Invocation:
     """One checked call of the plugin."""
 
@@ -108,6 +128,8 @@ class Invocation:
     ifname: str = ""
     # What ADD and CHECK act on; None for pods that did not ask for the redirect.
     rules: InitConfig | None = None
+    # Node mode (its rules, in `rules`, exempt no uid); None for other pods.
+    node: NodeRequest | None = None
     # What DEL removes: ours, in the config's backend (both frameworks for auto).
     cleanup: InitConfig = field(default_factory=lambda: InitConfig(action="cleanup"))
     prev_result: Mapping[str, Any] | None = None
@@ -210,27 +232,100 @@ def _annotations(config: Mapping[str, Any]) -> Mapping[str, Any]:
     return annotations
 
 
+def _asks(annotations: Mapping[str, Any], name: str) -> bool:
+    """Whether the boolean annotation `name` says "true".
+
+    Raises:
+        CniError: code 7 for a value other than "true" or "false".
+    """
+    value = annotations.get(name)
+    if value is None:
+        return False
+    # Kubernetes annotation values are strings; the same spelling the webhook's are.
+    if not isinstance(value, str) or value.strip().lower() not in (_TRUE, _FALSE):
+        raise CniError(INVALID_CONFIG, f'annotation {name}: {value!r} is not "true" or "false"')
+    return value.strip().lower() == _TRUE
+
+
 def wanted_rules(config: Mapping[str, Any], base: InitConfig) -> InitConfig | None:
-    """The rules this pod asked for with its annotations, or None if it did not ask.
+    """The rules this pod asked for with its annotations (CNI mode), or None if it did not ask.
 
     Raises:
         CniError: code 7 for an annotation value we cannot act on.
     """
     annotations = _annotations(config)
-    redirect = annotations.get(REDIRECT_ANNOTATION)
-    if redirect is None:
-        return None
-    # Kubernetes annotation values are strings; the same spelling the webhook's are.
-    if not isinstance(redirect, str) or redirect.strip().lower() not in (_TRUE, _FALSE):
-        raise CniError(
-            INVALID_CONFIG,
-            f'annotation {REDIRECT_ANNOTATION}: {redirect!r} is not "true" or "false"',
-        )
-    if redirect.strip().lower() == _FALSE:
+    if not _asks(annotations, REDIRECT_ANNOTATION):
         return None
     return dataclasses.replace(
         base, proxy_port=_port_annotation(annotations, base), passthrough=_passthrough_annotation(annotations)
     )
+
+
+def _optional(
+    annotations: Mapping[str, Any], name: str, parse: Callable[[str, str], str]
+) -> str | None:
+    """The annotation's value checked by `parse` (which names what it checks), or None.
+
+    Raises:
+        CniError: code 7, naming the annotation.
+    """
+    value = annotations.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise CniError(INVALID_CONFIG, f"annotation {name}: {value!r} is not a string")
+    try:
+        return parse(value, f"annotation {name}")
+    except ConfigError as exc:
+        raise CniError(INVALID_CONFIG, str(exc)) from None
+
+
+def wanted_node(
+    config: Mapping[str, Any], base: InitConfig, cni_args: Mapping[str, str]
+) -> tuple[InitConfig, NodeRequest] | None:
+    """The rules and node-process request of a pod that asked for node mode, or None.
+
+    The rules exempt no uid: nothing in the pod, whatever uid it runs as, reaches the
+    metadata address except through the node process's listener.
+
+    Raises:
+        CniError: code 7 for an annotation we cannot act on (named), or a pod that asks
+            for both modes; code 4 when the runtime passes no K8S_POD_UID.
+    """
+    annotations = _annotations(config)
+    if not _asks(annotations, NODE_PROXY_ANNOTATION):
+        return None
+    if _asks(annotations, REDIRECT_ANNOTATION):
+        raise CniError(
+            INVALID_CONFIG,
+            f"annotations {NODE_PROXY_ANNOTATION} and {REDIRECT_ANNOTATION} both ask: choose one mode",
+        )
+    pod_uid = cni_args.get("K8S_POD_UID", "")
+    if not pod_uid:
+        raise CniError(
+            INVALID_ENVIRONMENT,
+            "CNI_ARGS has no K8S_POD_UID: node mode needs a runtime that passes it "
+            "(containerd 1.6 or later, CRI-O 1.22 or later)",
+        )
+    try:
+        uid = check_pod_uid(pod_uid)
+    except ConfigError as exc:
+        raise CniError(INVALID_ENVIRONMENT, str(exc)) from None
+    request = NodeRequest(
+        pod_uid=uid,
+        client_id=_optional(annotations, NODE_CLIENT_ID_ANNOTATION, parse_client_id),
+        tenant_id=_optional(annotations, NODE_TENANT_ID_ANNOTATION, parse_tenant_id),
+        identity_map=_optional(annotations, NODE_IDENTITY_MAP_ANNOTATION, check_identity_map),
+    )
+    if PASSTHROUGH_ANNOTATION in annotations:
+        # Node mode's pass-through is the node's setting (AZWI_NODE_PASSTHROUGH), never a pod's.
+        raise CniError(
+            INVALID_CONFIG,
+            f"annotation {PASSTHROUGH_ANNOTATION} does not apply to node mode: "
+            "pass-through is the node's setting",
+        )
+    rules = dataclasses.replace(base, proxy_port=_port_annotation(annotations, base), passthrough="none")
+    return rules, request
 
 
 def _port_annotation(annotations: Mapping[str, Any], base: InitConfig) -> int:
@@ -265,10 +360,15 @@ def _passthrough_annotation(annotations: Mapping[str, Any]) -> Passthrough:
     return "none" if value.strip().lower() == "none" else "all"
 
 
+def cni_args_of(cni_args: str) -> dict[str, str]:
+    """CNI_ARGS's KEY=VALUE pairs (separated by ';')."""
+    return dict(part.split("=", 1) for part in cni_args.split(";") if "=" in part)
+
+
 def pod_of(cni_args: str) -> str:
     """The pod that CNI_ARGS names (the kubelet's runtimes set K8S_POD_NAMESPACE and
     K8S_POD_NAME), as namespace/name; '' if it names none."""
-    pairs = dict(part.split("=", 1) for part in cni_args.split(";") if "=" in part)
+    pairs = cni_args_of(cni_args)
     name = pairs.get("K8S_POD_NAME", "")
     return f"{pairs.get('K8S_POD_NAMESPACE', '')}/{name}" if name else ""
 
@@ -311,18 +411,25 @@ def parse(environ: Mapping[str, str], stdin: bytes) -> Invocation:
     prev = config.get("prevResult")
     if prev is not None and not isinstance(prev, dict):
         raise CniError(INVALID_CONFIG, "prevResult is not an object")
+    cni_args = environ.get("CNI_ARGS", "")
+    # DEL removes only ours, whatever the annotations say now: they are not read.
+    node = None if command == "DEL" else wanted_node(config, base, cni_args_of(cni_args))
+    if node is not None:
+        rules: InitConfig | None = node[0]
+    else:
+        rules = None if command == "DEL" else wanted_rules(config, base)
     return Invocation(
         command=command,
         cni_version=version,
         container_id=container_id,
         netns=netns,
         ifname=ifname,
-        # DEL removes only ours, whatever the annotations say now: they are not read.
-        rules=None if command == "DEL" else wanted_rules(config, base),
+        rules=rules,
+        node=None if node is None else node[1],
         cleanup=InitConfig(backend=base.backend, action="cleanup"),
         prev_result=prev,
         log_level=log_level,
-        pod=pod_of(environ.get("CNI_ARGS", "")),
+        pod=pod_of(cni_args),
     )
 
 

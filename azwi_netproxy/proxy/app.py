@@ -118,6 +118,8 @@ class TokenApp:
         metrics: Metrics,
         access_log: AccessLog,
         clock: Callable[[], float] | None = None,
+        pod: str | None = None,
+        memo_limit: int = _MEMO_LIMIT,
     ) -> None:
         self._router = router
         self._cache = cache
@@ -129,6 +131,10 @@ class TokenApp:
         # answer's expires_in and the access line.
         self._clock = clock if clock is not None else cache.clock
         self._targets: dict[bytes, _Target] = {}
+        self._memo_limit = memo_limit
+        # Node mode: the pod this app answers (namespace/name), named in every log line.
+        self._pod = pod
+        self._log_extra: dict[str, object] = {} if pod is None else {"pod": pod}
         self.ready = True
 
     # ---- entry points ----
@@ -167,7 +173,7 @@ class TokenApp:
     def refuse(self, error: NetproxyError) -> Response:
         """The answer to an error the server met itself (server.Handler)."""
         if not error.public:
-            log.error("internal error", extra={"error": repr(error)})
+            log.error("internal error", extra={**self._log_extra, "error": repr(error)})
         return error_response(error)
 
     # ---- judging ----
@@ -190,7 +196,7 @@ class TokenApp:
             except NetproxyError as exc:
                 result = _Target(route, path, query, error=exc)
         if len(raw_target) <= _MEMO_TARGET_BYTES:
-            if len(self._targets) >= _MEMO_LIMIT:
+            if len(self._targets) >= self._memo_limit:
                 self._targets.clear()
             self._targets[raw_target] = result
         return result
@@ -225,7 +231,7 @@ class TokenApp:
         except NetproxyError as exc:
             return self._fail(request, exc, started, target)
         except Exception:
-            log.exception("token request failed", extra={"client_id": target.client_id})
+            log.exception("token request failed", extra={**self._log_extra, "client_id": target.client_id})
             return self._fail(request, NetproxyError("internal"), started, target)
         return self._token_answer(request, target, token, outcome, started, self._clock())
 
@@ -258,7 +264,7 @@ class TokenApp:
             fields = target.log_fields.get(outcome)
             if fields is None:
                 # CacheOutcome is a StrEnum: the member is its own string.
-                fields = access.fields("GET", request.target, 200, target.client_id, outcome)
+                fields = access.fields("GET", request.target, 200, target.client_id, outcome, self._pod)
                 target.log_fields[outcome] = fields
             access.line(now, fields, int((_monotonic() - started) * 1_000_000))
         return response
@@ -284,15 +290,16 @@ class TokenApp:
         try:
             response = await passthrough.forward(request, target.path, target.query)
         except NetproxyError as exc:
+            extra = {**self._log_extra, "path": target.path, "error": str(exc)}
             if isinstance(exc, UpstreamError):
-                log.warning("pass-through failed", extra={"path": target.path, "error": str(exc)})
+                log.warning("pass-through failed", extra=extra)
             elif isinstance(exc, BadRequest):
-                log.info("pass-through refused", extra={"path": target.path, "error": str(exc)})
+                log.info("pass-through refused", extra=extra)
             else:
-                log.error("pass-through failed", extra={"path": target.path, "error": str(exc)})
+                log.error("pass-through failed", extra=extra)
             return self._fail(request, exc, started, target)
         except Exception:
-            log.exception("pass-through failed", extra={"path": target.path})
+            log.exception("pass-through failed", extra={**self._log_extra, "path": target.path})
             return self._fail(request, NetproxyError("internal"), started, target)
         self._finish(request, response, started, "passthrough", None, None)
         return response
@@ -325,4 +332,5 @@ class TokenApp:
                 int((_monotonic() - started) * 1_000_000),
                 client_id,
                 cache,
+                self._pod,
             )

@@ -26,7 +26,7 @@ import enum
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Final
@@ -80,6 +80,7 @@ class TokenCache:
         refresh_retry_s: float = 30.0,
         failure_backoff_s: float = 2.0,
         on_event: Callable[[str], None] | None = None,
+        log_extra: Mapping[str, object] | None = None,
     ) -> None:
         if max_entries < 1:
             raise ValueError("max_entries must be at least 1")
@@ -92,6 +93,8 @@ class TokenCache:
         self._refresh_retry_s = refresh_retry_s
         self._failure_backoff_s = failure_backoff_s
         self._on_event = on_event
+        # Fields every log line of this cache carries (node mode: the pod's name).
+        self._log_extra = dict(log_extra or {})
         self._entries: OrderedDict[CacheKey, Token] = OrderedDict()
         # The one running fetch per key, background or not (single flight across both).
         self._inflight: dict[CacheKey, asyncio.Task[Token]] = {}
@@ -247,6 +250,7 @@ class TokenCache:
 
     def _log_refresh_failure(self, key: CacheKey, exc: Exception) -> None:
         extra: dict[str, object] = {
+            **self._log_extra,
             "tenant_id": key.tenant_id,
             "client_id": key.client_id,
             "scope": key.scope,

@@ -17,7 +17,7 @@ import ssl
 import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Final, Literal
+from typing import Any, Final, Literal
 
 from azwi_netproxy.errors import ConfigError
 from azwi_netproxy.identitymap import IdentityMap
@@ -25,19 +25,21 @@ from azwi_netproxy.settings import (
     DEFAULT_METADATA_IP,
     DEFAULT_METADATA_PORT,
     DEFAULT_PROXY_PORT,
+    DEFAULT_RUN_DIR,
+    GUID,
+    TENANT,
     parse_ipv4,
     parse_log_level,
     parse_port,
+    parse_tenant_id,
 )
 
 PassthroughPolicy = Literal["all", "none"]
 
 DEFAULT_AUTHORITY_HOST: Final = "https://login.microsoftonline.com/"
-# A tenant in the token URL's path: a GUID or a domain name, as azidentity accepts one.
-_TENANT: Final = re.compile(r"^[0-9A-Za-z.-]+$")
+DEFAULT_KUBELET_PODS_DIR: Final = "/var/lib/kubelet/pods"
 # A server name for TLS: dot-separated labels (underscores tolerated, as some names carry them).
 _HOST_NAME: Final = re.compile(r"^[0-9A-Za-z_-]+(\.[0-9A-Za-z_-]+)*$")
-_GUID: Final = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -205,24 +207,12 @@ def load(
     tenant_id = environ.get("AZURE_TENANT_ID", "").strip()
     if not tenant_id:
         raise ConfigError("AZURE_TENANT_ID is not set (the workload identity webhook injects it)")
-    if not _TENANT.match(tenant_id):
+    if not TENANT.match(tenant_id):
         raise ConfigError(f"AZURE_TENANT_ID: {tenant_id!r} is not a tenant ID (a GUID or a domain name)")
     token_file = environ.get("AZURE_FEDERATED_TOKEN_FILE", "").strip()
     if not token_file:
         raise ConfigError("AZURE_FEDERATED_TOKEN_FILE is not set (the workload identity webhook injects it)")
-    authority = environ.get("AZURE_AUTHORITY_HOST", "").strip() or DEFAULT_AUTHORITY_HOST
-    parsed = urllib.parse.urlsplit(authority)
-    if parsed.scheme not in ("https", "http") or not parsed.hostname:
-        raise ConfigError(f"AZURE_AUTHORITY_HOST: {authority!r} is not an https URL")
-    if parsed.scheme == "http" and parsed.hostname not in ("localhost", "127.0.0.1"):
-        raise ConfigError(f"AZURE_AUTHORITY_HOST: {authority!r} must use https")
-    # The token URL is the authority followed by a path: these would break every exchange.
-    _check_url_rest(parsed, authority, "AZURE_AUTHORITY_HOST")
-
-    via_proxy = exchange_proxies(proxies or {})
-    for scheme, value in via_proxy.items():
-        _check_proxy_url(value, f"{scheme.upper()}_PROXY")
-
+    exchange = _load_exchange(environ, proxies)
     metadata_ip = parse_ipv4(environ.get("METADATA_IP") or DEFAULT_METADATA_IP, "METADATA_IP")
     metadata_port = parse_port(environ.get("METADATA_PORT") or DEFAULT_METADATA_PORT, "METADATA_PORT")
 
@@ -239,12 +229,8 @@ def load(
     map_path = environ.get("AZWI_IDENTITY_MAP", "").strip() or None
 
     default_client_id = environ.get("AZURE_CLIENT_ID", "").strip() or None
-    if default_client_id is not None and not _GUID.match(default_client_id):
+    if default_client_id is not None and not GUID.match(default_client_id):
         raise ConfigError(f"AZURE_CLIENT_ID: {default_client_id!r} is not a client ID (a GUID)")
-
-    identity_binding = _load_binding(environ)
-    ssl_cert_file = environ.get("SSL_CERT_FILE", "").strip() or None
-    ssl_cert_dir = environ.get("SSL_CERT_DIR", "").strip() or None
 
     return ProxyConfig(
         proxy_port=proxy_port,
@@ -253,15 +239,111 @@ def load(
         tenant_id=tenant_id,
         default_client_id=default_client_id,
         federated_token_file=token_file,
-        authority_host=authority,
-        identity_binding=identity_binding,
         identity_map_path=map_path,
         metadata_ip=metadata_ip,
         metadata_port=metadata_port,
         passthrough=passthrough,  # type: ignore[arg-type]
         metrics_port=metrics_port,
-        ssl_cert_file=ssl_cert_file,
-        ssl_cert_dir=ssl_cert_dir,
-        # Identity binding's token proxy is in the cluster: never through an HTTP proxy.
-        via_environment_proxy=bool(via_proxy) and identity_binding is None,
+        **exchange,
     )
+
+
+def _load_exchange(environ: Mapping[str, str], proxies: Mapping[str, str] | None) -> dict[str, Any]:
+    """Where exchanges go and how (the sidecar's and the node process's alike): the authority
+    host, identity binding, the trust store and the HTTP proxy, as config fields.
+
+    Raises:
+        ConfigError: any bad value, naming it.
+    """
+    authority = environ.get("AZURE_AUTHORITY_HOST", "").strip() or DEFAULT_AUTHORITY_HOST
+    parsed = urllib.parse.urlsplit(authority)
+    if parsed.scheme not in ("https", "http") or not parsed.hostname:
+        raise ConfigError(f"AZURE_AUTHORITY_HOST: {authority!r} is not an https URL")
+    if parsed.scheme == "http" and parsed.hostname not in ("localhost", "127.0.0.1"):
+        raise ConfigError(f"AZURE_AUTHORITY_HOST: {authority!r} must use https")
+    # The token URL is the authority followed by a path: these would break every exchange.
+    _check_url_rest(parsed, authority, "AZURE_AUTHORITY_HOST")
+
+    via_proxy = exchange_proxies(proxies or {})
+    for scheme, value in via_proxy.items():
+        _check_proxy_url(value, f"{scheme.upper()}_PROXY")
+    identity_binding = _load_binding(environ)
+    return {
+        "authority_host": authority,
+        "identity_binding": identity_binding,
+        "ssl_cert_file": environ.get("SSL_CERT_FILE", "").strip() or None,
+        "ssl_cert_dir": environ.get("SSL_CERT_DIR", "").strip() or None,
+        # Identity binding's token proxy is in the cluster: never through an HTTP proxy.
+        "via_environment_proxy": bool(via_proxy) and identity_binding is None,
+    }
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class NodeConfig:
+    """The node process's configuration (node mode): the exchange as the sidecar's, and what
+    every pod it serves shares. A pod's own values (client, tenant, map, port) come with its
+    enrolment, not from here."""
+
+    log_level: str = "info"
+    check: bool = False
+    # For pods without the azwi-netproxy.io/tenant-id annotation; without it they must have one.
+    tenant_id: str | None = None
+    authority_host: str = DEFAULT_AUTHORITY_HOST
+    identity_binding: IdentityBinding | None = None
+    metadata_ip: str = DEFAULT_METADATA_IP
+    metadata_port: int = DEFAULT_METADATA_PORT
+    # Pass-through leaves the node, not the pod: off unless the node's configuration says so.
+    passthrough: PassthroughPolicy = "none"
+    metrics_port: int | None = None
+    ssl_cert_file: str | None = None
+    ssl_cert_dir: str | None = None
+    via_environment_proxy: bool = False
+    exchange_timeout_s: float = 10.0
+    exchange_deadline_s: float = 20.0
+    # Per pod: a pod asks for a few identities and resources, not a thousand.
+    cache_max_entries: int = 64
+    kubelet_pods_dir: str = DEFAULT_KUBELET_PODS_DIR
+    run_dir: str = DEFAULT_RUN_DIR
+
+
+def load_node(
+    flags: Mapping[str, object],
+    environ: Mapping[str, str],
+    proxies: Mapping[str, str] | None = None,
+) -> NodeConfig:
+    """Build the node process's configuration from its flags (None = not given), its
+    environment (the DaemonSet's) and the proxies the environment names.
+
+    Raises:
+        ConfigError: any bad value, naming it.
+    """
+    log_level = parse_log_level(flags.get("log_level") or environ.get("LOG_LEVEL") or None)
+    check = bool(flags.get("check"))
+    run_dir = _absolute_path(environ, "AZWI_CNI_RUN_DIR", DEFAULT_RUN_DIR)
+    if check:
+        return NodeConfig(log_level=log_level, check=True, run_dir=run_dir)
+    tenant_text = environ.get("AZURE_TENANT_ID", "").strip()
+    passthrough = environ.get("AZWI_NODE_PASSTHROUGH", "").strip() or "none"
+    if passthrough not in ("all", "none"):
+        raise ConfigError(f"AZWI_NODE_PASSTHROUGH: {passthrough!r} is not one of all, none")
+    metrics_port = None
+    if flags.get("metrics_port") is not None:
+        metrics_port = parse_port(flags["metrics_port"], "--metrics-port")  # type: ignore[arg-type]
+    return NodeConfig(
+        log_level=log_level,
+        tenant_id=parse_tenant_id(tenant_text, "AZURE_TENANT_ID") if tenant_text else None,
+        metadata_ip=parse_ipv4(environ.get("METADATA_IP") or DEFAULT_METADATA_IP, "METADATA_IP"),
+        metadata_port=parse_port(environ.get("METADATA_PORT") or DEFAULT_METADATA_PORT, "METADATA_PORT"),
+        passthrough=passthrough,  # type: ignore[arg-type]
+        metrics_port=metrics_port,
+        kubelet_pods_dir=_absolute_path(environ, "AZWI_KUBELET_PODS_DIR", DEFAULT_KUBELET_PODS_DIR),
+        run_dir=run_dir,
+        **_load_exchange(environ, proxies),
+    )
+
+
+def _absolute_path(environ: Mapping[str, str], name: str, default: str) -> str:
+    value = environ.get(name, "").strip() or default
+    if not value.startswith("/"):
+        raise ConfigError(f"{name}: {value!r} is not an absolute path")
+    return value

@@ -18,7 +18,7 @@ import random
 import re
 import ssl
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, NamedTuple, Protocol
 
@@ -253,7 +253,7 @@ def _parse_token(response: _Answer, now: int) -> Token:
 
 
 @contextlib.contextmanager
-def _map_transport_errors(url_for_log: str) -> Iterator[None]:
+def _map_transport_errors(url_for_log: str, log_extra: Mapping[str, object]) -> Iterator[None]:
     """httpx errors → UpstreamUnavailable (the one place they are translated)."""
     import httpx
 
@@ -271,7 +271,7 @@ def _map_transport_errors(url_for_log: str) -> Iterator[None]:
                 retry_after_s=_DEFAULT_RETRY_AFTER_S,
             ) from exc
         cause = type(exc.__cause__ or exc).__name__
-        log.debug("token service unreachable", extra={"url": url_for_log, "cause": cause})
+        log.debug("token service unreachable", extra={**log_extra, "url": url_for_log, "cause": cause})
         raise UpstreamUnavailable(
             f"Cannot reach the token service ({cause})", retry_after_s=_DEFAULT_RETRY_AFTER_S
         ) from exc
@@ -303,8 +303,11 @@ class Exchanger:
         on_result: Callable[[str, float], None] | None = None,
         clock: Callable[[], float] = time.time,
         sleep: Callable[[float], Any] = asyncio.sleep,
+        log_extra: Mapping[str, object] | None = None,
     ) -> None:
         self._endpoint = endpoint
+        # Fields every log line of this exchanger carries (node mode: the pod's name).
+        self._log_extra = dict(log_extra or {})
         self._read_assertion = read_assertion
         self._policy = policy or ExchangePolicy()
         self._on_result = on_result
@@ -363,7 +366,12 @@ class Exchanger:
                 break
             log.info(
                 "retrying token exchange",
-                extra={"client_id": key.client_id, "attempt": attempt + 2, "reason": str(last)},
+                extra={
+                    **self._log_extra,
+                    "client_id": key.client_id,
+                    "attempt": attempt + 2,
+                    "reason": str(last),
+                },
             )
             await self._sleep(delay)
         assert last is not None
@@ -378,7 +386,7 @@ class Exchanger:
             "client_assertion_type": ASSERTION_TYPE,
             "client_assertion": assertion,
         }
-        with _map_transport_errors(url):
+        with _map_transport_errors(url, self._log_extra):
             response = await _post(client, url, form, timeout_s=timeout_s, extensions=extensions)
         status = response.status
         if status == 200:

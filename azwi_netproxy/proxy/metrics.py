@@ -42,6 +42,8 @@ class Metrics:
         self.log_lines_dropped: Callable[[], int] = lambda: 0
         # The cache counts its hits itself (see TokenCache.hits); added to cache_events.
         self.cache_hits: Callable[[], int] = lambda: 0
+        # Node mode: how many pods the node process serves (the gauge is absent in a sidecar).
+        self.pods: Callable[[], int] | None = None
         self._registry: CollectorRegistry | None = None
 
     def count_request(self, route: str, status: int) -> None:
@@ -143,6 +145,10 @@ class _Collector:
         if earliest is not None:
             expiry.add_metric([], max(earliest - time.time(), 0.0))
         yield expiry
+        if m.pods is not None:
+            pods = GaugeMetricFamily(f"{NAMESPACE}_node_pods", "Pods the node process serves")
+            pods.add_metric([], m.pods())
+            yield pods
 
     def describe(self) -> list[Any]:
         return []

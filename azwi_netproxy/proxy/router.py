@@ -7,16 +7,18 @@ cannot be resolved is an error that says why, never silently the default identit
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Final
 
 from azwi_netproxy.errors import BadRequest, UnknownIdentity
 from azwi_netproxy.identitymap import IdentityMap
 from azwi_netproxy.proxy.imds import MSG_IDENTITY_NOT_FOUND
+from azwi_netproxy.settings import GUID
 
-# Entra client IDs are GUIDs; anything else could never be exchanged.
-_GUID: Final = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
+MSG_NO_DEFAULT: Final = (
+    "No client_id in the request and AZURE_CLIENT_ID is not set: annotate the "
+    "service account with azure.workload.identity/client-id or pass client_id"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,12 +30,22 @@ class Identity:
 class Router:
     """Resolves selectors against AZURE_CLIENT_ID and the optional identity map."""
 
-    __slots__ = ("_default", "_map", "_tenant")
+    __slots__ = ("_default", "_map", "_no_default", "_tenant")
 
-    def __init__(self, *, default_client_id: str | None, tenant_id: str, identity_map: IdentityMap) -> None:
+    def __init__(
+        self,
+        *,
+        default_client_id: str | None,
+        tenant_id: str,
+        identity_map: IdentityMap,
+        no_default: str = MSG_NO_DEFAULT,
+    ) -> None:
         self._default = default_client_id.lower() if default_client_id else None
         self._tenant = tenant_id
         self._map = identity_map
+        # What a request without client_id is told when there is no default (where the
+        # default comes from differs: the sidecar's environment, node mode's annotation).
+        self._no_default = no_default
 
     def resolve(self, selector: tuple[str, str] | None) -> Identity:
         """The identity for a request's selector (None = the pod's default).
@@ -44,14 +56,11 @@ class Router:
         """
         if selector is None:
             if self._default is None:
-                raise BadRequest(
-                    "No client_id in the request and AZURE_CLIENT_ID is not set: annotate the "
-                    "service account with azure.workload.identity/client-id or pass client_id"
-                )
+                raise BadRequest(self._no_default)
             return self._client(self._default)
         kind, value = selector
         if kind == "client_id":
-            if not _GUID.match(value):
+            if not GUID.match(value):
                 raise BadRequest(f"client_id '{value}' is not a GUID")
             return self._client(value.lower())
         if kind == "object_id":

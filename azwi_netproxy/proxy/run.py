@@ -20,7 +20,7 @@ from azwi_netproxy.errors import NetproxyError, NotFound, PassthroughLoop, Upstr
 from azwi_netproxy.logs import AccessLog, LineWriter
 from azwi_netproxy.proxy.app import TokenApp, error_response
 from azwi_netproxy.proxy.cache import TokenCache
-from azwi_netproxy.proxy.config import ProxyConfig
+from azwi_netproxy.proxy.config import NodeConfig, ProxyConfig
 from azwi_netproxy.proxy.entra import (
     AuthorityEndpoint,
     Endpoint,
@@ -57,7 +57,7 @@ class MetricsApp:
         return error_response(error)
 
 
-def _warm_exchanges(endpoint: Endpoint) -> None:
+def warm_exchanges(endpoint: Endpoint) -> None:
     """Import httpx and build the exchange client now that /readyz answers, so that the first
     exchange pays for neither (loading a trust store file of a system's size takes about
     40 ms), and a trust store OpenSSL cannot load is reported at start, once."""
@@ -69,7 +69,7 @@ def _warm_exchanges(endpoint: Endpoint) -> None:
         log.error("cannot prepare token exchanges: every exchange will fail", extra={"error": str(exc)})
 
 
-def make_endpoint(cfg: ProxyConfig) -> Endpoint:
+def make_endpoint(cfg: ProxyConfig | NodeConfig) -> Endpoint:
     if cfg.identity_binding is not None:
         from azwi_netproxy.proxy.binding import BindingEndpoint
 
@@ -176,7 +176,7 @@ async def serve(cfg: ProxyConfig, started: float, writer: LineWriter | None = No
             "cannot read the federated token file yet: token requests fail until it can be read",
             extra={"path": cfg.federated_token_file},
         )
-    loop.call_later(0.05, _warm_exchanges, endpoint)
+    loop.call_later(0.05, warm_exchanges, endpoint)
     background: set[asyncio.Task[None]] = set()
     if passthrough is not None:
         task = loop.create_task(check_passthrough_loop(passthrough))

@@ -7,6 +7,11 @@ the server meets itself (a broken request, a crash while answering) are answered
 handler too, so every error body comes from app.py's one renderer. Timeouts are deadlines
 swept once a second rather than timer handles re-armed on every request.
 
+One server may listen on several sockets, each with its own handler (node mode: a listener
+inside each pod's network namespace, answered by that pod's app); the deadline sweeper,
+the limits and the shutdown order are shared, and closing one listener closes every
+connection it accepted.
+
 Connection states and their deadline:
     idle (new connection)      header_timeout_s   (nothing sent yet: slowloris guard)
     idle (after a response)    keepalive_timeout_s
@@ -18,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import time
 from collections import deque
 from collections.abc import Coroutine
@@ -51,6 +57,17 @@ class ServerLimits:
     shutdown_grace_s: float = 5.0
 
 
+class Listener:
+    """One listening socket, the handler that answers its connections, and those connections."""
+
+    __slots__ = ("app", "connections", "server")
+
+    def __init__(self, app: Handler) -> None:
+        self.app = app
+        self.connections: set[HttpProtocol] = set()
+        self.server: asyncio.Server | None = None
+
+
 @dataclass(slots=True)
 class ServerState:
     limits: ServerLimits
@@ -67,6 +84,7 @@ class HttpProtocol(asyncio.Protocol):
         "_busy",
         "_closed",
         "_in_flight",
+        "_listener",
         "_loop",
         "_queue",
         "_read_paused",
@@ -80,8 +98,9 @@ class HttpProtocol(asyncio.Protocol):
         "seen_activity",
     )
 
-    def __init__(self, app: Handler, state: ServerState, loop: asyncio.AbstractEventLoop) -> None:
-        self._app = app
+    def __init__(self, listener: Listener, state: ServerState, loop: asyncio.AbstractEventLoop) -> None:
+        self._listener = listener
+        self._app = listener.app
         self._state = state
         self._loop = loop
         self._reader = RequestReader()
@@ -105,18 +124,20 @@ class HttpProtocol(asyncio.Protocol):
         # uvloop's transports are not asyncio.Transport subclasses: cast, do not assert.
         self._transport = cast(asyncio.Transport, transport)
         state = self._state
-        if state.shutting_down or len(state.connections) >= state.limits.max_connections:
+        # The cap is per listener: in node mode one pod's clients cannot use up another's.
+        if state.shutting_down or len(self._listener.connections) >= state.limits.max_connections:
             state.rejected_connections += 1
             self._closed = True
             self._transport.abort()
             return
         state.connections.add(self)
+        self._listener.connections.add(self)
         self.quiet_since = self._loop.time()
         self.deadline = self.quiet_since + state.limits.header_timeout_s
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
-        self._state.connections.discard(self)
+        self._forget()
         self._queue.clear()
         # Nobody is left to read the answer. A shared token fetch is shielded by the cache
         # and goes on for the other waiters.
@@ -244,7 +265,7 @@ class HttpProtocol(asyncio.Protocol):
             serialize(self._app.refuse(exc), date=self._state.date.value(), head=False, keep_alive=False)
         )
         self._closed = True
-        self._state.connections.discard(self)
+        self._forget()
         # Closing with unread input makes the kernel send a reset, which can destroy the
         # answer before the client reads it (an oversized header, say). Shut our side,
         # drain and drop what still comes for a moment, then close (Go does the same).
@@ -273,12 +294,23 @@ class HttpProtocol(asyncio.Protocol):
         if not self._closed and self._transport is not None:
             self._closed = True
             self._transport.close()
+        self._forget()
+
+    def _forget(self) -> None:
         self._state.connections.discard(self)
+        self._listener.connections.discard(self)
 
     # ---- called by the server ----
     def expire(self) -> None:
         """The deadline passed: a slow or idle client. Close without an answer, as Go does."""
         self._close()
+
+    def abort(self) -> None:
+        """Its listener is closed for good (the pod is gone): drop the connection now."""
+        if not self._closed and self._transport is not None:
+            self._closed = True
+            self._transport.abort()
+        self._forget()
 
     def shutdown(self) -> None:
         """Close now if idle; otherwise finish the request in flight and close after it."""
@@ -300,26 +332,55 @@ class HttpProtocol(asyncio.Protocol):
 
 
 class HttpServer:
-    """Owns the listening socket, the deadline sweeper and the shutdown order."""
+    """Owns the listening sockets, the deadline sweeper and the shutdown order."""
 
-    def __init__(self, app: Handler, limits: ServerLimits | None = None) -> None:
+    def __init__(self, app: Handler | None = None, limits: ServerLimits | None = None) -> None:
         self._app = app
         self.state = ServerState(limits=limits or ServerLimits())
-        self._server: asyncio.Server | None = None
+        self._listeners: set[Listener] = set()
         self._sweeper: asyncio.Task[None] | None = None
 
     async def start(self, host: str, port: int) -> int:
+        """Listen on host:port for the server's own handler; the port bound."""
+        assert self._app is not None, "a server without a handler of its own only takes sockets"
+        listener = Listener(self._app)
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(
-            lambda: HttpProtocol(self._app, self.state, loop),
+        listener.server = await loop.create_server(
+            lambda: HttpProtocol(listener, self.state, loop),
             host=host,
             port=port,
             reuse_address=True,
             backlog=1024,
         )
-        self._sweeper = loop.create_task(self._sweep())
-        sockets = self._server.sockets
+        self._serving(listener)
+        sockets = listener.server.sockets
         return int(sockets[0].getsockname()[1]) if sockets else port
+
+    async def listen(self, sock: socket.socket, app: Handler, *, backlog: int = 128) -> Listener:
+        """Serve `app` on an already listening socket (made in another namespace, say).
+
+        The server takes the socket over: closing the listener closes it.
+        """
+        listener = Listener(app)
+        loop = asyncio.get_running_loop()
+        listener.server = await loop.create_server(
+            lambda: HttpProtocol(listener, self.state, loop), sock=sock, backlog=backlog
+        )
+        self._serving(listener)
+        return listener
+
+    def close_listener(self, listener: Listener) -> None:
+        """Stop accepting on `listener` and drop every connection it accepted, at once."""
+        self._listeners.discard(listener)
+        if listener.server is not None:
+            listener.server.close()
+        for connection in list(listener.connections):
+            connection.abort()
+
+    def _serving(self, listener: Listener) -> None:
+        self._listeners.add(listener)
+        if self._sweeper is None:
+            self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
 
     async def _sweep(self) -> None:
         loop = asyncio.get_running_loop()
@@ -341,8 +402,9 @@ class HttpServer:
         """Stop accepting, let in-flight answers finish (bounded), then close everything."""
         state = self.state
         state.shutting_down = True
-        if self._server is not None:
-            self._server.close()
+        servers = [listener.server for listener in self._listeners if listener.server is not None]
+        for server in servers:
+            server.close()
         for connection in list(state.connections):
             connection.shutdown()
         deadline = time.monotonic() + state.limits.shutdown_grace_s
@@ -356,5 +418,5 @@ class HttpServer:
             task.cancel()
         if self._sweeper is not None:
             self._sweeper.cancel()
-        if self._server is not None:
-            await self._server.wait_closed()
+        for server in servers:
+            await server.wait_closed()

@@ -150,12 +150,15 @@ class Runtime:
     """libcni's handling of one conflist, for one container (module docstring)."""
 
     def __init__(self, bin_dirs: Sequence[Path], *, container_id: str, netns: str,
-                 ifname: str = "eth0", annotations: Mapping[str, str] | None = None) -> None:
+                 ifname: str = "eth0", annotations: Mapping[str, str] | None = None,
+                 args: Mapping[str, str] | None = None) -> None:
         self.path = ":".join(str(d) for d in bin_dirs)
         self.container_id = container_id
         self.netns = netns
         self.ifname = ifname
         self.annotations = dict(annotations or {})
+        # CNI_ARGS, as the CRI plugins set them (K8S_POD_NAMESPACE, K8S_POD_NAME, K8S_POD_UID).
+        self.args = dict(args or {})
         self.cached: Any = None  # the ADD result, which DEL and CHECK get as prevResult
 
     def _find(self, plugin_type: str) -> Path:
@@ -189,6 +192,9 @@ class Runtime:
             "CNI_IFNAME": self.ifname,
             "CNI_PATH": self.path,
         }
+        if self.args:
+            # containerd's order and its IgnoreUnknown, which tells plugins to skip keys they do not know.
+            env["CNI_ARGS"] = ";".join(["IgnoreUnknown=1", *(f"{k}={v}" for k, v in self.args.items())])
         # Compact, as Go's encoding/json (libcni) writes it.
         stdin = config if isinstance(config, bytes) else json.dumps(config, separators=(",", ":")).encode()
         done = subprocess.run([str(self._find(plugin_type))], input=stdin, env=env,

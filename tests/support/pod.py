@@ -191,6 +191,18 @@ class Curl:
         return f"curl exit {self.exit_code}, HTTP {self.status}: {self.body[:400]!r} {self.stderr!r}"
 
 
+def curl_in(ns: str, url: str, *headers: str, uid: int | None = CLIENT_UID,
+            max_time_s: float = 10.0) -> Curl:
+    """curl in namespace `ns` as `uid` (None: root), with `Metadata: true` and any extra headers."""
+    argv = ["curl", "-sS", "--max-time", str(max_time_s), "-H", "Metadata: true"]
+    for header in headers:
+        argv += ["-H", header]
+    argv += ["-w", "\n%{http_code}", url]
+    done = netns.run_in(ns, argv, uid=uid, env={"PATH": "/usr/bin:/bin"}, timeout=max_time_s + 10)
+    body, _, code = done.stdout.rpartition("\n")
+    return Curl(done.returncode, int(code or 0), body, done.stderr.strip())
+
+
 @dataclass
 class PodSandbox:
     """One whole pod and the handles tests use on it (see the module docstring)."""
@@ -339,14 +351,7 @@ class PodSandbox:
     def curl(self, url: str, *headers: str, uid: int = CLIENT_UID,
              max_time_s: float = 10.0) -> Curl:
         """curl as `uid` in POD, with `Metadata: true` and any extra headers."""
-        argv = ["curl", "-sS", "--max-time", str(max_time_s), "-H", "Metadata: true"]
-        for header in headers:
-            argv += ["-H", header]
-        argv += ["-w", "\n%{http_code}", url]
-        done = netns.run_in(self.topo.pod, argv, uid=uid, env={"PATH": "/usr/bin:/bin"},
-                            timeout=max_time_s + 10)
-        body, _, code = done.stdout.rpartition("\n")
-        return Curl(done.returncode, int(code or 0), body, done.stderr.strip())
+        return curl_in(self.topo.pod, url, *headers, uid=uid, max_time_s=max_time_s)
 
     def sdk_token(self, scope: str, uid: int = CLIENT_UID) -> dict[str, Any]:
         """azure-identity's ManagedIdentityCredential().get_token(scope) as `uid` in POD.

@@ -97,22 +97,26 @@ class ProjectedToken:
 
     Rotation follows the kubelet's AtomicWriter: write a new timestamped dir, point a temp
     symlink at it and rename it over `..data`, so a reader sees the old or the new token,
-    never a partial one.
+    never a partial one. `relpath` is the item's path in the volume (the kubelet links its
+    first component): `token` here, `token/azure-identity-token` as webhook v1.6 projects it.
     """
 
-    def __init__(self, directory: Path, content: str) -> None:
+    def __init__(self, directory: Path, content: str, relpath: str = "token") -> None:
         self.directory = directory
-        self.path = directory / "token"
+        self.relpath = relpath
+        self.path = directory / relpath
         self._current: Path | None = None
         self.rotate(content)
-        self.path.symlink_to("..data/token")
+        top = relpath.split("/")[0]
+        (directory / top).symlink_to(f"..data/{top}")
 
     def rotate(self, content: str) -> None:
         stamp = f"..{time.strftime('%Y_%m_%d_%H_%M_%S')}.{uuid.uuid4().hex[:9]}"
         new_dir = self.directory / stamp
         new_dir.mkdir(mode=0o755)
         new_dir.chmod(0o755)
-        token = new_dir / "token"
+        token = new_dir / self.relpath
+        token.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
         token.write_text(content)
         token.chmod(0o644)
         tmp_link = self.directory / "..data_tmp"

@@ -1,0 +1,275 @@
+"""One node in node mode: pods in their own namespaces, the node process, the CNI plugin run
+through the agent's shim as a runtime runs it, the kubelet's pod directories, a fake Entra.
+
+Name: support.nodemode
+Scope: `node_mode()` builds it all in one `with` block and removes everything it made
+    (namespaces, processes by PID, temp dirs) when the block ends, even when it raises.
+Depends: root + netns + nft, support.cni_node (the real agent, its shim, `Runtime`),
+    support.netns, support.fake_entra, trustme, the package's `azwi-netproxy-node` in this venv.
+
+Topology (nothing linked to the root namespace, no forwarding, 198.18.0.0/15 addresses):
+
+    POD i (i = 0, 1, ...)  198.19.i.1/30 ---- 198.19.i.2   IMDS   169.254.169.254 (tripwires)
+                           default route via IMDS, as a pod has one
+    NODE                   198.18.0.1/30 ---- 198.18.0.2   IMDS   (the node's own IMDS: only
+                                                                    pass-through may go there)
+    NODE                   198.18.1.1/30 ---- 198.18.1.2   STS    (the fake Entra, HTTPS)
+
+The node process runs in NODE as root (its own namespace, like a DaemonSet's hostNetwork),
+reading pods' tokens from a kubelet-style pods dir: `<pods>/<uid>/volumes/kubernetes.io~projected/
+<volume-with-hash>/token/azure-identity-token`, rotated as the kubelet's AtomicWriter does.
+Every judgement of where traffic went belongs to the kernel (tripwire listeners in IMDS),
+to the fake Entra's records, and to curl, never to the product's code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+import trustme
+
+from support import netns
+from support.cni_node import REFERENCE_PLUGINS, Node, Outcome, Runtime, cluster_conflist, node
+from support.fake_entra import FakeEntraClient, issue_server_cert
+from support.pod import Curl, curl_in, in_netns
+from support.proxyproc import ProjectedToken, ScriptProcess, make_sa_token, new_guid, shared_tempdir, stop_process
+
+NODE_BINARY: Final = Path(sys.executable).with_name("azwi-netproxy-node")
+METADATA_IP: Final = netns.METADATA_IP
+NODE_IMDS_ADDR: Final = "198.18.0.2"
+STS_ADDR: Final = "198.18.1.2"
+TOKEN_URL: Final = (
+    f"http://{METADATA_IP}/metadata/identity/oauth2/token"
+    "?api-version=2018-02-01&resource=https://management.azure.com/"
+)
+INSTANCE_URL: Final = f"http://{METADATA_IP}/metadata/instance?api-version=2021-02-01"
+# Where the webhook's projected token lies in a pod's dir, by webhook version.
+LAYOUT_V16: Final = "token/azure-identity-token"
+LAYOUT_OLD: Final = "azure-identity-token"
+
+
+@dataclass
+class NodePod:
+    """One pod: its network namespace, its identity, its kubelet dir and its runtime handle."""
+
+    ns: str
+    index: int
+    uid: str
+    namespace: str
+    name: str
+    service_account: str
+    issuer: str
+    kubelet_dir: Path
+    runtime: Runtime
+    token: ProjectedToken | None = None
+
+    @property
+    def full_name(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+    @property
+    def subject(self) -> str:
+        return f"system:serviceaccount:{self.namespace}:{self.service_account}"
+
+    def new_sa_token(self) -> str:
+        return make_sa_token(self.namespace, self.service_account, issuer=self.issuer)
+
+    def project_token(self, layout: str = LAYOUT_V16) -> ProjectedToken:
+        """Project the service account token as the kubelet does (the volume's name hashed)."""
+        volume = self.kubelet_dir / "volumes" / "kubernetes.io~projected" / f"azure-identity-token-{uuid.uuid4().hex[:5]}"
+        volume.mkdir(parents=True, mode=0o755)
+        self.token = ProjectedToken(volume, self.new_sa_token(), relpath=layout)
+        return self.token
+
+    def curl(self, url: str = TOKEN_URL, *headers: str, uid: int | None = 1000, max_time_s: float = 10.0) -> Curl:
+        return curl_in(self.ns, url, *headers, uid=uid, max_time_s=max_time_s)
+
+
+@dataclass
+class NodeMode:
+    base: Path
+    node: Node
+    conflist: dict[str, Any]
+    node_ns: str
+    imds_ns: str
+    sts_ns: str
+    pods_dir: Path
+    ca_file: str
+    tenant_id: str
+    entra_process: ScriptProcess
+    stack: contextlib.ExitStack
+    pods: list[NodePod] = field(default_factory=list)
+    node_proc: subprocess.Popen[bytes] | None = None
+    node_env: dict[str, str] = field(default_factory=dict)
+    _node_logs: int = 0
+
+    # ---- the fake Entra ----
+
+    def entra(self) -> FakeEntraClient:
+        return FakeEntraClient(f"https://{STS_ADDR}:443", self.ca_file)
+
+    def add_app(self, client_id: str, *pods: NodePod) -> None:
+        """An app in the tenant whose federated credentials trust exactly these pods' accounts."""
+        issuers = {pod.issuer for pod in pods}
+        assert len(issuers) == 1
+        in_netns(self.sts_ns, lambda: self.entra().add_app(
+            self.tenant_id, client_id, [pod.subject for pod in pods], issuers.pop()))
+
+    def exchanges(self) -> list[dict[str, Any]]:
+        return in_netns(self.sts_ns, self.entra().exchanges)
+
+    # ---- pods ----
+
+    def new_pod(self, *, service_account: str | None = None, namespace: str | None = None,
+                issuer: str | None = None) -> NodePod:
+        """A pod's namespace (eth0-like veth to IMDS, default route) and kubelet dir; no ADD yet."""
+        index = len(self.pods)
+        ns = self.stack.enter_context(netns.namespace("aznpod"))
+        pod_addr, imds_addr = f"198.19.{index}.1", f"198.19.{index}.2"
+        netns.connect(ns, self.imds_ns, near_addr=pod_addr, far_addr=imds_addr)
+        netns.add_route(ns, "0.0.0.0/0", imds_addr)
+        uid = str(uuid.uuid4())
+        kubelet_dir = self.pods_dir / uid
+        kubelet_dir.mkdir(mode=0o750)
+        namespace = namespace or f"team-{uuid.uuid4().hex[:6]}"
+        name = f"app-{index}"
+        runtime = Runtime([self.node.bin_dir, REFERENCE_PLUGINS], container_id=uuid.uuid4().hex,
+                          netns=f"/run/netns/{ns}",
+                          args={"K8S_POD_NAMESPACE": namespace, "K8S_POD_NAME": name,
+                                "K8S_POD_INFRA_CONTAINER_ID": "x", "K8S_POD_UID": uid})
+        pod = NodePod(ns=ns, index=index, uid=uid, namespace=namespace, name=name,
+                      service_account=service_account or "workload",
+                      issuer=issuer or f"https://oidc.prod-aks.azure.com/{new_guid()}/",
+                      kubelet_dir=kubelet_dir, runtime=runtime)
+        self.pods.append(pod)
+        return pod
+
+    def add(self, pod: NodePod, annotations: Mapping[str, str] | None = None, *,
+            node_mode: bool = True) -> Outcome:
+        """ADD through the node's conflist, as the runtime does; the pod annotated for node
+        mode (unless `node_mode` is False) plus `annotations`."""
+        asked = {"azwi-netproxy.io/node-proxy": "true"} if node_mode else {}
+        pod.runtime.annotations = {**asked, **(annotations or {})}
+        return pod.runtime.add(self.conflist)
+
+    def delete(self, pod: NodePod) -> Outcome:
+        return pod.runtime.delete(self.conflist)
+
+    # ---- the node process ----
+
+    def start_node(self, ready_timeout_s: float = 20.0, **env: str) -> subprocess.Popen[bytes]:
+        """Start the node process in NODE (root, as the DaemonSet's container) and wait until
+        its control socket answers (`azwi-netproxy-node --check`)."""
+        assert self.node_proc is None or self.node_proc.poll() is not None, "a node process is already running"
+        self._node_logs += 1
+        log = self.base / f"node-{self._node_logs}.log"
+        full_env = {**self.node_env, **env}
+        with log.open("wb") as out:
+            self.node_proc = subprocess.Popen(
+                netns.ns_argv(self.node_ns, [str(NODE_BINARY)]), env=full_env,
+                stdin=subprocess.DEVNULL, stdout=out, stderr=out, cwd="/")
+        deadline = time.monotonic() + ready_timeout_s
+        while self.check_node() != 0:
+            if self.node_proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the node process never became ready:\n{self.node_log()}")
+            time.sleep(0.05)
+        return self.node_proc
+
+    def check_node(self) -> int:
+        return subprocess.run([str(NODE_BINARY), "--check"], env=self.node_env, capture_output=True,
+                              timeout=30, check=False).returncode
+
+    def stop_node(self, *, kill: bool = False) -> None:
+        proc, self.node_proc = self.node_proc, None
+        if proc is None:
+            return
+        if kill and proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        stop_process(proc, timeout_s=10)
+
+    def node_log(self) -> str:
+        return "\n".join(p.read_text(errors="replace") for p in sorted(self.base.glob("node-*.log")))
+
+    def node_log_entries(self) -> list[dict[str, Any]]:
+        entries = []
+        for line in self.node_log().splitlines():
+            with contextlib.suppress(ValueError):
+                entry = json.loads(line)
+                if isinstance(entry, dict):
+                    entries.append(entry)
+        return entries
+
+
+@contextlib.contextmanager
+def node_mode(python_env: Mapping[str, str] | None = None, **node_env: str) -> Iterator[NodeMode]:
+    """A node with the CNI agent running, a fake Entra in STS and no pods yet; the node
+    process is not started (tests start it, with `node_env` added to its environment)."""
+    with contextlib.ExitStack() as stack:
+        made = stack.enter_context(node(cluster_conflist()))
+        made.start_agent()
+        base = shared_tempdir("azwi-node-mode-")
+        stack.callback(shutil.rmtree, base, True)
+        node_ns = stack.enter_context(netns.namespace("aznode"))
+        imds_ns = stack.enter_context(netns.namespace("aznimds"))
+        sts_ns = stack.enter_context(netns.namespace("aznsts"))
+        _node_if, imds_if = netns.connect(node_ns, imds_ns, near_addr="198.18.0.1", far_addr=NODE_IMDS_ADDR)
+        netns.add_address(imds_ns, imds_if, METADATA_IP)
+        netns.add_route(node_ns, f"{METADATA_IP}/32", NODE_IMDS_ADDR)
+        netns.connect(node_ns, sts_ns, near_addr="198.18.1.1", far_addr=STS_ADDR)
+
+        ca = trustme.CA()
+        ca_file = base / "ca.pem"
+        ca.cert_pem.write_to_path(str(ca_file))
+        cert_dir = base / "entra-cert"
+        issue_server_cert(ca, cert_dir, STS_ADDR)
+        entra = netns.start_fake_in(sts_ns, "fake_entra.py", f"{STS_ADDR}:443", base / "fake_entra.log",
+                                    "--cert-dir", str(cert_dir))
+        stack.callback(stop_process, entra.proc)
+        pods_dir = base / "kubelet-pods"
+        pods_dir.mkdir(mode=0o750)
+        tenant = new_guid()
+        mode = NodeMode(base=base, node=made, conflist=made.conflist(), node_ns=node_ns, imds_ns=imds_ns,
+                        sts_ns=sts_ns, pods_dir=pods_dir, ca_file=str(ca_file), tenant_id=tenant,
+                        entra_process=entra, stack=stack)
+        mode.node_env = {
+            "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
+            "LANG": "C.UTF-8",
+            **(python_env or {}),
+            "AZURE_TENANT_ID": tenant,
+            "AZURE_AUTHORITY_HOST": f"https://{STS_ADDR}/",
+            "SSL_CERT_FILE": str(ca_file),
+            "AZWI_KUBELET_PODS_DIR": str(pods_dir),
+            "AZWI_CNI_RUN_DIR": str(made.run_dir),
+            "LOG_LEVEL": "debug",
+            "NO_PROXY": "*",
+            **node_env,
+        }
+        stack.callback(mode.stop_node)
+        yield mode
+
+
+def fds_naming(pid: int, target: str) -> int:
+    """How many of `pid`'s descriptors link to `target` (e.g. 'net:[4026532...]')."""
+    count = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            if os.readlink(f"/proc/{pid}/fd/{fd}") == target:
+                count += 1
+    return count
+
+
+def netns_link(ns: str) -> str:
+    """The nsfs link text of a named namespace, as /proc/PID/fd and /proc/PID/ns show it."""
+    return f"net:[{os.stat(f'/run/netns/{ns}').st_ino}]"
