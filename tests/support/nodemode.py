@@ -25,9 +25,11 @@ to the fake Entra's records, and to curl, never to the product's code.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
 import shutil
+import struct
 import subprocess
 import sys
 import time
@@ -43,7 +45,14 @@ from support import netns
 from support.cni_node import REFERENCE_PLUGINS, Node, Outcome, Runtime, cluster_conflist, node
 from support.fake_entra import FakeEntraClient, issue_server_cert
 from support.pod import Curl, curl_in, in_netns
-from support.proxyproc import ProjectedToken, ScriptProcess, make_sa_token, new_guid, shared_tempdir, stop_process
+from support.proxyproc import (
+    ProjectedToken,
+    ScriptProcess,
+    make_sa_token,
+    new_guid,
+    shared_tempdir,
+    stop_process,
+)
 
 NODE_BINARY: Final = Path(sys.executable).with_name("azwi-netproxy-node")
 METADATA_IP: Final = netns.METADATA_IP
@@ -273,3 +282,64 @@ def fds_naming(pid: int, target: str) -> int:
 def netns_link(ns: str) -> str:
     """The nsfs link text of a named namespace, as /proc/PID/fd and /proc/PID/ns show it."""
     return f"net:[{os.stat(f'/run/netns/{ns}').st_ino}]"
+
+
+# ---- what touched a directory: the kernel's inotify, not the product's word ------------------
+
+_IN_ACCESS, _IN_OPEN = 0x00000001, 0x00000020
+_IN_NONBLOCK = 0o4000
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+class Opened:
+    """Every open or read of anything in the given directories (and of the directories
+    themselves, listing included), from the moment this is made until `events()`."""
+
+    def __init__(self, directories: list[Path]) -> None:
+        self._fd = _libc.inotify_init1(_IN_NONBLOCK | os.O_CLOEXEC)
+        if self._fd < 0:
+            raise OSError(ctypes.get_errno(), "inotify_init1")
+        self._watches: dict[int, Path] = {}
+        for directory in directories:
+            wd = _libc.inotify_add_watch(self._fd, str(directory).encode(), _IN_ACCESS | _IN_OPEN)
+            if wd < 0:
+                raise OSError(ctypes.get_errno(), f"inotify_add_watch {directory}")
+            self._watches[wd] = directory
+
+    def events(self) -> list[str]:
+        """What was opened or read since the last call (path and event)."""
+        found: list[str] = []
+        while True:
+            try:
+                data = os.read(self._fd, 65536)
+            except BlockingIOError:
+                return found
+            offset = 0
+            while offset < len(data):
+                wd, mask, _cookie, length = struct.unpack_from("iIII", data, offset)
+                name = data[offset + 16: offset + 16 + length].rstrip(b"\0").decode()
+                found.append(f"{self._watches.get(wd)}/{name} mask={mask:#x}")
+                offset += 16 + length
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+
+def tree(root: Path) -> list[Path]:
+    """`root` and every directory under it (symlinks not followed)."""
+    return [root, *(p for p in root.rglob("*") if p.is_dir() and not p.is_symlink())]
+
+
+def sockets_of(ns: str, pid: int) -> list[str]:
+    """The TCP sockets in namespace `ns` that process `pid` holds (ss, the kernel's view)."""
+    done = netns.run_in(ns, ["ss", "-Htanp"])
+    assert done.returncode == 0, done.stderr
+    return [line for line in done.stdout.splitlines() if f"pid={pid}," in line]
+
+
+def anonymous_kb(pid: int) -> int:
+    """The process's anonymous memory (what each one really pays), from smaps_rollup."""
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+        if line.startswith("Anonymous:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no Anonymous line for {pid}")
