@@ -25,7 +25,9 @@ import azwi_netproxy
 
 PACKAGE = Path(azwi_netproxy.__file__).resolve().parent
 PROGRAMS = ("proxy", "init", "cni", "migrate", "demo")
-SHARED = ("errors", "logs", "settings", "identitymap")
+# enrolment and nodecontrol: node mode's record and run dir, which the CNI plugin writes and
+# the node process (the sidecar's package) reads.
+SHARED = ("errors", "logs", "settings", "identitymap", "enrolment", "nodecontrol")
 # One rule model, two front ends: the CNI plugin installs the init's rules (issue 19).
 MAY_ALSO_IMPORT = {"cni": {"init"}}
 
@@ -76,6 +78,15 @@ def test_the_sidecar_loads_no_pyroute2_demo_migrate_or_init() -> None:
     forbidden = {m for m in loaded if m.split(".")[0] in ("pyroute2", "iptc")}
     forbidden |= {m for m in loaded if _program_of(m) not in (None, "proxy")}
     assert forbidden == set()
+
+
+def test_the_sidecar_loads_nothing_of_node_mode() -> None:
+    """A sidecar in every pod pays for what it imports: node mode's modules stay out."""
+    loaded = _loaded_after("azwi_netproxy.cli", "azwi_netproxy.proxy.run")
+    node_mode = {"azwi_netproxy.proxy.node", "azwi_netproxy.proxy.pods", "azwi_netproxy.proxy.control",
+                 "azwi_netproxy.proxy.netns", "azwi_netproxy.proxy.podtoken", "azwi_netproxy.nodecontrol",
+                 "azwi_netproxy.enrolment"}
+    assert loaded & node_mode == set()
 
 
 def test_the_init_loads_neither_the_sidecar_nor_its_http_stack() -> None:

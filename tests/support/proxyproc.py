@@ -107,7 +107,7 @@ class ProjectedToken:
         self.path = directory / relpath
         self._current: Path | None = None
         self.rotate(content)
-        top = relpath.split("/")[0]
+        top = relpath.split("/", maxsplit=1)[0]
         (directory / top).symlink_to(f"..data/{top}")
 
     def rotate(self, content: str) -> None:
