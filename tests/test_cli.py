@@ -439,3 +439,39 @@ def test_init_bad_value_exits_2_with_one_line(
     assert out == ""
     assert message in _one_error_line(err, "azwi-netproxy-init")
     assert ran == []
+
+
+# ---- the node process (node mode) ---------------------------------------------------------
+
+NODE_BAD = [
+    ({"AZWI_NODE_PASSTHROUGH": "some"}, [], "AZWI_NODE_PASSTHROUGH: 'some' is not one of all, none"),
+    ({"AZURE_TENANT_ID": "a tenant"}, [], "AZURE_TENANT_ID: 'a tenant' is not a tenant ID"),
+    ({"AZWI_KUBELET_PODS_DIR": "var/lib/kubelet/pods"}, [], "AZWI_KUBELET_PODS_DIR: 'var/lib/kubelet/pods' is not"),
+    ({"AZWI_CNI_RUN_DIR": "run"}, [], "AZWI_CNI_RUN_DIR: 'run' is not an absolute path"),
+    ({"AZURE_AUTHORITY_HOST": "ftp://login"}, [], "AZURE_AUTHORITY_HOST: 'ftp://login' is not an https URL"),
+    ({"LOG_LEVEL": "loud"}, [], "--log-level: 'loud' is not one of"),
+    ({}, ["--metrics-port", "0"], "--metrics-port: port 0 is out of range"),
+    ({}, ["--port", "1"], "unrecognized arguments: --port"),
+]
+
+
+@pytest.mark.parametrize(("env", "argv", "message"), NODE_BAD, ids=[m.split(":")[0] for _, _, m in NODE_BAD])
+def test_node_bad_value_exits_2_with_one_line(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+                                              env: dict[str, str], argv: list[str], message: str) -> None:
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    ran: list[object] = []
+    monkeypatch.setattr(logs, "configure", lambda *a, **k: ran.append("configure"))
+    assert _exit_code(cli.node_main, argv) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert message in _one_error_line(err, "azwi-netproxy-node")
+    assert ran == []
+
+
+def test_node_check_without_a_node_process_exits_1_and_says_why(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    monkeypatch.setenv("AZWI_CNI_RUN_DIR", str(tmp_path))
+    assert _exit_code(cli.node_main, ["--check"]) == 1
+    out, _ = capsys.readouterr()
+    assert f"no node process listens on {tmp_path}/node.sock" in out

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import subprocess
 import time
 import uuid
 from collections.abc import Iterator
@@ -29,6 +31,7 @@ from support import netns
 from support.caps import CAN_NETNS, NETNS_SKIP_REASON
 from support.cni_node import REFERENCE_PLUGINS
 from support.fake_entra import decode_fake_token
+from support.fake_imds import FakeImdsClient
 from support.nodemode import (
     INSTANCE_URL,
     LAYOUT_OLD,
@@ -44,7 +47,8 @@ from support.nodemode import (
     sockets_of,
     tree,
 )
-from support.proxyproc import new_guid
+from support.pod import in_netns
+from support.proxyproc import http_request, new_guid, shared_tempdir, stop_process
 
 pytestmark = [
     pytest.mark.root,
@@ -372,3 +376,78 @@ def test_without_a_node_process_a_pod_that_asks_fails_add_with_code_11() -> None
         # The rules were installed (fail closed): the runtime's DEL removes them.
         assert netns.probe(pod.ns, METADATA_IP, 80) == "refused"
         assert mode.delete(pod).returncode == 0
+
+
+# ---- the node's own settings ---------------------------------------------------------------
+
+
+def test_pass_through_when_the_node_allows_it_leaves_from_the_node_and_never_for_identity_paths(
+        python_for_other_uids: str) -> None:
+    with node_mode(AZWI_NODE_PASSTHROUGH="all") as mode:
+        imds = netns.start_fake_in(mode.imds_ns, "fake_imds.py", f"{METADATA_IP}:80", mode.base / "imds.log")
+        mode.stack.callback(stop_process, imds.proc)
+        pod = mode.new_pod()
+        pod.project_token()
+        mode.start_node()
+        assert mode.add(pod).returncode == 0
+        got = pod.curl(INSTANCE_URL)
+        assert got.status == 200 and "compute" in got.json(), got
+        # A near-miss of the identity path is refused by the node process, never forwarded.
+        refused = pod.curl(f"http://{METADATA_IP}/metadata/%69dentity/oauth2/token?resource=x&api-version=1")
+        assert refused.status == 404, refused
+        records = in_netns(mode.imds_ns, FakeImdsClient(f"http://{METADATA_IP}:80").records)
+        assert [(r["path"], r["peer"]) for r in records] == [("/metadata/instance", "198.18.0.1")], records
+
+
+def test_metrics_count_every_pod_and_name_none(two_pods: TwoPods) -> None:
+    """The node process's metrics port (a second node process on the same pods' records is
+    not needed: the module's one is restarted with the flag, and serves them again)."""
+    t = two_pods
+    t.mode.stop_node()
+    try:
+        t.mode.start_node("--metrics-port=9108")
+        assert t.a.curl().status == 200 and t.b.curl().status == 200
+        text = in_netns(t.mode.node_ns, lambda: http_request(9108, "/metrics", timeout_s=5).body).decode()
+    finally:
+        t.mode.stop_node()
+        t.mode.start_node()
+    assert "azwi_netproxy_node_pods 2.0" in text, text
+    assert 'azwi_netproxy_requests_total{route="token",status="200"}' in text
+    for secret in (t.a.full_name, t.b.full_name, t.a.namespace, t.c1, t.c2, t.a.uid, t.b.uid):
+        assert secret not in text
+
+
+def test_the_control_socket_answers_root_only(two_pods: TwoPods) -> None:
+    t = two_pods
+    sock = t.mode.node.run_dir / "node.sock"
+    assert oct(sock.stat().st_mode & 0o777) == "0o600"
+    # Even with the socket opened to everyone (a second link to it in a directory all may
+    # search, mode 0666), a peer that is not root gets no answer.
+    shared = shared_tempdir("azwi-node-sock-")
+    link = shared / "node.sock"
+    os.link(sock, link)
+    link.chmod(0o666)
+    try:
+        asked = subprocess.run(
+            ["setpriv", "--reuid=1000", "--regid=1000", "--clear-groups", netns.SYSTEM_PYTHON, "-c", _ASK, str(link)],
+            capture_output=True, text=True, timeout=30, check=False)
+    finally:
+        sock.chmod(0o600)
+        shutil.rmtree(shared)
+    assert asked.stdout.strip() == "no answer", asked
+    assert any(e.get("message") == "control socket: refused a peer that is not root" and e.get("uid") == 1000
+               for e in t.mode.node_log_entries())
+
+
+_ASK = r"""
+import socket, sys
+conn = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+conn.settimeout(5)
+conn.connect(sys.argv[1])
+try:
+    conn.send(b'{"op": "ping"}')
+    data = conn.recv(65536)
+except OSError:  # closed on us: EPIPE or a reset
+    data = b""
+print(data.decode() or "no answer")
+"""

@@ -158,6 +158,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
             return
         record = {
             "time": time.time(),
+            # Who connected: a pass-through comes from its proxy's address, never a pod's.
+            "peer": self.client_address[0],
             "method": self.command,
             "target": self.path,
             "path": split.path,

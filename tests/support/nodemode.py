@@ -177,7 +177,7 @@ class NodeMode:
 
     # ---- the node process ----
 
-    def start_node(self, ready_timeout_s: float = 20.0, **env: str) -> subprocess.Popen[bytes]:
+    def start_node(self, *args: str, ready_timeout_s: float = 20.0, **env: str) -> subprocess.Popen[bytes]:
         """Start the node process in NODE (root, as the DaemonSet's container) and wait until
         its control socket answers (`azwi-netproxy-node --check`)."""
         assert self.node_proc is None or self.node_proc.poll() is not None, "a node process is already running"
@@ -186,7 +186,7 @@ class NodeMode:
         full_env = {**self.node_env, **env}
         with log.open("wb") as out:
             self.node_proc = subprocess.Popen(
-                netns.ns_argv(self.node_ns, [str(NODE_BINARY)]), env=full_env,
+                netns.ns_argv(self.node_ns, [str(NODE_BINARY), *args]), env=full_env,
                 stdin=subprocess.DEVNULL, stdout=out, stderr=out, cwd="/")
         deadline = time.monotonic() + ready_timeout_s
         while self.check_node() != 0:
