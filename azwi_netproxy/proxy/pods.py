@@ -118,7 +118,7 @@ class PodRegistry:
                 f"cannot listen on {LISTEN_HOST}:{enrolment.proxy_port} in the pod's network namespace: "
                 f"{exc.strerror or exc}",
             ) from None
-        listener = await self._server.listen(sock, built.app)
+        listener = await self._server.listen(sock, built.app, log_extra={"pod": enrolment.pod})
         self._pods[enrolment.container_id] = ServedPod(enrolment, listener, built.cache)
         log.info(
             "serving pod",

@@ -60,12 +60,15 @@ class ServerLimits:
 class Listener:
     """One listening socket, the handler that answers its connections, and those connections."""
 
-    __slots__ = ("app", "connections", "server")
+    __slots__ = ("app", "connections", "log_extra", "server")
 
-    def __init__(self, app: Handler) -> None:
+    def __init__(self, app: Handler, log_extra: dict[str, object] | None = None) -> None:
         self.app = app
         self.connections: set[HttpProtocol] = set()
         self.server: asyncio.Server | None = None
+        # What the server's own log lines about this listener's connections carry (node
+        # mode: the pod's name).
+        self.log_extra = log_extra or {}
 
 
 @dataclass(slots=True)
@@ -212,7 +215,7 @@ class HttpProtocol(asyncio.Protocol):
         except asyncio.CancelledError:
             raise
         except Exception:
-            log.exception("unhandled error while answering")
+            log.exception("unhandled error while answering", extra=self._listener.log_extra)
             response = self._app.refuse(NetproxyError("unhandled error"))
         self._busy = False
         self._in_flight = None
@@ -356,12 +359,19 @@ class HttpServer:
         sockets = listener.server.sockets
         return int(sockets[0].getsockname()[1]) if sockets else port
 
-    async def listen(self, sock: socket.socket, app: Handler, *, backlog: int = 128) -> Listener:
+    async def listen(
+        self,
+        sock: socket.socket,
+        app: Handler,
+        *,
+        backlog: int = 128,
+        log_extra: dict[str, object] | None = None,
+    ) -> Listener:
         """Serve `app` on an already listening socket (made in another namespace, say).
 
         The server takes the socket over: closing the listener closes it.
         """
-        listener = Listener(app)
+        listener = Listener(app, log_extra)
         loop = asyncio.get_running_loop()
         listener.server = await loop.create_server(
             lambda: HttpProtocol(listener, self.state, loop), sock=sock, backlog=backlog
