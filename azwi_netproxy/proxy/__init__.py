@@ -7,6 +7,12 @@ Owns, from the wire inwards: `wire` (sans-IO HTTP/1.1), `server` (asyncio protoc
 `outbound` (connection policy for both), `metrics`, `probe`, `config` and `files` (start-up
 values and the files they name), `run` (assembly).
 
+Node mode (`azwi-netproxy-node`) is the same path serving many pods, not a second server:
+`node` (assembly), `pods` (the pods served: add, drop, replay after a restart), `netns`
+(a listening socket made inside a pod's network namespace), `control` (the CNI plugin's
+requests), `podtoken` (a pod's projected token under the kubelet's pods dir). The sidecar
+never imports them.
+
 Must not know: the init's rules or netfilter, the CNI plugin, migrate, the demo's sandbox
 (pyroute2 is never imported by the sidecar). Only `azwi_netproxy.cli` reads argv and the
 environment.
