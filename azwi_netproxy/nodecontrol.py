@@ -105,6 +105,10 @@ def write_record(run_dir: str | Path, enrolment: Enrolment) -> Path:
     return path
 
 
+def has_record(run_dir: str | Path, container_id: str) -> bool:
+    return (records_dir(run_dir) / f"{container_id}.json").exists()
+
+
 def remove_record(run_dir: str | Path, container_id: str) -> bool:
     """Remove the pod's record; False if there was none (or the ID cannot name one)."""
     try:

@@ -451,3 +451,27 @@ except OSError:  # closed on us: EPIPE or a reset
     data = b""
 print(data.decode() or "no answer")
 """
+
+
+def test_a_pod_whose_port_was_taken_during_a_restart_is_served_once_it_is_free() -> None:
+    """A process of the pod may bind the proxy port while no node process runs (it answers
+    only its own pod); the node process reports it once and serves the pod when it can."""
+    with node_mode() as mode, netns.processes() as procs:
+        pod = mode.new_pod()
+        pod.project_token()
+        client = new_guid()
+        mode.add_app(client, pod)
+        mode.start_node()
+        assert mode.add(pod, {"azwi-netproxy.io/client-id": client}).returncode == 0
+        mode.stop_node()
+        squatter = netns.start_responder(procs, pod.ns, "127.0.0.1", 8000, "squatter")
+        mode.start_node()
+        time.sleep(0.5)
+        assert pod.curl(max_time_s=5).status == 0  # the squatter's bytes are no HTTP answer
+        procs.stop(squatter)
+        deadline = time.monotonic() + 15
+        while pod.curl(max_time_s=2).status != 200:
+            assert time.monotonic() < deadline, mode.node_log()[-3000:]
+            time.sleep(0.5)
+        warnings = [e for e in mode.node_log_entries() if e.get("message") == "cannot serve a pod again"]
+        assert len(warnings) == 1 and "Address already in use" in warnings[0]["error"], warnings

@@ -10,12 +10,13 @@ the metrics, the log writer, and pass-through (off unless AZWI_NODE_PASSTHROUGH=
 Start-up order, so that a restart serves every live pod again within a few seconds and
 never a deleted one: serve the pods of the CNI plugin's records (replay), then open the
 control socket for new ADDs and DELs, then drop what a DEL removed meanwhile (reconcile),
-and reconcile again every few seconds.
+and reconcile again every few seconds (which also retries a pod that could not be served).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import signal
@@ -29,7 +30,7 @@ from azwi_netproxy import __version__
 from azwi_netproxy.enrolment import Enrolment, from_json
 from azwi_netproxy.errors import ConfigError
 from azwi_netproxy.logs import AccessLog, LineWriter
-from azwi_netproxy.nodecontrol import control_socket_path, read_records
+from azwi_netproxy.nodecontrol import control_socket_path, has_record, read_records
 from azwi_netproxy.proxy.app import TokenApp
 from azwi_netproxy.proxy.cache import TokenCache
 from azwi_netproxy.proxy.config import NodeConfig
@@ -169,7 +170,7 @@ def _sum_of(registry: PodRegistry, figure: Callable[[TokenCache], int]) -> Calla
 async def _reconcile_every(registry: PodRegistry, run_dir: str) -> None:
     while True:
         await asyncio.sleep(RECONCILE_INTERVAL_S)
-        await registry.reconcile(read_records(run_dir))
+        await registry.reconcile(read_records(run_dir), functools.partial(has_record, run_dir))
 
 
 async def serve_node(cfg: NodeConfig, started: float, writer: LineWriter | None = None) -> int:
@@ -197,12 +198,13 @@ async def serve_node(cfg: NodeConfig, started: float, writer: LineWriter | None 
     metrics.log_lines_dropped = lambda: access_log.dropped_lines
     metrics.pods = lambda: len(registry)
     control = ControlServer(control_socket_path(cfg.run_dir), Control(registry).handle)
+    enrolled = functools.partial(has_record, cfg.run_dir)
     metrics_server: HttpServer | None = None
     try:
         if cfg.metrics_port is not None:
             metrics_server = HttpServer(MetricsApp(metrics))
             await metrics_server.start("0.0.0.0", cfg.metrics_port)
-        await registry.replay(read_records(cfg.run_dir))
+        await registry.replay(read_records(cfg.run_dir), enrolled)
         await control.start()
     except OSError as exc:
         log.error("cannot start the node process", extra={"error": str(exc)})
@@ -212,7 +214,7 @@ async def serve_node(cfg: NodeConfig, started: float, writer: LineWriter | None 
         await endpoint.aclose()
         return 1
     # A DEL while this process started (the record removed after replay read it).
-    await registry.reconcile(read_records(cfg.run_dir))
+    await registry.reconcile(read_records(cfg.run_dir), enrolled)
     log.info(
         "node process started",
         extra={

@@ -13,9 +13,11 @@ statemanager.rs owns its workloads:
    namespace afterwards: the namespace's descriptor is closed as soon as the listener is
    bound, and the listener and its connections are the only sockets made there.
 3. `replay` serves the pods of the records left by the CNI plugin (after a restart), each
-   only if its namespace path still names the namespace it was enrolled with; `reconcile`
-   drops the served pods whose record is gone (a DEL while this process was down or
-   restarting).
+   only if its namespace path still names the namespace it was enrolled with, and only
+   while its record is still there (a DEL may remove it meanwhile); `reconcile` drops the
+   served pods whose record is gone (a DEL while this process was down or restarting) and
+   tries again the records it could not serve (their port was taken, say), reporting each
+   such pod once, not at every try.
 
 Must not know: the control socket's wire format, the CNI spec, netfilter.
 """
@@ -83,6 +85,8 @@ class PodRegistry:
         self._build = build
         self._listen_in = listen_in
         self._pods: dict[str, ServedPod] = {}
+        # Records that could not be served again, already reported.
+        self._unserved: set[str] = set()
 
     def __len__(self) -> int:
         return len(self._pods)
@@ -142,8 +146,10 @@ class PodRegistry:
                                                "pods": len(self._pods)})
         return True
 
-    async def replay(self, records: Mapping[str, Enrolment]) -> None:
-        """Serve again the pods of `records` (this process restarted) that are still there."""
+    async def replay(self, records: Mapping[str, Enrolment], still_enrolled: Callable[[str], bool]) -> None:
+        """Serve again the pods of `records` (this process restarted) that are still there:
+        their namespace path names the same namespace, and `still_enrolled(container_id)`
+        (their record exists) once they are served."""
         for container_id, enrolment in records.items():
             if container_id in self._pods:
                 continue
@@ -151,20 +157,34 @@ class PodRegistry:
                 fd = os.open(enrolment.netns, os.O_RDONLY | os.O_CLOEXEC)
             except OSError as exc:
                 # The runtime removes the path with the sandbox: the pod is gone, or going.
-                log.info("not serving a pod again: its network namespace is gone",
-                         extra={"pod": enrolment.pod, "netns": enrolment.netns, "error": exc.strerror})
+                self._unservable(container_id, "not serving a pod again: its network namespace is gone",
+                                 pod=enrolment.pod, netns=enrolment.netns, error=exc.strerror)
                 continue
             try:
                 await self.add(enrolment, fd)
             except PodRefused as exc:
-                log.warning("cannot serve a pod again", extra={"pod": enrolment.pod, "error": str(exc)})
+                self._unservable(container_id, "cannot serve a pod again", pod=enrolment.pod, error=str(exc))
+                continue
             finally:
                 os.close(fd)
+            self._unserved.discard(container_id)
+            if not still_enrolled(container_id):
+                await self.drop(container_id, reason="deleted while it was served again")
 
-    async def reconcile(self, records: Mapping[str, Enrolment]) -> None:
-        """Drop the served pods whose record is gone (deleted while nobody told us)."""
+    async def reconcile(
+        self, records: Mapping[str, Enrolment], still_enrolled: Callable[[str], bool]
+    ) -> None:
+        """Drop the served pods whose record is gone (deleted while nobody told us), and try
+        again to serve the records that could not be served."""
         for container_id in [c for c in self._pods if c not in records]:
             await self.drop(container_id, reason="its enrolment record is gone")
+        self._unserved &= set(records)
+        await self.replay({c: e for c, e in records.items() if c not in self._pods}, still_enrolled)
+
+    def _unservable(self, container_id: str, message: str, **extra: object) -> None:
+        if container_id not in self._unserved:
+            self._unserved.add(container_id)
+            log.warning(message, extra=extra)
 
     async def aclose(self) -> None:
         for container_id in list(self._pods):
