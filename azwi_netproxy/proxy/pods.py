@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Final
@@ -66,24 +65,15 @@ class ServedPod:
     cache: TokenCache
 
 
-ListenIn = Callable[[int, str, int, int], socket.socket]
-
-
-def _listen_in(netns_fd: int, host: str, port: int, expected_cookie: int) -> socket.socket:
-    return netns.listen_in(netns_fd, host, port, expected_cookie=expected_cookie)
-
-
 class PodRegistry:
     def __init__(
         self,
         *,
         server: HttpServer,
         build: Callable[[Enrolment], PodApp],
-        listen_in: ListenIn = _listen_in,
     ) -> None:
         self._server = server
         self._build = build
-        self._listen_in = listen_in
         self._pods: dict[str, ServedPod] = {}
         # Records that could not be served again, already reported.
         self._unserved: set[str] = set()
@@ -111,7 +101,9 @@ class PodRegistry:
         if enrolment.container_id in self._pods:
             await self.drop(enrolment.container_id, reason="enrolled again")
         try:
-            sock = self._listen_in(netns_fd, LISTEN_HOST, enrolment.proxy_port, enrolment.netns_cookie)
+            sock = netns.listen_in(
+                netns_fd, LISTEN_HOST, enrolment.proxy_port, expected_cookie=enrolment.netns_cookie
+            )
         except netns.NotThatNamespace as exc:
             await built.cache.aclose()
             raise PodRefused("invalid", f"the network namespace is not the pod's: {exc}") from None
