@@ -3,7 +3,8 @@
 Name: test_migrate
 Scope: runs `azwi_netproxy.migrate.cli.main` in process into tmp_path (one subprocess test for
     `python -m`); the fixture export is tests/fixtures/migrate/export, the expected output
-    tests/fixtures/migrate/golden. `UPDATE_GOLDEN=1 pytest tests/test_migrate.py` rewrites it.
+    tests/fixtures/migrate/golden (and golden-node, with --node).
+    `UPDATE_GOLDEN=1 pytest tests/test_migrate.py -k golden` rewrites them.
 Depends: PyYAML, bash (syntax check and a fake `az` on PATH for fic-commands.sh).
 """
 
@@ -134,7 +135,10 @@ def check_manifests(out: Path) -> int:
             c for c in [*pod["spec"].get("initContainers", []), *pod["spec"]["containers"]]
             if c["name"] == "azwi-proxy"
         ]
-        if declared_proxy:  # several identities: our containers, no injection
+        if annotations.get("azwi-netproxy.io/node-proxy") == "true":  # node mode: nothing in the pod
+            assert not declared_proxy and "azure.workload.identity/inject-proxy-sidecar" not in annotations, path
+            port = annotations.get("azwi-netproxy.io/proxy-port", "8000")
+        elif declared_proxy:  # several identities (or CNI mode): our containers, no injection
             assert "azure.workload.identity/inject-proxy-sidecar" not in annotations, path
             port = declared_proxy[0]["args"][0].removeprefix("--proxy-port=")
         else:
@@ -177,12 +181,17 @@ def ref(obj: dict[str, Any]) -> tuple[str, str, str]:
 
 # ---------------------------------------------------------------------------- golden output
 
-def test_golden_output(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    out = migrate_fixture(tmp_path, capsys)
+# Golden directory → the flags it is the output of (tests/fixtures/migrate/README.md).
+GOLDENS = {"golden": (), "golden-node": ("--node",)}
+
+
+@pytest.mark.parametrize("golden", sorted(GOLDENS))
+def test_golden_output(golden: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = migrate_fixture(tmp_path, capsys, *GOLDENS[golden])
     if os.environ.get("UPDATE_GOLDEN") == "1":
-        shutil.rmtree(GOLDEN, ignore_errors=True)
-        shutil.copytree(out, GOLDEN)
-    expected, actual = tree(GOLDEN), tree(out)
+        shutil.rmtree(FIXTURES / golden, ignore_errors=True)
+        shutil.copytree(out, FIXTURES / golden)
+    expected, actual = tree(FIXTURES / golden), tree(out)
     assert sorted(actual) == sorted(expected)
     for path, content in expected.items():
         assert actual[path] == content, f"{path} differs from the golden copy (UPDATE_GOLDEN=1)"
@@ -830,14 +839,18 @@ def test_kubectl_decodes_every_generated_manifest(tmp_path: Path, capsys: pytest
     assert len(result.stdout.splitlines()) == 12
 
 
-def validate_output(out: Path) -> list[str]:
-    """The shared validation deploy/ passes (tests/support/manifests.py), per cluster directory."""
+def validate_output(out: Path, node_pod_security: Any = None) -> list[str]:
+    """The shared validation deploy/ passes (tests/support/manifests.py), per cluster directory.
+
+    Node-mode pods are judged against a Pod Security level only when asked: a migrated app's
+    own containers keep what they had (the tests compare before and after instead).
+    """
     problems: list[str] = []
     runner = InitRunner()
     roots = sorted({p.parent.parent for p in (out / "manifests").rglob("*.yaml")})
     for root in roots:
         docs = load_manifest_documents(sorted(root.rglob("*.yaml")))
-        problems += validate_manifest_docs(docs, init_runner=runner)
+        problems += validate_manifest_docs(docs, init_runner=runner, node_pod_security=node_pod_security)
     return problems
 
 
@@ -1081,3 +1094,306 @@ def test_cni_flag_is_in_the_help(capsys: pytest.CaptureFixture[str]) -> None:
     assert code == 0
     text = " ".join(out.split())
     assert "--cni" in text and "deploy/cni/node-agent.yaml" in text and "no NET_ADMIN" in text
+
+
+# ---------------------------------------------------------------------------- --node (issue 26)
+
+NODE_PROXY = "azwi-netproxy.io/node-proxy"
+NODE_CLIENT_ID = "azwi-netproxy.io/client-id"
+NODE_TENANT_ID = "azwi-netproxy.io/tenant-id"
+NODE_MAP = "azwi-netproxy.io/identity-map"
+PASSTHROUGH = "azwi-netproxy.io/passthrough"
+
+
+def client_id_of(out: Path, obj: dict[str, Any], manifests: Path | None = None) -> str:
+    sa_name = pod_template(obj)["spec"]["serviceAccountName"]
+    sa_path = (manifests or out / "manifests") / obj["metadata"]["namespace"] / f"serviceaccount-{sa_name}.yaml"
+    client_id: str = yaml.safe_load(sa_path.read_text())["metadata"]["annotations"]["azure.workload.identity/client-id"]
+    return client_id
+
+
+def assert_node_pod(path: str, obj: dict[str, Any]) -> dict[str, Any]:
+    """What CONTRACT.md's "Node mode" asks of a pod; returns its annotations."""
+    pod = pod_template(obj)
+    annotations: dict[str, Any] = pod["metadata"]["annotations"]
+    assert annotations[NODE_PROXY] == "true", path
+    assert pod["metadata"]["labels"]["azure.workload.identity/use"] == "true", path  # the token is still projected
+    for absent in ("azure.workload.identity/inject-proxy-sidecar", "azure.workload.identity/proxy-sidecar-port",
+                   REDIRECT, PASSTHROUGH):
+        assert absent not in annotations, (path, absent)
+    spec = pod["spec"]
+    assert not [c for c in [*spec.get("initContainers", []), *spec["containers"]]
+                if c["name"] in ("azwi-proxy", "azwi-proxy-init")], path
+    assert not [c for c in [*spec.get("initContainers", []), *spec["containers"]]
+                if (c.get("securityContext") or {}).get("capabilities", {}).get("add")], path
+    assert all(v["name"] != "azwi-identity-map" for v in spec.get("volumes", [])), path
+    return annotations
+
+
+def test_node_mode_pods_carry_annotations_and_nothing_else(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = migrate_fixture(tmp_path, capsys, "--node")
+    assert check_manifests(out) == 11  # the identity map's ConfigMap is gone: the pod carries the map
+    assert validate_output(out) == []  # the shared validator, with its node-mode checks
+    workloads = workload_manifests(out)
+    assert len(workloads) == 6
+    for path, obj in workloads.items():
+        annotations = assert_node_pod(path, obj)
+        assert annotations[NODE_CLIENT_ID] == client_id_of(out, obj), path
+        assert NODE_TENANT_ID not in annotations, path  # no exported service account names one
+    # The workload with two identities: the contract's map as compact JSON, as the proxy reads it.
+    api = pod_template(workloads["payments/deployment-payments-api.yaml"])["metadata"]["annotations"]
+    text = api[NODE_MAP]
+    assert json.loads(text) == {"onlyListed": True, "identities": [
+        {"clientID": "6f0e2c1a-1d4b-4c55-9b1e-2a6c0d1e0001", "resourceID": "/subscriptions/0b1f6471-1bf0-4dda-aec3-111122223333/resourcegroups/rg-payments/providers/Microsoft.ManagedIdentity/userAssignedIdentities/id-payments-reader"},
+        {"clientID": "6f0e2c1a-1d4b-4c55-9b1e-2a6c0d1e0002", "resourceID": "/subscriptions/0b1f6471-1bf0-4dda-aec3-111122223333/resourcegroups/rg-payments/providers/Microsoft.ManagedIdentity/userAssignedIdentities/id-payments-writer"},
+    ]}
+    assert ": " not in text and ", " not in text
+    parsed = parse_identity_map(text, source="annotation")
+    sidecar_map = parse_identity_map((GOLDEN / "identity-maps" / "payments-deployment-payments-api.yaml").read_text())
+    assert parsed == sidecar_map and api[NODE_CLIENT_ID] in parsed.by_client_id
+    # Its app listens on 8000: the node process listens on 8002 in its namespace, and says so.
+    assert api["azwi-netproxy.io/proxy-port"] == "8002"
+    for path, obj in workloads.items():
+        if "payments-api" not in path:
+            assert "azwi-netproxy.io/proxy-port" not in pod_template(obj)["metadata"]["annotations"], path
+            assert NODE_MAP not in pod_template(obj)["metadata"]["annotations"], path
+    assert not (out / "identity-maps").exists()
+    # Service accounts, FICs and the budget are those of the default run.
+    default = tree(GOLDEN)
+    for name in ("fics.json", "fic-commands.sh"):
+        assert (out / name).read_text() == default[name]
+    report = (out / "REPORT.md").read_text()
+    assert "## Node mode (`--node`)" in report and "Every migrated workload is in node mode." in report
+    assert "Install the node DaemonSet (`deploy/node/node-agent.yaml`) on every node first" in report
+    steps = report.split("## Order of operations")[1]
+    assert steps.index("deploy/node/node-agent.yaml") < steps.index("kubectl apply -R -f manifests/")
+    assert "hostNetwork: true — no CNI plugin runs for a pod on the node's network, so node mode" in report
+
+
+def test_node_mode_adds_nothing_pod_security_restricted_forbids(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """As the pods run (after the webhook): node mode adds no violation to what each app had."""
+    out = migrate_fixture(tmp_path, capsys, "--node")
+    inputs = k8s_objects(EXPORT)
+    docs = load_manifest_documents(sorted((out / "manifests").rglob("*.yaml")))
+    for path, obj in workload_manifests(out).items():
+        before = pod_template(inputs[ref(obj)])["spec"]
+        template = pod_template(obj)
+        sa = next(d for d in docs if d["kind"] == "ServiceAccount"
+                  and d["metadata"]["name"] == template["spec"]["serviceAccountName"]
+                  and d["metadata"]["namespace"] == obj["metadata"]["namespace"])
+        for native in (True, False):
+            after = simulate_webhook(template, sa, WebhookSettings(), native_sidecar=native)["spec"]
+            added = set(pod_security_violations(after)) - set(pod_security_violations(before))
+            assert added == set(), (path, native, added)
+
+
+@pytest.mark.parametrize("level", ["baseline", "restricted"])
+def test_node_mode_pods_of_a_restricted_app_stay_restricted(
+    level: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    export = tmp_path / "strict.yaml"
+    export.write_text(RESTRICTED_APP)
+    out = tmp_path / "out"
+    code, _, err = run(["-o", str(out), "--node", str(export)], capsys)
+    assert code == 0, err
+    # The validator judges node-mode pods against the level itself when asked.
+    assert validate_output(out, node_pod_security=level) == []
+    docs = load_manifest_documents(sorted((out / "manifests").rglob("*.yaml")))
+    workloads = workload_manifests(out)
+    assert len(workloads) == 2
+    for path, obj in workloads.items():
+        assert_node_pod(path, obj)
+        template = pod_template(obj)
+        sa = next(d for d in docs if d["kind"] == "ServiceAccount"
+                  and d["metadata"]["name"] == template["spec"]["serviceAccountName"])
+        for native in (True, False):
+            spec = simulate_webhook(template, sa, WebhookSettings(), native_sidecar=native)["spec"]
+            assert pod_security_violations(spec, level, template["metadata"]["annotations"]) == [], (path, native)
+
+
+def test_the_validator_refuses_a_broken_node_mode_pod(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """validate_output is no formality for node mode: each of these breaks is reported."""
+    out = migrate_fixture(tmp_path, capsys, "--node")
+    path = out / "manifests" / "payments" / "deployment-payments-api.yaml"
+    original = path.read_text()
+    breaks = {
+        f"{NODE_CLIENT_ID}: 6f0e2c1a-1d4b-4c55-9b1e-2a6c0d1e0001": f"{NODE_CLIENT_ID}: not-a-guid",
+        "azwi-netproxy.io/proxy-port: '8002'": "azwi-netproxy.io/proxy-port: '80000'",
+        '"onlyListed":true': '"onlyListed":"yes"',
+        "prometheus.io/scrape: 'true'": "prometheus.io/scrape: 'true'\n        azwi-netproxy.io/redirect: 'true'",
+    }
+    expected = ["is not a GUID", "is not a port", "onlyListed must be true or false", "exempt the proxy's uid"]
+    for (old, new), message in zip(breaks.items(), expected, strict=True):
+        assert old in original, old
+        path.write_text(original.replace(old, new))
+        problems = validate_output(out)
+        assert any(message in p for p in problems), (message, problems)
+    path.write_text(original)
+    assert validate_output(out) == []
+
+
+SIGNS_EXPORT = """\
+apiVersion: aadpodidentity.k8s.io/v1
+kind: AzureIdentity
+metadata: {name: one, namespace: tools}
+spec: {type: 0, clientID: 9a9a9a9a-0000-4000-8000-000000000031, resourceID: /subscriptions/0b1f6471-1bf0-4dda-aec3-111122223333/resourceGroups/rg/providers/Microsoft.ManagedIdentity/userAssignedIdentities/one}
+---
+apiVersion: aadpodidentity.k8s.io/v1
+kind: AzureIdentityBinding
+metadata: {name: one, namespace: tools}
+spec: {azureIdentity: one, selector: one}
+---
+apiVersion: v1
+kind: ConfigMap
+metadata: {name: scheduler-settings, namespace: tools}
+data: {EVENTS_URL: "http://169.254.169.254/metadata/scheduledevents?api-version=2020-07-01"}
+---
+apiVersion: v1
+kind: ServiceAccount
+metadata:
+  name: drainer
+  namespace: tools
+  annotations: {azure.workload.identity/tenant-id: 11111111-2222-4333-8444-555555555555}
+""" + "".join(f"""---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {{name: {name}, namespace: tools}}
+spec:
+  selector: {{matchLabels: {{app: {name}}}}}
+  template:
+    metadata:
+      labels: {{app: {name}, aadpodidbinding: one}}{annotations}
+    spec:
+      serviceAccountName: {name}
+      containers:
+        - name: main
+          image: contoso.azurecr.io/{name}:1{extra}
+""" for name, annotations, extra in (
+    ("drainer", "", "\n          envFrom: [{configMapRef: {name: scheduler-settings}}]"),
+    ("inventory", "", "\n          args: [--region-from, 'http://169.254.169.254/metadata/instance/compute/location']"),
+    ("pinned", "\n      annotations: {azwi-netproxy.io/passthrough: all}", ""),
+    ("tokens-only", "", "\n          env: [{name: MSI_ENDPOINT, value: 'http://169.254.169.254/metadata/identity/oauth2/token'}]"),
+))
+
+
+def test_node_mode_keeps_workloads_that_need_instance_metadata_in_another_mode(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    export = tmp_path / "tools.yaml"
+    export.write_text(SIGNS_EXPORT)
+    expected_because = {
+        "tools/Deployment/drainer": "container main: ConfigMap scheduler-settings (envFrom) key EVENTS_URL names "
+                                    "/metadata/scheduledevents",
+        "tools/Deployment/inventory": "container main: args[1] names /metadata/instance/compute/location",
+        "tools/Deployment/pinned": 'pod annotation azwi-netproxy.io/passthrough: "all"',
+    }
+    for flags, fallback in ((["--node"], "sidecar"), (["--node", "--cni"], "CNI")):
+        out = tmp_path / "-".join(flags)
+        code, _, err = run(["-o", str(out), *flags, str(export)], capsys)
+        assert code == 0, err
+        assert validate_output(out) == []
+        workloads = workload_manifests(out)
+        node = assert_node_pod("tokens-only", workloads["tools/deployment-tokens-only.yaml"])
+        assert node[NODE_CLIENT_ID] == "9a9a9a9a-0000-4000-8000-000000000031"
+        for name in ("drainer", "inventory", "pinned"):
+            annotations = pod_template(workloads[f"tools/deployment-{name}.yaml"])["metadata"]["annotations"]
+            assert NODE_PROXY not in annotations, name
+            if fallback == "CNI":
+                assert annotations[REDIRECT] == "true", name
+            else:
+                assert annotations["azure.workload.identity/inject-proxy-sidecar"] == "true", name
+        report = (out / "REPORT.md").read_text()
+        section = report.split("## Node mode (`--node`)")[1].split("\n## ")[0]
+        assert f"| Workload | Kept in {fallback} mode because |" in section
+        for ref_, because in expected_because.items():
+            line = next(line for line in section.splitlines() if f"`{ref_}`" in line)
+            assert because in line, line
+        assert "tokens-only" not in section
+        assert "- **Node mode** (`--node`): 1 workloads in node mode, 3 kept in " + fallback + " mode" in report
+        # The pass-through annotation is the user's choice and stays on the pinned workload.
+        pinned = pod_template(workloads["tools/deployment-pinned.yaml"])["metadata"]["annotations"]
+        assert pinned[PASSTHROUGH] == "all"
+
+
+def test_node_mode_carries_the_service_accounts_tenant(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    export = tmp_path / "tools.yaml"
+    export.write_text(SIGNS_EXPORT.replace("envFrom: [{configMapRef: {name: scheduler-settings}}]", "args: [drain]"))
+    out = tmp_path / "out"
+    code, _, err = run(["-o", str(out), "--node", str(export)], capsys)
+    assert code == 0, err
+    drainer = pod_template(workload_manifests(out)["tools/deployment-drainer.yaml"])["metadata"]["annotations"]
+    assert drainer[NODE_TENANT_ID] == "11111111-2222-4333-8444-555555555555"
+    assert validate_output(out) == []
+
+
+def test_node_mode_gives_way_where_identity_binding_is_needed(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["-o", str(tmp_path / "out"), "--node"]
+    for number, cluster in enumerate(("east", "west", "north")):
+        path = tmp_path / f"{cluster}.yaml"
+        path.write_text(cluster_export(8, MIXED if cluster == "east" else ""))
+        argv += ["--cluster", cluster, f"https://{cluster}.oic.example/tenant/{number}/", str(path)]
+    code, _, err = run(argv, capsys)
+    assert code == 0, err
+    out = tmp_path / "out"
+    assert validate_output(out) == []
+    for cluster in ("east", "west", "north"):
+        app = pod_template(yaml.safe_load((out / "manifests" / cluster / "team-3" / "deployment-app.yaml").read_text()))
+        assert app["metadata"]["annotations"]["azure.workload.identity/use-identity-binding"] == "true"
+        assert NODE_PROXY not in app["metadata"]["annotations"]
+        cli = pod_template(yaml.safe_load((out / "manifests" / cluster / "tools" / "deployment-cli.yaml").read_text()))
+        assert_node_pod(f"{cluster}/cli", {"kind": "Pod", **cli})
+    report = (out / "REPORT.md").read_text()
+    section = report.split("## Node mode (`--node`)")[1].split("\n## ")[0]
+    assert "| east | `team-0/Deployment/app` | needs AKS identity binding (over the FIC budget)" in section
+
+
+def test_node_output_migrated_again_is_a_fixed_point_and_without_node_loses_the_annotations(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    first = migrate_fixture(tmp_path, capsys, "--node")
+    inputs = [str(first / "manifests"), str(EXPORT / "pod-identity.yaml")]
+    again = tmp_path / "again"
+    code, _, err = run(["-o", str(again), "--issuer", ISSUER, "--node", *inputs], capsys)
+    assert code == 0, err
+    assert workload_manifests(again) == workload_manifests(first)
+    back = tmp_path / "back"
+    code, _, err = run(["-o", str(back), "--issuer", ISSUER, *inputs], capsys)
+    assert code == 0, err
+    assert workload_manifests(back) == workload_manifests(migrate_fixture(tmp_path / "default", capsys))
+    assert "pod annotations azwi-netproxy.io/node-proxy, azwi-netproxy.io/client-id, azwi-netproxy.io/identity-map " \
+           "removed (not node mode)" in (back / "manifests" / "payments" / "deployment-payments-api.yaml").read_text()
+    # And a sidecar-mode output migrated with --node loses our containers and the map volume.
+    sidecar = tmp_path / "default" / "out"
+    to_node = tmp_path / "to-node"
+    code, _, err = run(["-o", str(to_node), "--issuer", ISSUER, "--node", str(sidecar / "manifests"),
+                        str(EXPORT / "pod-identity.yaml")], capsys)
+    assert code == 0, err
+    assert workload_manifests(to_node) == workload_manifests(first)
+    assert "azwi-proxy-init, azwi-proxy and the identity map volume removed" in (
+        to_node / "manifests" / "payments" / "deployment-payments-api.yaml").read_text()
+
+
+def test_default_output_is_unchanged_by_the_node_option(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """With --node only the workloads, REPORT.md and the map's ConfigMap and file differ."""
+    default = tree(migrate_fixture(tmp_path / "default", capsys))
+    node = tree(migrate_fixture(tmp_path / "node", capsys, "--node"))
+    assert default == tree(GOLDEN)
+    assert not [path for path, text in default.items() if "node-proxy" in text or "Node mode" in text]
+    map_files = {"identity-maps/payments-deployment-payments-api.yaml",
+                 "manifests/payments/configmap-azwi-identity-map-deployment-payments-api.yaml"}
+    assert sorted(default) == sorted(set(node) | map_files)
+    workloads = {f"manifests/{p}" for p in workload_manifests(tmp_path / "default" / "out")}
+    assert {path for path in node if default[path] != node[path]} == workloads | {"REPORT.md"}
+
+
+def test_node_flag_is_in_the_help(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(["--help"], capsys)
+    assert code == 0
+    text = " ".join(out.split())
+    assert "--node" in text and "deploy/node/node-agent.yaml" in text and "no pass- through" in text

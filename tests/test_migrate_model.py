@@ -7,6 +7,7 @@ Depends: hypothesis for the FIC name property.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from typing import Any
 
@@ -15,7 +16,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from azwi_netproxy.errors import ConfigError
+from azwi_netproxy.identitymap import parse_identity_map
 from azwi_netproxy.migrate import model, plan
+from azwi_netproxy.migrate import render as render_module
+from azwi_netproxy.migrate import signs as signs_module
 from azwi_netproxy.migrate.model import Document, PodIdentity, dump_yaml, load_documents
 from azwi_netproxy.migrate.plan import ClusterInput, Options, build_plan
 from azwi_netproxy.migrate.render import render
@@ -424,9 +428,36 @@ def test_workload_identities_say_why_not(extra: str, label: str, problem: str) -
     assert len(found.problems) == 1 and found.problems[0].startswith(problem), found.problems
 
 
-@pytest.mark.parametrize(("options", "mode"), [({}, "sidecar"), ({"cni": True}, "cni")], ids=["default", "cni"])
-def test_choose_mode_follows_the_options(options: dict[str, Any], mode: str) -> None:
-    assert plan.choose_mode(workload_of(deployment("app", label="s"), "app"), Options(**options)) == mode
+IMDS_ENV = {"containers": [{"name": "app", "image": "i", "env": [
+    {"name": "IMDS", "value": "http://169.254.169.254/metadata/instance?api-version=2021-02-01"}]}]}
+SIGN = "container app: env[IMDS].value names /metadata/instance"
+
+
+@pytest.mark.parametrize(
+    ("options", "spec", "annotation", "expected"),
+    [
+        ({}, None, None, ("sidecar", "all", ())),
+        ({"cni": True}, None, None, ("cni", "all", ())),
+        # Without --node the signs change nothing here (pass-through is the next step's).
+        ({}, IMDS_ENV, None, ("sidecar", "all", ())),
+        ({"node": True}, None, None, ("node", "none", ())),
+        ({"node": True}, IMDS_ENV, None, ("sidecar", "all", (SIGN,))),
+        ({"node": True, "cni": True}, IMDS_ENV, None, ("cni", "all", (SIGN,))),
+        ({"node": True, "cni": True}, None, None, ("node", "none", ())),
+        ({"node": True}, None, "all", ("sidecar", "all", ('pod annotation azwi-netproxy.io/passthrough: "all"',))),
+        ({"node": True}, IMDS_ENV, "none", ("node", "none", ())),  # explicit wins over the signs
+    ],
+    ids=["default", "cni", "default-with-sign", "node", "node-with-sign", "node-cni-with-sign", "node-cni",
+         "node-explicit-all", "node-explicit-none"],
+)
+def test_choose_mode(options: dict[str, Any], spec: dict[str, Any] | None, annotation: str | None,
+                     expected: tuple[str, str, tuple[str, ...]]) -> None:
+    text = deployment("app", label="s", spec=spec)
+    if annotation is not None:
+        text = text.replace("      labels:\n", f"      annotations:\n        azwi-netproxy.io/passthrough: {annotation}\n"
+                            "      labels:\n", 1)
+    choice = plan.choose_mode(workload_of(text, "app"), Options(**options), {})
+    assert (choice.mode, choice.passthrough, choice.because) == expected
 
 
 @pytest.mark.parametrize(
@@ -527,10 +558,15 @@ def test_selectors_that_cut_over_would_empty() -> None:
     )
 
 
+def _client_of(identity_name: str) -> str:
+    """A client ID of its own for each identity name (the map refuses one listed twice)."""
+    return "9a9a9a9a-0000-4000-8000-" + hashlib.sha256(identity_name.encode()).hexdigest()[:12]
+
+
 def _candidate(name: str, sa: str, *identity_names: str, kind: str = "Deployment") -> plan.WorkloadPlan:
     workload = workload_of(deployment(name, label="s", sa=sa, kind=kind), name)
     bound = tuple(
-        plan.BoundIdentity(f"b-{i}", i, plan.ManagedIdentity(RID.format(name=i), CLIENT_A, "sub", "rg", i))
+        plan.BoundIdentity(f"b-{i}", i, plan.ManagedIdentity(RID.format(name=i), _client_of(i), "sub", "rg", i))
         for i in identity_names
     )
     return plan.WorkloadPlan("", workload, bound, sa, "patch", None, 8000, False)
@@ -626,3 +662,132 @@ def test_fic_budget_switches_identities_over_the_limit_to_identity_binding() -> 
     reasons = {(need.identity.name, need.reason) for need in result.identity_bindings}
     assert reasons == {("big", "needs 3 FICs, over the limit of 2"),
                        ("small", "used by a workload that needs identity binding for another identity")}
+
+
+# ---------------------------------------------------------------------------- signs of needing instance metadata
+
+def _pod(containers: list[dict[str, Any]], *, inits: list[dict[str, Any]] | None = None,
+         volumes: list[dict[str, Any]] | None = None, annotation: str | None = None) -> model.Workload:
+    spec: dict[str, Any] = {"containers": containers}
+    if inits:
+        spec["initContainers"] = inits
+    if volumes:
+        spec["volumes"] = volumes
+    meta: dict[str, Any] = {"name": "p", "namespace": "n", "labels": {"aadpodidbinding": "s"}}
+    if annotation is not None:
+        meta["annotations"] = {"azwi-netproxy.io/passthrough": annotation}
+    return workload_of(dump_yaml({"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": spec}), "p")
+
+
+def _env(value: str) -> list[dict[str, Any]]:
+    return [{"name": "app", "image": "i", "env": [{"name": "URL", "value": value}]}]
+
+
+CONFIG = {("n", "settings"): {"ENDPOINT": "http://169.254.169.254/metadata/scheduledevents?api-version=2020-07-01",
+                               "OTHER": "x"},
+          ("n", "plain"): {"A": "b"}}
+
+
+@pytest.mark.parametrize(
+    ("workload", "signs"),
+    [
+        (_pod(_env("http://169.254.169.254/metadata/identity/oauth2/token?api-version=2018-02-01")), []),
+        (_pod(_env("http://169.254.169.254/METADATA/identity/oauth2/token")), []),  # as the proxy reads it
+        (_pod(_env("http://169.254.169.254")), ["container app: env[URL].value names 169.254.169.254 (not only its identity paths)"]),
+        (_pod(_env("169.254.169.254:80")), ["container app: env[URL].value names 169.254.169.254 (not only its identity paths)"]),
+        (_pod(_env("http://169.254.169.254/metadata/instance/compute?api-version=2021-02-01")),
+         ["container app: env[URL].value names /metadata/instance/compute"]),
+        (_pod([{"name": "app", "image": "i", "args": ["--source", "Metadata/Instance"]}]),
+         ["container app: args[1] names /Metadata/Instance"]),
+        (_pod([{"name": "app", "image": "i", "command": ["sh", "-c", "curl -H Metadata:true "
+                                                          "'http://169.254.169.254/metadata/attested/document'"]}]),
+         ["container app: command[2] names /metadata/attested/document"]),
+        (_pod([{"name": "app", "image": "i", "livenessProbe": {"exec": {"command": [
+            "curl", "http://169.254.169.254/metadata/versions"]}}}]),
+         ["container app: livenessProbe.exec.command[1] names /metadata/versions"]),
+        (_pod([{"name": "app", "image": "i"}], inits=[{"name": "wait", "image": "i", "args": ["metadata/loadbalancer"]}]),
+         ["container wait: args[0] names /metadata/loadbalancer"]),
+        (_pod(_env("http://169.254.169.254/metadata/identity/info")), []),  # refused by the proxy, never forwarded
+        (_pod(_env("http://metadata.google.internal/computeMetadata/v1/instance")), []),  # not Azure's
+        (_pod([{"name": "app", "image": "registry.example/metadata/instance-agent:1"}]), []),  # images are not read
+        (_pod([{"name": "app", "image": "i", "envFrom": [{"configMapRef": {"name": "settings"}}]}]),
+         ["container app: ConfigMap settings (envFrom) key ENDPOINT names /metadata/scheduledevents"]),
+        (_pod([{"name": "app", "image": "i", "env": [{"name": "E", "valueFrom": {"configMapKeyRef": {
+            "name": "settings", "key": "OTHER"}}}]}]),
+         ["container app: ConfigMap settings (env E) key ENDPOINT names /metadata/scheduledevents"]),
+        (_pod([{"name": "app", "image": "i", "volumeMounts": [{"name": "cfg", "mountPath": "/etc/app"}]}],
+              volumes=[{"name": "cfg", "projected": {"sources": [{"configMap": {"name": "settings"}}]}}]),
+         ["container app: ConfigMap settings (volume cfg) key ENDPOINT names /metadata/scheduledevents"]),
+        # A volume no container mounts, a ConfigMap not in the export, one without a sign: nothing.
+        (_pod([{"name": "app", "image": "i", "envFrom": [{"configMapRef": {"name": "missing"}},
+                                                          {"configMapRef": {"name": "plain"}}]}],
+              volumes=[{"name": "cfg", "configMap": {"name": "settings"}}]), []),
+        # A previous migration's proxy names IMDS by design.
+        (_pod([{"name": "azwi-proxy", "image": "p", "env": [{"name": "U", "value": "http://169.254.169.254"}]},
+               {"name": "app", "image": "i"}]), []),
+    ],
+    ids=["token-url", "token-url-case", "base-url", "address-and-port", "instance", "path-alone-any-case",
+         "attested-in-command", "probe", "init-container", "identity-info", "gcp", "image-name", "envfrom-configmap",
+         "configmap-key-ref", "projected-volume", "nothing-readable", "our-proxy"],
+)
+def test_signs_of_needing_instance_metadata(workload: model.Workload, signs: list[str]) -> None:
+    use = signs_module.metadata_use(workload, CONFIG)
+    assert list(use.signs) == signs
+    assert use.explicit is None and use.needs_passthrough is bool(signs) and use.because == tuple(signs)
+
+
+@pytest.mark.parametrize(
+    ("annotation", "explicit", "needs", "because"),
+    [
+        ("all", "all", True, ('pod annotation azwi-netproxy.io/passthrough: "all"',)),
+        (" ALL ", "all", True, ('pod annotation azwi-netproxy.io/passthrough: "all"',)),
+        ("none", "none", False, ()),
+        ("maybe", None, True, ("container app: env[URL].value names 169.254.169.254 (not only its identity paths)",)),
+    ],
+    ids=["all", "all-spaced", "none", "not-a-choice"],
+)
+def test_the_explicit_annotation_decides_over_the_signs(
+    annotation: str, explicit: str | None, needs: bool, because: tuple[str, ...]
+) -> None:
+    use = signs_module.metadata_use(_pod(_env("http://169.254.169.254"), annotation=annotation), {})
+    assert (use.explicit, use.needs_passthrough, use.because) == (explicit, needs, because)
+
+
+def test_a_pass_through_annotation_that_is_no_choice_blocks_the_workload() -> None:
+    (reason,) = plan.blockers(_pod(_env("x"), annotation="maybe"), "sidecar")
+    assert reason.startswith("pod annotation azwi-netproxy.io/passthrough: 'maybe' is neither all nor none")
+    assert plan.blockers(_pod(_env("x"), annotation="None"), "cni") == []
+
+
+def test_service_account_tenant_is_carried_when_it_is_a_guid() -> None:
+    tenant = "72F988BF-86F1-41AF-91AB-2D7CD011DB47"
+    for value, expected in ((tenant, tenant.lower()), ("contoso.onmicrosoft.com", None)):
+        text = join(SA_DOC.replace("n}", f"n, annotations: {{azure.workload.identity/tenant-id: {value}}}}}"),
+                    deployment("app", label="s", sa="own"))
+        choice = plan.service_account_for(workload_of(text, "app"), CLIENT_A, inventory(text).service_accounts)
+        assert choice.tenant_id == expected
+
+
+def test_node_mode_gives_way_to_identity_binding_after_the_budget() -> None:
+    result = plan.Plan(options=Options(fic_limit=1, node=True), multi_cluster=False)
+    result.workloads = [_candidate("a", "sa-a", "big"), _candidate("b", "sa-b", "big"), _candidate("c", "sa-c", "small")]
+    for wp in result.workloads:
+        wp.mode, wp.passthrough = "node", "none"
+    plan.fic_budget(result, {})
+    plan.modes_after_budget(result)
+    assert [(wp.mode, wp.passthrough, wp.identity_binding) for wp in result.workloads] == [
+        ("sidecar", "all", True), ("sidecar", "all", True), ("node", "none", False)]
+    assert result.workloads[0].mode_because == (plan.NODE_NO_IDENTITY_BINDING,)
+    assert result.workloads[2].mode_because == ()
+
+
+def test_node_mode_identity_map_is_compact_json_the_proxy_accepts() -> None:
+    wp = _candidate("app", "app", "one", "two")
+    text = render_module.identity_map_json(wp)
+    assert " " not in text and "\n" not in text and text.startswith("{")
+    parsed = parse_identity_map(text, source="annotation")
+    assert parsed.only_listed
+    assert [(i.client_id, i.resource_id) for i in parsed.identities] == [
+        (b.identity.client_id, b.identity.resource_id) for b in wp.identities]
+    # The same map as the file a sidecar mounts.
+    assert parse_identity_map(render_module.identity_map_text(wp)) == parsed

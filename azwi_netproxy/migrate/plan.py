@@ -34,10 +34,14 @@ from azwi_netproxy.migrate.model import (
     PodIdentityException,
     Workload,
 )
+from azwi_netproxy.migrate.signs import ConfigMaps, Passthrough, explicit_choice, metadata_use
+from azwi_netproxy.settings import CNI_PASSTHROUGH_ANNOTATION, PASSTHROUGH_POLICIES
 
 FIC_LIMIT: Final = 20  # federated identity credentials per managed identity (Entra limit)
 FIC_AUDIENCE: Final = "api://AzureADTokenExchange"
 CLIENT_ID_ANNOTATION: Final = "azure.workload.identity/client-id"
+# The webhook gives the sidecar this tenant (else its own default); node mode's pods carry it.
+TENANT_ID_ANNOTATION: Final = "azure.workload.identity/tenant-id"
 ISSUER_VARIABLE: Final = "AKS_OIDC_ISSUER"
 
 _GUID: Final = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$", re.I)
@@ -76,6 +80,14 @@ class Options:
     # CNI mode (deploy/cni/): the node's chained plugin installs the redirect, so every pod
     # declares the proxy as a native sidecar and none needs the NET_ADMIN init container.
     cni: bool = False
+    # Node mode (deploy/node/): one process per node answers the pods' IMDS; pods carry
+    # annotations and no proxy. Workloads it cannot serve keep the other mode (cni or sidecar).
+    node: bool = False
+
+    @property
+    def fallback_mode(self) -> Mode:
+        """The mode of workloads that node mode does not take (and of all without --node)."""
+        return "cni" if self.cni else "sidecar"
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,7 +123,7 @@ class BoundIdentity:
 
 SaAction = Literal["patch", "create", "create-missing"]
 # How a workload's pods get their proxy (the phase choose_mode decides, per workload).
-Mode = Literal["sidecar", "cni"]
+Mode = Literal["sidecar", "cni", "node"]
 
 
 @dataclass(slots=True)
@@ -128,14 +140,26 @@ class WorkloadPlan:
     label_kept_because: tuple[str, ...] = ()
     identity_binding: bool = False
     # How the pods get their proxy (choose_mode): "sidecar" (the init container and the proxy,
-    # injected or declared) or "cni" (the plugin's redirect and the proxy as a native sidecar).
+    # injected or declared), "cni" (the plugin's redirect and the proxy as a native sidecar) or
+    # "node" (the plugin's redirect to the node's process: annotations only).
     mode: Mode = "sidecar"
+    # Pass-through to the node's IMDS for paths other than the token's (signs.py). In node
+    # mode it is the node's setting (off by default), never the pod's.
+    passthrough: Passthrough = "all"
+    passthrough_because: tuple[str, ...] = ()  # why it stays on
+    mode_because: tuple[str, ...] = ()  # under --node: why this workload is not in node mode
+    tenant_id: str | None = None  # the exported service account's tenant-id annotation
     notes: list[str] = field(default_factory=list)
 
     @property
     def cni(self) -> bool:
-        """The redirect comes from the CNI plugin (annotation) instead of the init container."""
+        """The redirect comes from the CNI plugin to the pod's own proxy (CNI mode)."""
         return self.mode == "cni"
+
+    @property
+    def node(self) -> bool:
+        """The node's process answers the pod's IMDS (node mode): no proxy in the pod."""
+        return self.mode == "node"
 
     @property
     def subject(self) -> str:
@@ -407,7 +431,7 @@ def _sa_name_for(workload: Workload) -> str:
 #   read_objects                  which workloads to consider; duplicates, runtime objects
 #   resolve_identities            AzureIdentity → managed identity; bindings by selector
 #   workload_identities           one workload's identities, or why it has none we can migrate
-#   choose_mode                   sidecar or CNI mode for one workload
+#   choose_mode                   sidecar, CNI or node mode for one workload, and pass-through
 #   blockers                      what rules the proxy out for one workload in its mode
 #   service_account_for           the service account that will carry the FIC subject
 #   proxy_port_for                a port no container of the pod declares
@@ -418,6 +442,7 @@ def _sa_name_for(workload: Workload) -> str:
 #   service_account_warnings      other workloads that gain identities through a migrated SA
 #   identity_table                the report's AzureIdentity rows, unused identities/bindings
 #   fic_budget                    FICs per identity; identity binding over the limit
+#   modes_after_budget            node mode gives way where identity binding is needed
 
 
 IdentityEntry = tuple[PodIdentity, ManagedIdentity | None, str | None]
@@ -431,6 +456,7 @@ class ClusterObjects:
     owned: tuple[Workload, ...]  # created by a controller (ownerReferences), sorted likewise
     keys: frozenset[tuple[str, str, str]]  # (namespace, kind, name) of every workload exported
     exceptions: Mapping[str, tuple[PodIdentityException, ...]]  # by namespace, sorted by name
+    config_maps: ConfigMaps  # (namespace, name) → data, for the signs of choose_mode
     not_copied: tuple[Document, ...]  # pod identity's own resources and second definitions
     warnings: tuple[Finding, ...]
 
@@ -481,11 +507,18 @@ def read_objects(inventory: Inventory, cluster: str) -> ClusterObjects:
     exceptions: dict[str, list[PodIdentityException]] = defaultdict(list)
     for exception in sorted(inventory.exceptions, key=lambda e: (e.namespace, e.name)):
         exceptions[exception.namespace].append(exception)
+    config_maps: dict[tuple[str, str], Mapping[str, Any]] = {}
+    for doc in inventory.documents:
+        data = doc.data.get("data")
+        is_config_map = model.kind_of(doc.data) == "ConfigMap" and model.api_group(doc.data) == ""
+        if is_config_map and isinstance(data, dict):
+            config_maps.setdefault((model.namespace_of(doc.data), model.name_of(doc.data)), data)
     return ClusterObjects(
         workloads=tuple(workloads),
         owned=tuple(owned),
         keys=frozenset((w.namespace, w.kind, w.name) for w in inventory.workloads),
         exceptions={ns: tuple(found) for ns, found in exceptions.items()},
+        config_maps=config_maps,
         not_copied=tuple(not_copied),
         warnings=tuple(warnings),
     )
@@ -626,13 +659,29 @@ def workload_identities(workload: Workload, resolved: ResolvedIdentities) -> Wor
     )
 
 
-def choose_mode(workload: Workload, options: Options) -> Mode:
-    """How the workload's pods get their proxy: the sidecar pair, or CNI mode's redirect.
+@dataclass(frozen=True, slots=True)
+class ModeChoice:
+    """Phase `choose_mode`: how one workload's pods get their proxy, and pass-through."""
 
-    Today the options decide for every workload alike; the phase exists so that a mode can
-    depend on the workload too.
+    mode: Mode
+    passthrough: Passthrough
+    because: tuple[str, ...]  # the signs of needing instance metadata that decided (signs.py)
+
+
+def choose_mode(workload: Workload, options: Options, config_maps: ConfigMaps) -> ModeChoice:
+    """The mode that fits the workload, from the options and what its pods show.
+
+    Node mode has no pass-through by default (the node's IMDS is the node's, and pass-through
+    from the node would bypass a cluster's block on link-local addresses), so under --node a
+    workload with any sign of needing instance metadata keeps the other mode, with
+    pass-through, and the report says which sign.
     """
-    return "cni" if options.cni else "sidecar"
+    if not options.node:
+        return ModeChoice(options.fallback_mode, "all", ())
+    use = metadata_use(workload, config_maps)
+    if use.needs_passthrough:
+        return ModeChoice(options.fallback_mode, "all", use.because)
+    return ModeChoice("node", "none", ())
 
 
 def blockers(workload: Workload, mode: Mode) -> list[str]:
@@ -644,6 +693,10 @@ def blockers(workload: Workload, mode: Mode) -> list[str]:
             "redirect would never be installed; use the Azure Identity SDK's workload identity "
             "credential in this workload instead"
             if mode == "cni"
+            else "hostNetwork: true — no CNI plugin runs for a pod on the node's network, so node "
+            "mode could neither redirect it nor listen in its namespace (which is the node's); "
+            "use the Azure Identity SDK's workload identity credential in this workload instead"
+            if mode == "node"
             else "hostNetwork: true — the proxy's init container would install its NAT redirect in "
             "the node's network namespace, redirecting every pod's and the node's IMDS traffic "
             "(the workload identity webhook refuses such pods for the same reason); use the "
@@ -654,6 +707,12 @@ def blockers(workload: Workload, mode: Mode) -> list[str]:
         reasons.append(
             f"runs on Windows nodes ({windows}): the proxy's iptables redirect does not exist "
             f"there; use the Azure Identity SDK's workload identity credential instead"
+        )
+    choice = explicit_choice(workload)
+    if choice is not None and choice.strip().lower() not in PASSTHROUGH_POLICIES:
+        reasons.append(
+            f"pod annotation {CNI_PASSTHROUGH_ANNOTATION}: {choice!r} is neither all nor none (the "
+            f"CNI plugin refuses such a pod): set the pass-through this workload needs"
         )
     return reasons
 
@@ -666,6 +725,7 @@ class ServiceAccountChoice:
     action: SaAction
     doc: Document | None  # the exported ServiceAccount to patch, if any
     notes: tuple[str, ...]
+    tenant_id: str | None = None  # its tenant-id annotation (a GUID), which the webhook honours
 
 
 def service_account_for(
@@ -690,6 +750,7 @@ def service_account_for(
         name = current
     doc = service_accounts.get((workload.namespace, name))
     action: SaAction
+    tenant_id: str | None = None
     if doc is not None:
         action = "patch"
         existing = model.dig(doc.data, "metadata", "annotations", CLIENT_ID_ANNOTATION)
@@ -698,6 +759,9 @@ def service_account_for(
                 f"service account {name} had {CLIENT_ID_ANNOTATION} {existing}: replaced "
                 f"by {default_client_id}"
             )
+        tenant = model.dig(doc.data, "metadata", "annotations", TENANT_ID_ANNOTATION)
+        if isinstance(tenant, str) and _GUID.match(tenant.strip()):
+            tenant_id = tenant.strip().lower()
     elif name != current:
         action = "create"
     else:
@@ -706,7 +770,7 @@ def service_account_for(
             f"service account {name} is not in the export: a minimal one is generated "
             f"(kubectl apply merges the annotation into an existing one)"
         )
-    return ServiceAccountChoice(name, action, doc, tuple(notes))
+    return ServiceAccountChoice(name, action, doc, tuple(notes), tenant_id)
 
 
 def proxy_port_for(workload: Workload, wanted: int) -> tuple[int, tuple[str, ...]]:
@@ -1001,8 +1065,8 @@ def _plan_cluster(
             continue  # not a pod identity workload: unchanged
         identities = workload_identities(workload, resolved)
         bindings_used.update(identities.bindings_used)
-        mode = choose_mode(workload, options)
-        reasons = [*blockers(workload, mode), *identities.problems]
+        choice = choose_mode(workload, options, objects.config_maps)
+        reasons = [*blockers(workload, choice.mode), *identities.problems]
         if reasons:
             plan.not_migrated.append(Finding(cluster, workload.ref, workload.doc.where, "; ".join(reasons)))
             continue
@@ -1022,7 +1086,11 @@ def _plan_cluster(
                 proxy_port=port,
                 remove_binding_label=options.remove_binding_label and not kept,
                 label_kept_because=kept,
-                mode=mode,
+                mode=choice.mode,
+                passthrough=choice.passthrough,
+                passthrough_because=choice.because if choice.passthrough == "all" else (),
+                mode_because=choice.because if options.node and choice.mode != "node" else (),
+                tenant_id=account.tenant_id,
                 notes=[*account.notes, *port_notes, *_kind_notes(workload)],
             )
         )
@@ -1126,6 +1194,25 @@ def fic_budget(plan: Plan, rows_by_key: Mapping[str, list[str]]) -> None:
         )
 
 
+NODE_NO_IDENTITY_BINDING: Final = (
+    "needs AKS identity binding (over the FIC budget), which node mode does not serve: the node "
+    "process has no cluster token proxy to send the pod's exchange to"
+)
+
+
+def modes_after_budget(plan: Plan) -> None:
+    """Move node-mode workloads that the budget put on identity binding to the other mode.
+
+    The webhook points identity binding at the pod's own containers (AZURE_KUBERNETES_TOKEN_PROXY
+    and its CA); the node process reads none of a pod's environment, only its annotations.
+    """
+    for wp in plan.workloads:
+        if wp.node and wp.identity_binding:
+            wp.mode = plan.options.fallback_mode
+            wp.passthrough = "all"
+            wp.mode_because = (NODE_NO_IDENTITY_BINDING,)
+
+
 def build_plan(clusters: Sequence[ClusterInput], options: Options) -> Plan:
     """Plan the migration of one or more clusters' exports.
 
@@ -1159,6 +1246,7 @@ def build_plan(clusters: Sequence[ClusterInput], options: Options) -> Plan:
             )
     plan.workloads.sort(key=lambda w: (w.cluster, w.workload.namespace, w.workload.kind, w.workload.name))
     fic_budget(plan, rows_by_key)
+    modes_after_budget(plan)
 
     # Objects we generate replace same-named ones of the input (a re-export of a previous
     # migration): copying those to unchanged/ as well would apply two versions.

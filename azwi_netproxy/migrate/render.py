@@ -4,7 +4,8 @@ Rules:
 1. Pure: a `Plan` in, `{relative path: OutputFile}` out. Writing them is cli.py's job.
    Pods follow deploy/: `webhook/single-identity.yaml` (the webhook injects the proxy) and,
    for several identities, `webhook/multi-identity.yaml` (the pod declares it); in CNI mode
-   `cni/pod.yaml` (the plugin's annotation, the proxy declared as a native sidecar, no init).
+   `cni/pod.yaml` (the plugin's annotation, the proxy declared as a native sidecar, no init);
+   in node mode `node/pod.yaml` (annotations only: no proxy, no init, the map inline).
 2. Input objects are deep-copied before they are changed; unchanged documents are written back
    from their original text whenever that text loads to the same data.
 3. Every identity map is checked with the proxy's own parser before it is returned: a map the
@@ -38,10 +39,15 @@ from azwi_netproxy.migrate.plan import (
     rbac_name,
 )
 from azwi_netproxy.settings import (
+    CNI_PASSTHROUGH_ANNOTATION,
     CNI_PORT_ANNOTATION,
     CNI_REDIRECT_ANNOTATION,
     DEFAULT_PROXY_PORT,
     DEFAULT_PROXY_UID,
+    NODE_CLIENT_ID_ANNOTATION,
+    NODE_IDENTITY_MAP_ANNOTATION,
+    NODE_PROXY_ANNOTATION,
+    NODE_TENANT_ID_ANNOTATION,
 )
 
 USE_LABEL: Final = "azure.workload.identity/use"
@@ -54,6 +60,16 @@ IDENTITY_BINDING_ANNOTATION: Final = "azure.workload.identity/use-identity-bindi
 REDIRECT_ANNOTATION: Final = CNI_REDIRECT_ANNOTATION
 CNI_DEFAULT_PORT: Final = DEFAULT_PROXY_PORT  # the plugin's proxyPort when the annotation is absent
 NODE_AGENT_MANIFEST: Final = "deploy/cni/node-agent.yaml"
+# Node mode (CONTRACT.md, "Node mode"): the CNI agent's DaemonSet with the node process beside it.
+NODE_MODE_MANIFEST: Final = "deploy/node/node-agent.yaml"
+# The pod annotations only node mode reads; a pod in another mode must not carry them, nor
+# node-mode pods the annotations of CNI mode's redirect (which would exempt the proxy's uid).
+NODE_ANNOTATIONS: Final = (
+    NODE_PROXY_ANNOTATION,
+    NODE_CLIENT_ID_ANNOTATION,
+    NODE_TENANT_ID_ANNOTATION,
+    NODE_IDENTITY_MAP_ANNOTATION,
+)
 PROXY_CONTAINER: Final = "azwi-proxy"  # upstream ProxySidecarContainerName
 INIT_CONTAINER: Final = "azwi-proxy-init"  # upstream ProxyInitContainerName
 PROXY_UID: Final = DEFAULT_PROXY_UID  # the proxy image's USER, which the init exempts
@@ -156,7 +172,9 @@ def _workload_manifest(plan: Plan, wp: WorkloadPlan) -> tuple[dict[str, Any], li
         changes.append(f"pod label {BINDING_LABEL} kept: " + "; ".join(wp.label_kept_because))
     else:
         changes.append(f"pod label {BINDING_LABEL} kept until cut-over")
-    if wp.cni:
+    if wp.node:
+        changes += _node_mode(wp, annotations, spec)
+    elif wp.cni:
         # The webhook's injection would bring back the NET_ADMIN init container.
         annotations.pop(INJECT_PROXY_ANNOTATION, None)
         annotations.pop(PROXY_PORT_ANNOTATION, None)
@@ -193,7 +211,7 @@ def _workload_manifest(plan: Plan, wp: WorkloadPlan) -> tuple[dict[str, Any], li
         changes.append(
             f'pod annotations {INJECT_PROXY_ANNOTATION}: "true", {PROXY_PORT_ANNOTATION}: "{wp.proxy_port}"'
         )
-    if not wp.cni:
+    if not wp.cni and not wp.node:
         # A re-export of a CNI-mode migration: the plugin must no longer redirect these pods.
         stale = [
             key
@@ -202,6 +220,11 @@ def _workload_manifest(plan: Plan, wp: WorkloadPlan) -> tuple[dict[str, Any], li
         ]
         if stale:
             changes.append(f"pod annotations {', '.join(stale)} removed (not CNI mode)")
+    if not wp.node:
+        # A re-export of a node-mode migration: the node process must no longer serve these pods.
+        stale = [key for key in NODE_ANNOTATIONS if annotations.pop(key, None) is not None]
+        if stale:
+            changes.append(f"pod annotations {', '.join(stale)} removed (not node mode)")
     if wp.identity_binding:
         annotations[IDENTITY_BINDING_ANNOTATION] = "true"
         changes.append(f'pod annotation {IDENTITY_BINDING_ANNOTATION}: "true" (FIC budget)')
@@ -218,6 +241,73 @@ def _workload_manifest(plan: Plan, wp: WorkloadPlan) -> tuple[dict[str, Any], li
             labels.pop(key, None)
         changes.append("controller-generated selector and labels removed (re-create the Job)")
     return obj, changes
+
+
+def _node_mode(wp: WorkloadPlan, annotations: dict[str, Any], spec: dict[str, Any]) -> list[str]:
+    """The pod's annotations for the node process, as deploy/node/pod.yaml has them; no proxy.
+
+    The `use` label stays, so the webhook still projects the service account token that the
+    node process reads from the kubelet's pods directory; without inject-proxy-sidecar it
+    injects no containers. CNI mode's redirect annotation would make the plugin install the
+    rules that exempt the proxy's uid, and the pass-through annotation means nothing here
+    (the node's AZWI_NODE_PASSTHROUGH decides): both go.
+    """
+    not_here = (
+        INJECT_PROXY_ANNOTATION,
+        PROXY_PORT_ANNOTATION,
+        REDIRECT_ANNOTATION,
+        CNI_PASSTHROUGH_ANNOTATION,
+    )
+    removed = [key for key in not_here if annotations.pop(key, None) is not None]
+    for key in (NODE_TENANT_ID_ANNOTATION, NODE_IDENTITY_MAP_ANNOTATION, CNI_PORT_ANNOTATION):
+        annotations.pop(key, None)
+    annotations[NODE_PROXY_ANNOTATION] = "true"
+    annotations[NODE_CLIENT_ID_ANNOTATION] = wp.default.identity.client_id
+    written = [
+        f'{NODE_PROXY_ANNOTATION}: "true"',
+        f"{NODE_CLIENT_ID_ANNOTATION}: {wp.default.identity.client_id}",
+    ]
+    if wp.tenant_id is not None:
+        annotations[NODE_TENANT_ID_ANNOTATION] = wp.tenant_id
+        written.append(f"{NODE_TENANT_ID_ANNOTATION}: {wp.tenant_id} (from the service account)")
+    if wp.needs_identity_map:
+        annotations[NODE_IDENTITY_MAP_ANNOTATION] = identity_map_json(wp)
+        written.append(f"{NODE_IDENTITY_MAP_ANNOTATION} ({len(wp.identities)} identities, onlyListed)")
+    if wp.proxy_port != CNI_DEFAULT_PORT:
+        annotations[CNI_PORT_ANNOTATION] = str(wp.proxy_port)
+        written.append(f'{CNI_PORT_ANNOTATION}: "{wp.proxy_port}"')
+    changes = [f"pod annotations {', '.join(written)} (node mode: the node's process answers IMDS)"]
+    if _drop_proxy(spec):
+        changes.append(f"{INIT_CONTAINER}, {PROXY_CONTAINER} and the identity map volume removed")
+    changes.append(f"no proxy, no init container, no capabilities; no {INJECT_PROXY_ANNOTATION}")
+    if removed:
+        changes.append(f"pod annotations {', '.join(removed)} removed (node mode)")
+    return changes
+
+
+def _drop_proxy(spec: dict[str, Any]) -> bool:
+    """Remove our containers and the map volume (a re-exported earlier migration); whether any were."""
+    ours = (INIT_CONTAINER, PROXY_CONTAINER)
+    found = False
+    for key in ("initContainers", "containers"):
+        containers = spec.get(key)
+        if not isinstance(containers, list):
+            continue
+        kept = [c for c in containers if not (isinstance(c, dict) and c.get("name") in ours)]
+        found = found or len(kept) != len(containers)
+        if kept or key == "containers":
+            spec[key] = kept
+        else:
+            spec.pop(key)
+    volumes = spec.get("volumes")
+    if isinstance(volumes, list):
+        kept_volumes = [v for v in volumes if not (isinstance(v, dict) and v.get("name") == MAP_VOLUME)]
+        found = found or len(kept_volumes) != len(volumes)
+        if kept_volumes:
+            spec["volumes"] = kept_volumes
+        else:
+            spec.pop("volumes")
+    return found
 
 
 def _service_account(wp: WorkloadPlan) -> dict[str, Any]:
@@ -238,16 +328,30 @@ def _service_account(wp: WorkloadPlan) -> dict[str, Any]:
     return obj
 
 
+def _identity_map(wp: WorkloadPlan) -> dict[str, Any]:
+    entries = [
+        {"clientID": b.identity.client_id, "resourceID": b.identity.resource_id} for b in wp.identities
+    ]
+    return {"onlyListed": True, "identities": entries}
+
+
+def identity_map_json(wp: WorkloadPlan) -> str:
+    """The identity map as node mode's annotation carries it: compact JSON, checked like the file.
+
+    Raises:
+        RenderError: the proxy would reject or misread the map.
+    """
+    text = json.dumps(_identity_map(wp), separators=(",", ":"))
+    return _checked(wp, text)
+
+
 def identity_map_text(wp: WorkloadPlan) -> str:
     """The identity map of a workload that used several identities, checked with the proxy's parser.
 
     Raises:
         RenderError: the proxy would reject or misread the map.
     """
-    entries = [
-        {"clientID": b.identity.client_id, "resourceID": b.identity.resource_id} for b in wp.identities
-    ]
-    body = dump_yaml({"onlyListed": True, "identities": entries})
+    body = dump_yaml(_identity_map(wp))
     default = wp.default
     header = _header(
         [
@@ -261,7 +365,15 @@ def identity_map_text(wp: WorkloadPlan) -> str:
             "onlyListed: a client_id, msi_res_id or mi_res_id not listed here gets 400 Identity not found.",
         ]
     )
-    text = header + body
+    return _checked(wp, header + body)
+
+
+def _checked(wp: WorkloadPlan, text: str) -> str:
+    """`text` if the proxy's own parser reads it back as the workload's identities.
+
+    Raises:
+        RenderError: it does not.
+    """
     try:
         parsed = parse_identity_map(text, source=f"{wp.ref}")
     except Exception as exc:
@@ -619,7 +731,7 @@ def render(plan: Plan) -> dict[str, OutputFile]:
                 )
                 + dump_yaml(_service_account(wp))
             )
-        if wp.needs_identity_map:
+        if wp.needs_identity_map and not wp.node:  # node mode: the map is the pod's annotation
             map_text = identity_map_text(wp)
             files[f"identity-maps/{_prefix(plan, wp.cluster)}{ns}-{kind}-{name}.yaml"] = OutputFile(map_text)
             cm_name = wp.configmap_name

@@ -13,7 +13,11 @@ their rules from the chained plugin (no init container, and the proxy must be up
 other container of the pod talks to IMDS), and the node agent's DaemonSet container is checked
 against what it must see of the host (its `--check` runs once `azwi_netproxy.cni` exists). And
 `pod_security_violations`, a judge of the Pod Security Standards' baseline and restricted levels
-written from their published rules.
+written from their published rules. Node mode too: pods annotated `azwi-netproxy.io/node-proxy:
+"true"` carry well-formed annotations for the node's process (client and tenant GUIDs, a port,
+an identity map our parser accepts, with the default in it) and nothing of the other modes (no
+sidecar, no init container, no capability, no redirect or inject annotation), and meet the Pod
+Security level asked for.
 
 Used by tests/test_deploy.py for deploy/ and by the migration tool's tests for what it
 writes. Must not know: which files a caller loads or what a particular manifest is for
@@ -26,6 +30,7 @@ import contextlib
 import copy
 import importlib.util
 import io
+import json
 import os
 import posixpath
 import re
@@ -42,6 +47,7 @@ import yaml
 
 from azwi_netproxy import cli
 from azwi_netproxy.errors import ConfigError
+from azwi_netproxy.identitymap import parse_identity_map
 from azwi_netproxy.init import config as init_config
 from azwi_netproxy.proxy import config as proxy_config
 from azwi_netproxy.proxy import files as proxy_files
@@ -63,6 +69,17 @@ TOKEN_FILE: Final = f"{TOKEN_MOUNT_PATH}/{TOKEN_VOLUME}"
 AUDIENCE: Final = "api://AzureADTokenExchange"
 DEFAULT_PORT: Final = 8000
 IMAGE_UID: Final = 1501  # USER of our proxy image (and of upstream's)
+
+# ---- node mode (CONTRACT.md, "Node mode"; issue 26) ----
+# Spelled here, not imported from azwi_netproxy.settings: a judge with its own spelling
+# catches a typo in the product's constants.
+NODE_PROXY_ANNOTATION: Final = "azwi-netproxy.io/node-proxy"
+NODE_CLIENT_ID_ANNOTATION: Final = "azwi-netproxy.io/client-id"
+NODE_TENANT_ID_ANNOTATION: Final = "azwi-netproxy.io/tenant-id"
+NODE_IDENTITY_MAP_ANNOTATION: Final = "azwi-netproxy.io/identity-map"
+PASSTHROUGH_ANNOTATION: Final = "azwi-netproxy.io/passthrough"
+# What our other modes give a pod and node mode makes needless: a leftover is a mistake.
+SIDECAR_CAPABILITIES: Final = frozenset({"NET_ADMIN", "NET_RAW", "SYS_ADMIN"})
 
 # ---- CNI mode (CONTRACT.md, `azwi-netproxy-cni`; issue 19) ----
 REDIRECT_ANNOTATION: Final = "azwi-netproxy.io/redirect"
@@ -305,6 +322,8 @@ class _Pod:
     docs: _Docs
     problems: list[str]
     annotations: Mapping[str, Any] = field(default_factory=dict)
+    # The Pod Security level a node-mode pod must meet (None: not judged; see validate_manifest_docs).
+    node_pod_security: PodSecurityLevel | None = "restricted"
 
     def problem(self, text: str) -> None:
         self.problems.append(f"{self.label}: {text}")
@@ -744,11 +763,73 @@ def _check_cni_pod(pod: _Pod, inits: list[tuple[str, int, dict[str, Any]]],
                         "proxy the first init container (native sidecar)")
 
 
+def _guid_annotation(pod: _Pod, key: str) -> str | None:
+    value = pod.annotations.get(key)
+    if value is not None and (not isinstance(value, str) or not GUID.match(value)):
+        pod.problem(f"{key} {value!r} is not a GUID (the plugin fails the pod's ADD)")
+        return None
+    return value.lower() if isinstance(value, str) else None
+
+
+def _check_node_pod(pod: _Pod, ours: list[tuple[str, int, dict[str, Any], str | None]]) -> None:
+    """Node mode: annotations for the node's process, and nothing of the other modes in the pod."""
+    value = pod.annotations.get(NODE_PROXY_ANNOTATION)
+    if value != "true":
+        pod.problem(f'{NODE_PROXY_ANNOTATION} {value!r}: only "true" asks for node mode')
+    client_id = _guid_annotation(pod, NODE_CLIENT_ID_ANNOTATION)
+    _guid_annotation(pod, NODE_TENANT_ID_ANNOTATION)
+    port = pod.annotations.get(CNI_PORT_ANNOTATION, str(DEFAULT_PORT))
+    if not isinstance(port, str) or not port.isdigit() or not 1 <= int(port) <= 65535:
+        pod.problem(f"{CNI_PORT_ANNOTATION} {port!r} is not a port (1-65535, quoted)")
+    text = pod.annotations.get(NODE_IDENTITY_MAP_ANNOTATION)
+    if text is not None:
+        try:
+            document = json.loads(str(text))
+        except ValueError as exc:
+            pod.problem(f"{NODE_IDENTITY_MAP_ANNOTATION} is not JSON: {exc}")
+            document = None
+        if document is not None:
+            try:
+                identity_map = parse_identity_map(str(text), source=NODE_IDENTITY_MAP_ANNOTATION)
+            except ConfigError as exc:
+                pod.problem(f"{NODE_IDENTITY_MAP_ANNOTATION} is refused: {exc}")
+            else:
+                if identity_map.only_listed and client_id is not None and client_id not in identity_map.by_client_id:
+                    pod.problem(f"{NODE_CLIENT_ID_ANNOTATION} {client_id} is not in the onlyListed map of "
+                                f"{NODE_IDENTITY_MAP_ANNOTATION}: the default identity would be refused")
+    elif client_id is None:
+        pod.problem(f"neither {NODE_CLIENT_ID_ANNOTATION} nor {NODE_IDENTITY_MAP_ANNOTATION}: every request "
+                    "would have to name an identity the node process knows nothing of")
+    for key, why in ((REDIRECT_ANNOTATION, "asks for CNI mode's rules, which exempt the proxy's uid"),
+                     (INJECT_ANNOTATION, "makes the webhook inject the sidecar pair node mode replaces"),
+                     (PASSTHROUGH_ANNOTATION, "means nothing in node mode (the node's AZWI_NODE_PASSTHROUGH "
+                                              "decides)")):
+        if key in pod.annotations:
+            pod.problem(f"{key} {why}")
+    if pod.spec.get("hostNetwork"):
+        pod.problem("hostNetwork: no CNI plugin runs for a pod on the node's network; node mode cannot serve it")
+    for _, _, container, what in ours:
+        pod.problem(f"{container.get('name')}: a node-mode pod runs no {what} container of ours: the node "
+                    "process answers its IMDS")
+    for section, _, container in pod.containers():
+        sc = container.get("securityContext") or {}
+        needless = sorted(_caps(container, "add") & SIDECAR_CAPABILITIES)
+        if needless or sc.get("privileged") is True:
+            pod.problem(f"{section} {container.get('name')}: {', '.join(needless) or 'privileged'}: node "
+                        "mode needs no capability in the pod")
+    if pod.node_pod_security is not None:
+        for violation in pod_security_violations(pod.spec, pod.node_pod_security, pod.annotations):
+            pod.problem(f"Pod Security {pod.node_pod_security}: {violation}")
+
+
 def _check_pod(pod: _Pod, runner: InitRunner | None, agent_runner: CniAgentRunner | None = None) -> None:
     for _, _, container in pod.containers():
         if role(container) == "cni-agent":
             _check_cni_agent(pod, container, agent_runner)
     ours = [(section, index, c, r) for section, index, c in pod.containers() if (r := role(c)) in ("init", "proxy")]
+    if NODE_PROXY_ANNOTATION in pod.annotations:
+        _check_node_pod(pod, ours)
+        return
     names = [c.get("name") for _, _, c in pod.containers()]
     for name in {n for n in names if names.count(n) > 1}:
         pod.problem(f"container name {name} is used twice")
@@ -789,12 +870,16 @@ def validate_manifest_docs(
     run_init: bool = True,
     init_runner: InitRunner | None = None,
     agent_runner: CniAgentRunner | None = None,
+    node_pod_security: PodSecurityLevel | None = "restricted",
 ) -> list[str]:
     """Every problem found in these documents (one cluster's manifests, loaded together).
 
     Pods labelled for the webhook are checked as the webhook would leave them, in both its
     native-sidecar (Kubernetes >= 1.32) and classic forms. `run_init` also runs the CNI
-    agent's `--check` (see CniAgentRunner for when that is skipped).
+    agent's `--check` (see CniAgentRunner for when that is skipped). Node-mode pods must meet
+    `node_pod_security` as a whole: nothing of ours is in them, so a pod written for node mode
+    has no reason to need more; pass None for pods whose own containers were not written for
+    it (a migrated app keeps what it had).
     """
     settings = settings or WebhookSettings()
     problems: list[str] = []
@@ -860,10 +945,10 @@ def validate_manifest_docs(
             for native in (True, False):
                 mutated = simulate_webhook(template, service_account, settings, native_sidecar=native)
                 mode = "webhook, native sidecar" if native else "webhook, classic sidecar"
-                _check_pod(_Pod(f"{label} ({mode})", namespace, mutated["spec"], index, problems, annotations),
-                           runner, agents)
+                _check_pod(_Pod(f"{label} ({mode})", namespace, mutated["spec"], index, problems, annotations,
+                                node_pod_security), runner, agents)
         else:
-            _check_pod(_Pod(label, namespace, spec, index, problems, annotations), runner, agents)
+            _check_pod(_Pod(label, namespace, spec, index, problems, annotations, node_pod_security), runner, agents)
     # A ConfigMap reference used by several containers is reported once.
     return list(dict.fromkeys(problems))
 
