@@ -487,6 +487,14 @@ def _two_proxies(docs: list[dict[str, Any]]) -> None:
     _spec(docs)["containers"].insert(0, copy.deepcopy(_spec(docs)["initContainers"][1]) | {"name": "azwi-proxy-2"})
 
 
+def _init_without_passthrough(docs: list[dict[str, Any]]) -> None:
+    _spec(docs)["initContainers"][0]["env"].append({"name": "AZWI_PASSTHROUGH", "value": "none"})
+
+
+def _proxy_without_passthrough(docs: list[dict[str, Any]]) -> None:
+    _spec(docs)["initContainers"][1].setdefault("env", []).append({"name": "AZWI_PASSTHROUGH", "value": "none"})
+
+
 def _no_init_without_authority_host(docs: list[dict[str, Any]]) -> None:
     del _spec(docs)["initContainers"][0]
 
@@ -510,6 +518,9 @@ MUTATIONS: list[tuple[str, Callable[[list[dict[str, Any]]], None], str]] = [
     ("renamed proxy", _renamed_proxy, "name our proxy container azwi-proxy"),
     ("two proxies", _two_proxies, "exactly one of each"),
     ("no init, no authority host", _no_init_without_authority_host, "AZURE_POD_IDENTITY_AUTHORITY_HOST"),
+    # Issue 25: AZWI_PASSTHROUGH=none on one of the pair only.
+    ("init none, proxy passes through", _init_without_passthrough, "exempts no uid: its requests come back to itself"),
+    ("proxy none, init exempts", _proxy_without_passthrough, "still exempts uid 1501, a door"),
 ]
 
 
@@ -675,6 +686,12 @@ CNI_MUTATIONS: list[tuple[str, str, Callable[[list[dict[str, Any]]], None], str]
      "the CNI plugin exempts PROXY_UID 1501"),
     ("no proxy", "cni/pod.yaml", _no_proxy, "a proxy this pod does not run"),
     ("hostNetwork pod", "cni/pod.yaml", lambda d: _spec(d).update({"hostNetwork": True}), "no CNI plugin runs"),
+    ("passthrough none, proxy passes through", "cni/pod.yaml",
+     lambda d: _cni_meta(d)["annotations"].update({"azwi-netproxy.io/passthrough": "none"}),
+     "the CNI plugin exempts no uid"),
+    ("passthrough not a choice", "cni/pod.yaml",
+     lambda d: _cni_meta(d)["annotations"].update({"azwi-netproxy.io/passthrough": "maybe"}),
+     'the plugin knows "all" and "none"'),
     ("agent without hostPID", "cni/node-agent.yaml", lambda d: _spec(d).pop("hostPID"), "hostPID"),
     ("agent without hostNetwork", "cni/node-agent.yaml", lambda d: _spec(d).pop("hostNetwork"), "hostNetwork"),
     ("agent not privileged", "cni/node-agent.yaml", lambda d: _agent(d)["securityContext"].pop("privileged"),

@@ -431,24 +431,29 @@ def test_workload_identities_say_why_not(extra: str, label: str, problem: str) -
 IMDS_ENV = {"containers": [{"name": "app", "image": "i", "env": [
     {"name": "IMDS", "value": "http://169.254.169.254/metadata/instance?api-version=2021-02-01"}]}]}
 SIGN = "container app: env[IMDS].value names /metadata/instance"
+EXPLICIT_ALL = 'pod annotation azwi-netproxy.io/passthrough: "all"'
+EXPLICIT_NONE = 'pod annotation azwi-netproxy.io/passthrough: "none"'
 
 
 @pytest.mark.parametrize(
     ("options", "spec", "annotation", "expected"),
     [
-        ({}, None, None, ("sidecar", "all", ())),
-        ({"cni": True}, None, None, ("cni", "all", ())),
-        # Without --node the signs change nothing here (pass-through is the next step's).
-        ({}, IMDS_ENV, None, ("sidecar", "all", ())),
+        # No sign: no pass-through, so no uid exempted (issue 25).
+        ({}, None, None, ("sidecar", "none", ())),
+        ({"cni": True}, None, None, ("cni", "none", ())),
+        ({}, IMDS_ENV, None, ("sidecar", "all", (SIGN,))),
+        ({"cni": True}, IMDS_ENV, None, ("cni", "all", (SIGN,))),
+        ({}, None, "all", ("sidecar", "all", (EXPLICIT_ALL,))),
+        ({"cni": True}, IMDS_ENV, "none", ("cni", "none", (EXPLICIT_NONE,))),
         ({"node": True}, None, None, ("node", "none", ())),
         ({"node": True}, IMDS_ENV, None, ("sidecar", "all", (SIGN,))),
         ({"node": True, "cni": True}, IMDS_ENV, None, ("cni", "all", (SIGN,))),
         ({"node": True, "cni": True}, None, None, ("node", "none", ())),
-        ({"node": True}, None, "all", ("sidecar", "all", ('pod annotation azwi-netproxy.io/passthrough: "all"',))),
+        ({"node": True}, None, "all", ("sidecar", "all", (EXPLICIT_ALL,))),
         ({"node": True}, IMDS_ENV, "none", ("node", "none", ())),  # explicit wins over the signs
     ],
-    ids=["default", "cni", "default-with-sign", "node", "node-with-sign", "node-cni-with-sign", "node-cni",
-         "node-explicit-all", "node-explicit-none"],
+    ids=["default", "cni", "default-with-sign", "cni-with-sign", "explicit-all", "cni-explicit-none", "node",
+         "node-with-sign", "node-cni-with-sign", "node-cni", "node-explicit-all", "node-explicit-none"],
 )
 def test_choose_mode(options: dict[str, Any], spec: dict[str, Any] | None, annotation: str | None,
                      expected: tuple[str, str, tuple[str, ...]]) -> None:
@@ -458,6 +463,8 @@ def test_choose_mode(options: dict[str, Any], spec: dict[str, Any] | None, annot
                             "      labels:\n", 1)
     choice = plan.choose_mode(workload_of(text, "app"), Options(**options), {})
     assert (choice.mode, choice.passthrough, choice.because) == expected
+    # An explicit "none" over a sign is reported, so the plan can warn that those paths get 403.
+    assert choice.overridden == ((SIGN,) if annotation == "none" and spec is IMDS_ENV else ())
 
 
 @pytest.mark.parametrize(
@@ -741,7 +748,7 @@ def test_signs_of_needing_instance_metadata(workload: model.Workload, signs: lis
     [
         ("all", "all", True, ('pod annotation azwi-netproxy.io/passthrough: "all"',)),
         (" ALL ", "all", True, ('pod annotation azwi-netproxy.io/passthrough: "all"',)),
-        ("none", "none", False, ()),
+        ("none", "none", False, ('pod annotation azwi-netproxy.io/passthrough: "none"',)),
         ("maybe", None, True, ("container app: env[URL].value names 169.254.169.254 (not only its identity paths)",)),
     ],
     ids=["all", "all-spaced", "none", "not-a-choice"],
@@ -775,8 +782,9 @@ def test_node_mode_gives_way_to_identity_binding_after_the_budget() -> None:
         wp.mode, wp.passthrough = "node", "none"
     plan.fic_budget(result, {})
     plan.modes_after_budget(result)
+    # They were in node mode, so nothing asked for pass-through: the sidecar gets none too.
     assert [(wp.mode, wp.passthrough, wp.identity_binding) for wp in result.workloads] == [
-        ("sidecar", "all", True), ("sidecar", "all", True), ("node", "none", False)]
+        ("sidecar", "none", True), ("sidecar", "none", True), ("node", "none", False)]
     assert result.workloads[0].mode_because == (plan.NODE_NO_IDENTITY_BINDING,)
     assert result.workloads[2].mode_because == ()
 
@@ -791,3 +799,53 @@ def test_node_mode_identity_map_is_compact_json_the_proxy_accepts() -> None:
         (b.identity.client_id, b.identity.resource_id) for b in wp.identities]
     # The same map as the file a sidecar mounts.
     assert parse_identity_map(render_module.identity_map_text(wp)) == parsed
+
+
+# ---------------------------------------------------------------------------- pass-through in the plan and the files
+
+PASSTHROUGH_EXPORT = join(
+    azure_identity("i", CLIENT_A), binding("b", "i", "s"),
+    deployment("quiet", label="s"),
+    deployment("reader", label="s", spec=IMDS_ENV),
+    deployment("decided", label="s", spec=IMDS_ENV).replace(
+        "      labels:\n", "      annotations:\n        azwi-netproxy.io/passthrough: none\n      labels:\n", 1),
+)
+
+
+def _files(**options: Any) -> dict[str, Any]:
+    files = render(plan_of(PASSTHROUGH_EXPORT, **options))
+    return {path: model.load_yaml(f.content) for path, f in files.items() if path.startswith("manifests/n/deployment-")}
+
+
+def _containers(obj: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    spec = obj["spec"]["template"]["spec"]
+    return {c["name"]: c for c in [*spec.get("initContainers", []), *spec["containers"]]}
+
+
+def test_sidecar_mode_writes_none_on_both_containers_unless_a_sign_keeps_pass_through() -> None:
+    files = _files()
+    for name in ("quiet", "decided"):
+        obj = files[f"manifests/n/deployment-{name}.yaml"]
+        ours = _containers(obj)
+        assert ours["azwi-proxy-init"]["env"] == [{"name": "PROXY_PORT", "value": "8000"},
+                                                  {"name": "AZWI_PASSTHROUGH", "value": "none"}], name
+        assert ours["azwi-proxy"]["env"] == [{"name": "AZWI_PASSTHROUGH", "value": "none"}], name
+        assert "azure.workload.identity/inject-proxy-sidecar" not in str(obj), name
+    reader = files["manifests/n/deployment-reader.yaml"]
+    assert "azwi-proxy" not in _containers(reader)  # the webhook injects them, with pass-through
+    assert reader["spec"]["template"]["metadata"]["annotations"]["azure.workload.identity/inject-proxy-sidecar"] == "true"
+    result = plan_of(PASSTHROUGH_EXPORT)
+    (warning,) = [w for w in result.warnings if w.subject == "n/Deployment/decided"]
+    assert warning.reason == (f'its pod annotation azwi-netproxy.io/passthrough: "none" closes pass-through, but '
+                              f"{SIGN}: requests for those paths will get 403")
+
+
+def test_cni_mode_writes_the_plugins_annotation_and_none_on_the_proxy() -> None:
+    files = _files(cni=True)
+    quiet = files["manifests/n/deployment-quiet.yaml"]
+    assert quiet["spec"]["template"]["metadata"]["annotations"]["azwi-netproxy.io/passthrough"] == "none"
+    assert _containers(quiet)["azwi-proxy"]["env"] == [{"name": "AZWI_PASSTHROUGH", "value": "none"}]
+    assert "azwi-proxy-init" not in _containers(quiet)
+    reader = files["manifests/n/deployment-reader.yaml"]
+    assert "azwi-netproxy.io/passthrough" not in reader["spec"]["template"]["metadata"]["annotations"]
+    assert "env" not in _containers(reader)["azwi-proxy"]

@@ -146,7 +146,7 @@ class WorkloadPlan:
     # Pass-through to the node's IMDS for paths other than the token's (signs.py). In node
     # mode it is the node's setting (off by default), never the pod's.
     passthrough: Passthrough = "all"
-    passthrough_because: tuple[str, ...] = ()  # why it stays on
+    passthrough_because: tuple[str, ...] = ()  # what decided (signs.py); empty: no sign found
     mode_because: tuple[str, ...] = ()  # under --node: why this workload is not in node mode
     tenant_id: str | None = None  # the exported service account's tenant-id annotation
     notes: list[str] = field(default_factory=list)
@@ -160,6 +160,17 @@ class WorkloadPlan:
     def node(self) -> bool:
         """The node's process answers the pod's IMDS (node mode): no proxy in the pod."""
         return self.mode == "node"
+
+    @property
+    def declares_proxy(self) -> bool:
+        """Whether the pod declares our containers instead of asking the webhook to inject them.
+
+        The webhook injects its containers with fixed arguments and environment: it cannot give
+        the proxy an identity map, nor either container AZWI_PASSTHROUGH=none. CNI mode always
+        declares the proxy (the webhook would bring its NET_ADMIN init container); node mode
+        declares nothing.
+        """
+        return not self.node and (self.cni or self.needs_identity_map or self.passthrough == "none")
 
     @property
     def subject(self) -> str:
@@ -665,23 +676,27 @@ class ModeChoice:
 
     mode: Mode
     passthrough: Passthrough
-    because: tuple[str, ...]  # the signs of needing instance metadata that decided (signs.py)
+    because: tuple[str, ...]  # what decided pass-through: the pod's annotation or the signs (signs.py)
+    overridden: tuple[str, ...] = ()  # signs that the annotation's "none" overrides
 
 
 def choose_mode(workload: Workload, options: Options, config_maps: ConfigMaps) -> ModeChoice:
-    """The mode that fits the workload, from the options and what its pods show.
+    """The mode that fits the workload, and its pass-through, from the options and its pods.
 
-    Node mode has no pass-through by default (the node's IMDS is the node's, and pass-through
-    from the node would bypass a cluster's block on link-local addresses), so under --node a
-    workload with any sign of needing instance metadata keeps the other mode, with
-    pass-through, and the report says which sign.
+    Pass-through is what keeps a door in the redirect: the init container (or the CNI plugin)
+    exempts the proxy's uid so that the proxy can reach the real IMDS, and any root container
+    of the pod can switch to that uid and reach the node's identities (issue 25). A workload
+    with no sign of needing IMDS beyond tokens (signs.py) gets `none`: no uid is exempted.
+    Node mode has no pass-through at all (the node's IMDS is the node's, and pass-through from
+    the node would bypass a cluster's block on link-local addresses), so under --node a
+    workload with a sign keeps the other mode, with pass-through, and the report says which
+    sign.
     """
-    if not options.node:
-        return ModeChoice(options.fallback_mode, "all", ())
     use = metadata_use(workload, config_maps)
-    if use.needs_passthrough:
-        return ModeChoice(options.fallback_mode, "all", use.because)
-    return ModeChoice("node", "none", ())
+    if options.node and not use.needs_passthrough:
+        return ModeChoice("node", "none", (), use.overridden)
+    mode = options.fallback_mode
+    return ModeChoice(mode, "all" if use.needs_passthrough else "none", use.because, use.overridden)
 
 
 def blockers(workload: Workload, mode: Mode) -> list[str]:
@@ -1074,6 +1089,17 @@ def _plan_cluster(
             workload, identities.bound[0].identity.client_id, inventory.service_accounts
         )
         port, port_notes = proxy_port_for(workload, options.proxy_port)
+        if choice.overridden:
+            plan.warnings.append(
+                Finding(
+                    cluster,
+                    workload.ref,
+                    workload.doc.where,
+                    f'its pod annotation {CNI_PASSTHROUGH_ANNOTATION}: "none" closes pass-through, but '
+                    + "; ".join(choice.overridden)
+                    + ": requests for those paths will get 403",
+                )
+            )
         kept = selectors_emptied_by_cut_over(selectors, workload)
         candidates.append(
             WorkloadPlan(
@@ -1088,7 +1114,7 @@ def _plan_cluster(
                 label_kept_because=kept,
                 mode=choice.mode,
                 passthrough=choice.passthrough,
-                passthrough_because=choice.because if choice.passthrough == "all" else (),
+                passthrough_because=choice.because,
                 mode_because=choice.because if options.node and choice.mode != "node" else (),
                 tenant_id=account.tenant_id,
                 notes=[*account.notes, *port_notes, *_kind_notes(workload)],
@@ -1208,8 +1234,8 @@ def modes_after_budget(plan: Plan) -> None:
     """
     for wp in plan.workloads:
         if wp.node and wp.identity_binding:
+            # It was in node mode, so nothing asked for pass-through: the other mode gets none.
             wp.mode = plan.options.fallback_mode
-            wp.passthrough = "all"
             wp.mode_because = (NODE_NO_IDENTITY_BINDING,)
 
 

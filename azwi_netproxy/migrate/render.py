@@ -73,6 +73,8 @@ NODE_ANNOTATIONS: Final = (
 PROXY_CONTAINER: Final = "azwi-proxy"  # upstream ProxySidecarContainerName
 INIT_CONTAINER: Final = "azwi-proxy-init"  # upstream ProxyInitContainerName
 PROXY_UID: Final = DEFAULT_PROXY_UID  # the proxy image's USER, which the init exempts
+# The init's and the sidecar's own variable (CONTRACT.md), so one value serves both containers.
+PASSTHROUGH_VARIABLE: Final = "AZWI_PASSTHROUGH"
 MAP_VOLUME: Final = "azwi-identity-map"
 MAP_DIR: Final = "/etc/azwi-netproxy"
 MAP_KEY: Final = "identity-map.yaml"
@@ -185,6 +187,10 @@ def _workload_manifest(plan: Plan, wp: WorkloadPlan) -> tuple[dict[str, Any], li
             port_text = f', {CNI_PORT_ANNOTATION}: "{wp.proxy_port}"'
         else:
             annotations.pop(CNI_PORT_ANNOTATION, None)
+        if wp.passthrough == "none":
+            # The plugin's own per-pod setting (CONTRACT.md): no uid exempted from its rules.
+            annotations[CNI_PASSTHROUGH_ANNOTATION] = "none"
+            port_text += f', {CNI_PASSTHROUGH_ANNOTATION}: "none"'
         _declare_proxy(plan, wp, spec)
         changes.append(
             f'pod annotation {REDIRECT_ANNOTATION}: "true"{port_text} (CNI mode: the plugin redirects)'
@@ -195,22 +201,28 @@ def _workload_manifest(plan: Plan, wp: WorkloadPlan) -> tuple[dict[str, Any], li
             + (f" with the identity map from ConfigMap {wp.configmap_name}" if wp.needs_identity_map else "")
             + f"; no {INIT_CONTAINER}, no capabilities, no {INJECT_PROXY_ANNOTATION}"
         )
-    elif wp.needs_identity_map:
+    elif wp.declares_proxy:
         annotations.pop(INJECT_PROXY_ANNOTATION, None)
         annotations.pop(PROXY_PORT_ANNOTATION, None)
         _declare_proxy(plan, wp, spec)
         form = "native sidecar" if native_sidecar(wp) else "first container"
         changes.append(
             f"declares {INIT_CONTAINER} (first init container) and {PROXY_CONTAINER} ({form}, "
-            f"port {wp.proxy_port}) with the identity map from ConfigMap {wp.configmap_name}; "
-            f"no {INJECT_PROXY_ANNOTATION}, so the webhook injects no containers"
+            f"port {wp.proxy_port})"
+            + (f" with the identity map from ConfigMap {wp.configmap_name}" if wp.needs_identity_map else "")
+            + f"; no {INJECT_PROXY_ANNOTATION}, so the webhook injects no containers"
         )
     else:
         annotations[INJECT_PROXY_ANNOTATION] = "true"
         annotations[PROXY_PORT_ANNOTATION] = str(wp.proxy_port)
+        if _drop_proxy(spec):
+            # A re-export that declared them: the webhook injects nothing where they exist.
+            changes.append(f"{INIT_CONTAINER}, {PROXY_CONTAINER} and the identity map volume removed")
         changes.append(
             f'pod annotations {INJECT_PROXY_ANNOTATION}: "true", {PROXY_PORT_ANNOTATION}: "{wp.proxy_port}"'
         )
+    if not wp.node:
+        changes.append(_passthrough_change(wp))
     if not wp.cni and not wp.node:
         # A re-export of a CNI-mode migration: the plugin must no longer redirect these pods.
         stale = [
@@ -228,6 +240,8 @@ def _workload_manifest(plan: Plan, wp: WorkloadPlan) -> tuple[dict[str, Any], li
     if wp.identity_binding:
         annotations[IDENTITY_BINDING_ANNOTATION] = "true"
         changes.append(f'pod annotation {IDENTITY_BINDING_ANNOTATION}: "true" (FIC budget)')
+    if not annotations:
+        pod_meta.pop("annotations")  # declared containers instead of the webhook's annotations
     spec["serviceAccountName"] = wp.service_account
     if "serviceAccount" in spec:
         spec["serviceAccount"] = wp.service_account  # the deprecated alias must agree
@@ -243,21 +257,35 @@ def _workload_manifest(plan: Plan, wp: WorkloadPlan) -> tuple[dict[str, Any], li
     return obj, changes
 
 
+def _passthrough_change(wp: WorkloadPlan) -> str:
+    """The header line that says what became of pass-through, and why."""
+    if wp.passthrough == "none":
+        where = (
+            f"{PASSTHROUGH_VARIABLE}=none on {PROXY_CONTAINER}, and the plugin's {CNI_PASSTHROUGH_ANNOTATION}"
+            if wp.cni
+            else f"{PASSTHROUGH_VARIABLE}=none on {INIT_CONTAINER} and {PROXY_CONTAINER}"
+        )
+        why = "; ".join(wp.passthrough_because) or "no sign of needing instance metadata"
+        return (
+            f"{where}: no uid is exempted from the redirect, and other IMDS paths get 403 ({why}; "
+            f"see REPORT.md, Pass-through)"
+        )
+    return "pass-through to the node's IMDS kept (the redirect exempts the proxy's uid): " + "; ".join(
+        wp.passthrough_because
+    )
+
+
 def _node_mode(wp: WorkloadPlan, annotations: dict[str, Any], spec: dict[str, Any]) -> list[str]:
     """The pod's annotations for the node process, as deploy/node/pod.yaml has them; no proxy.
 
     The `use` label stays, so the webhook still projects the service account token that the
     node process reads from the kubelet's pods directory; without inject-proxy-sidecar it
     injects no containers. CNI mode's redirect annotation would make the plugin install the
-    rules that exempt the proxy's uid, and the pass-through annotation means nothing here
-    (the node's AZWI_NODE_PASSTHROUGH decides): both go.
+    rules that exempt the proxy's uid: it goes. A pass-through annotation here can only be the
+    pod's explicit "none" (an explicit "all" keeps the workload out of node mode), which is what
+    node mode does anyway: it stays, so that the choice survives a later run without --node.
     """
-    not_here = (
-        INJECT_PROXY_ANNOTATION,
-        PROXY_PORT_ANNOTATION,
-        REDIRECT_ANNOTATION,
-        CNI_PASSTHROUGH_ANNOTATION,
-    )
+    not_here = (INJECT_PROXY_ANNOTATION, PROXY_PORT_ANNOTATION, REDIRECT_ANNOTATION)
     removed = [key for key in not_here if annotations.pop(key, None) is not None]
     for key in (NODE_TENANT_ID_ANNOTATION, NODE_IDENTITY_MAP_ANNOTATION, CNI_PORT_ANNOTATION):
         annotations.pop(key, None)
@@ -417,16 +445,23 @@ def _resources() -> dict[str, Any]:
 def _declare_proxy(plan: Plan, wp: WorkloadPlan, spec: dict[str, Any]) -> None:
     """Declare our init and proxy containers, as deploy/webhook/multi-identity.yaml does.
 
-    The webhook's injected sidecar cannot be given the identity map, so the pod carries both
-    containers under upstream's names and no inject-proxy-sidecar annotation: the webhook then
-    injects no containers, and still adds the AZURE_* variables and the projected token to every
-    container, ours included. In CNI mode only the proxy, as deploy/cni/pod.yaml declares it.
+    The webhook's injected sidecar cannot be given the identity map or AZWI_PASSTHROUGH, so the
+    pod carries both containers under upstream's names and no inject-proxy-sidecar annotation:
+    the webhook then injects no containers, and still adds the AZURE_* variables and the
+    projected token to every container, ours included. In CNI mode only the proxy, as
+    deploy/cni/pod.yaml declares it.
     """
     port = str(wp.proxy_port)
+    # With none the init exempts no uid at all, so PROXY_UID would mean nothing: it goes.
+    init_env = (
+        [{"name": "PROXY_PORT", "value": port}, {"name": PASSTHROUGH_VARIABLE, "value": "none"}]
+        if wp.passthrough == "none"
+        else [{"name": "PROXY_PORT", "value": port}, {"name": "PROXY_UID", "value": str(PROXY_UID)}]
+    )
     init = {
         "name": INIT_CONTAINER,
         "image": plan.options.proxy_init_image,
-        "env": [{"name": "PROXY_PORT", "value": port}, {"name": "PROXY_UID", "value": str(PROXY_UID)}],
+        "env": init_env,
         "securityContext": {
             "runAsUser": 0,
             "runAsNonRoot": False,
@@ -442,12 +477,19 @@ def _declare_proxy(plan: Plan, wp: WorkloadPlan, spec: dict[str, Any]) -> None:
         "image": plan.options.proxy_image,
         "args": [f"--proxy-port={port}", "--log-level=info"],
     }
+    env: list[dict[str, str]] = []
     if wp.needs_identity_map:
-        proxy["env"] = [{"name": "AZWI_IDENTITY_MAP", "value": f"{MAP_DIR}/{MAP_KEY}"}]
+        env.append({"name": "AZWI_IDENTITY_MAP", "value": f"{MAP_DIR}/{MAP_KEY}"})
+    if wp.passthrough == "none":
+        # Other IMDS paths get 403 instead of a pass-through that the redirect would send back.
+        env.append({"name": PASSTHROUGH_VARIABLE, "value": "none"})
+    if env:
+        proxy["env"] = env
+    if wp.needs_identity_map:
         proxy["volumeMounts"] = [{"name": MAP_VOLUME, "mountPath": MAP_DIR, "readOnly": True}]
     proxy["securityContext"] = {
-        # The init container (or the CNI plugin, whose default proxyUID it is) exempts
-        # PROXY_UID from the redirect.
+        # The image's user. With pass-through, the init container (or the CNI plugin, whose
+        # default proxyUID it is) exempts this uid from the redirect.
         "runAsUser": PROXY_UID,
         "runAsGroup": PROXY_UID,
         "runAsNonRoot": True,

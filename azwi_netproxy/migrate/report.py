@@ -30,6 +30,7 @@ from azwi_netproxy.migrate.render import (
     MAP_KEY,
     NODE_AGENT_MANIFEST,
     NODE_MODE_MANIFEST,
+    PASSTHROUGH_VARIABLE,
     PROXY_CONTAINER,
     PROXY_PORT_ANNOTATION,
     REDIRECT_ANNOTATION,
@@ -108,6 +109,7 @@ def _summary(plan: Plan, files: Mapping[str, OutputFile]) -> list[str]:
         + (f", {binding} through identity binding" if binding else "")
         + ".",
         f'- **{len(plan.not_migrated)} not migrated** (see "Not migrated").',
+        *_passthrough_summary(plan),
         f"- {len(plan.excepted)} matched by an AzurePodIdentityException (nothing to migrate).",
         f"- {len(plan.fics)} federated identity credentials to create "
         f"(`fic-commands.sh`, `fics.json`)"
@@ -143,16 +145,19 @@ def _pod_templates(plan: Plan) -> list[str]:
     other = (
         f'  - Pod template (CNI mode): label `{USE_LABEL}: "true"`, annotation '
         f'`{REDIRECT_ANNOTATION}: "true"` (and `{CNI_PORT_ANNOTATION}` where the proxy cannot '
-        f"listen on {CNI_DEFAULT_PORT}), the proxy `{PROXY_CONTAINER}` declared as the first init "
+        f'listen on {CNI_DEFAULT_PORT}, `{CNI_PASSTHROUGH_ANNOTATION}: "none"` and '
+        f"`{PASSTHROUGH_VARIABLE}=none` on the proxy where the pod does without pass-through), "
+        f"the proxy `{PROXY_CONTAINER}` declared as the first init "
         f"container (a native sidecar), no `{INIT_CONTAINER}`, no `{INJECT_PROXY_ANNOTATION}`, "
         f'`serviceAccountName`; `{IDENTITY_BINDING_ANNOTATION}: "true"` where the FIC budget '
         f"calls for identity binding."
         if plan.options.cni
         else f'  - Pod template: label `{USE_LABEL}: "true"`, annotations '
-        f'`{INJECT_PROXY_ANNOTATION}: "true"` and `{PROXY_PORT_ANNOTATION}` (for several '
-        f'identities: the proxy containers instead, see "Identity maps"), '
-        f'`serviceAccountName`; `{IDENTITY_BINDING_ANNOTATION}: "true"` where the FIC budget '
-        f"calls for identity binding."
+        f'`{INJECT_PROXY_ANNOTATION}: "true"` and `{PROXY_PORT_ANNOTATION}` where the pod keeps '
+        f"pass-through and has one identity; otherwise our two containers declared instead, with "
+        f'`{PASSTHROUGH_VARIABLE}=none` on both (see "Pass-through") or the identity map (see '
+        f'"Identity maps"); `serviceAccountName`; `{IDENTITY_BINDING_ANNOTATION}: "true"` where '
+        f"the FIC budget calls for identity binding."
     )
     if not plan.options.node:
         return [other]
@@ -166,6 +171,18 @@ def _pod_templates(plan: Plan) -> list[str]:
     )
     rest = other.split(":", 1)[1]
     return [node, f'  - Pod template of workloads kept in {_fallback(plan)} mode (see "Node mode"):{rest}']
+
+
+def _passthrough_summary(plan: Plan) -> list[str]:
+    with_proxy = [wp for wp in plan.workloads if not wp.node]
+    if not with_proxy:
+        return []
+    kept = sum(1 for wp in with_proxy if wp.passthrough == "all")
+    return [
+        f"- **Pass-through to the node's IMDS**: {len(with_proxy) - kept} workloads do without it "
+        f"(`{PASSTHROUGH_VARIABLE}=none`: no uid exempted from the redirect), {kept} keep it "
+        '(see "Pass-through").'
+    ]
 
 
 def _generated(plan: Plan) -> list[str]:
@@ -221,6 +238,7 @@ def _workloads(plan: Plan) -> list[str]:
         "Default identity",
         "Other identities",
         *(["Mode"] if plan.options.node else []),
+        "Pass-through",
         "Proxy port",
         "Credentials",
         "Notes",
@@ -246,6 +264,7 @@ def _workloads(plan: Plan) -> list[str]:
                 f"{wp.default.pod_identity} ({wp.default.identity.client_id})",
                 others or "—",
                 *([_MODE_NAMES[wp.mode]] if plan.options.node else []),
+                "— (node)" if wp.node else wp.passthrough,
                 wp.proxy_port,
                 _mode(wp),
                 "; ".join(notes) or "—",
@@ -490,10 +509,11 @@ def _init_map_delivery(plan: Plan, images: str, default_images: bool) -> list[st
             else "."
         )
         + " The init container runs as root with `NET_ADMIN` and `NET_RAW` only; the proxy "
-        "as uid 1501, which the init container exempts from the redirect.",
-        "- Workloads with one identity get no map and keep the injected sidecar: `client_id` "
-        "requests need none. If such an app asks by `msi_res_id`/`mi_res_id`, give it a map "
-        "the same way.",
+        "as uid 1501, which the init container exempts from the redirect only where the pod keeps "
+        'pass-through (see "Pass-through").',
+        "- Workloads with one identity get no map: `client_id` requests need none (they keep "
+        "the injected sidecar where they keep pass-through). If such an app asks by "
+        "`msi_res_id`/`mi_res_id`, give it a map the same way.",
     ]
 
 
@@ -567,18 +587,75 @@ def _node(plan: Plan) -> list[str]:
         "3. **No pass-through.** The node process answers IMDS paths other than the token's "
         "(`/metadata/instance`, `/metadata/scheduledevents`, …) with 403: it would reach the "
         "node's IMDS from the node, not from the pod. Workloads whose pods show a sign of needing "
-        f"those paths stay in {fallback} mode, with pass-through, below.",
+        f'those paths stay in {fallback} mode, with pass-through, below (see "Pass-through").',
         f"4. Workloads that need AKS identity binding stay in {fallback} mode too: the node "
         "process reads only a pod's annotations, not the token proxy settings the webhook gives "
         "the pod's containers.",
         "",
-        *_signs_rule(),
+        *([] if kept else _signs_rule()),
     ]
     if not kept:
         return [*lines, "Every migrated workload is in node mode.", ""]
     headers = [*(["Cluster"] if plan.multi_cluster else []), "Workload", f"Kept in {fallback} mode because"]
     rows = [
         [*_cluster_cols(plan, wp.cluster), f"`{wp.ref}`", "; ".join(wp.mode_because) or "—"] for wp in kept
+    ]
+    return lines + _table(headers, rows)
+
+
+def _passthrough(plan: Plan) -> list[str]:
+    """Which workloads keep pass-through to the node's IMDS, why, and what the others got."""
+    with_proxy = [wp for wp in plan.workloads if not wp.node]
+    if not with_proxy:
+        return []
+    kept = [wp for wp in with_proxy if wp.passthrough == "all"]
+    closed = [wp for wp in with_proxy if wp.passthrough == "none"]
+    injected_before = [wp for wp in closed if not wp.needs_identity_map and not wp.cni]
+    lines = [
+        "## Pass-through (IMDS paths other than the token's)",
+        "",
+        "The proxy answers the token path itself and passes other IMDS paths (`/metadata/instance`, "
+        "…) through to the real IMDS, as upstream's does. For that, the redirect exempts the "
+        "proxy's uid (1501), and a container of the pod that runs as root can switch to that uid "
+        "and reach the node's IMDS, and with it the managed identities of the node, which often "
+        "still include every identity pod identity assigned there. Workloads that show no sign of "
+        "needing those paths do without pass-through: "
+        + (
+            f'CNI mode writes the plugin\'s annotation `{CNI_PASSTHROUGH_ANNOTATION}: "none"` and '
+            f"`{PASSTHROUGH_VARIABLE}=none` on the proxy"
+            if plan.options.cni
+            else f"`{PASSTHROUGH_VARIABLE}=none` is set on both of our containers, `{INIT_CONTAINER}` "
+            f"and `{PROXY_CONTAINER}`"
+        )
+        + ". Then no uid is exempted, nothing in the pod reaches 169.254.169.254 but through the "
+        "proxy, and the proxy answers other IMDS paths with 403.",
+        "",
+        *_signs_rule(),
+    ]
+    if injected_before and not plan.options.cni:
+        images = f"`{plan.options.proxy_image}` and `{plan.options.proxy_init_image}`"
+        lines += [
+            "The webhook injects its containers with fixed settings, so a workload without "
+            "pass-through declares our two containers itself, as one with several identities does "
+            f'(see "Identity maps"), with images {images}'
+            + (
+                ": replace `myregistry.azurecr.io` with your registry, or run again with "
+                "`--proxy-image` and `--proxy-init-image`"
+                if plan.options.proxy_image == DEFAULT_PROXY_IMAGE
+                or plan.options.proxy_init_image == DEFAULT_PROXY_INIT_IMAGE
+                else ""
+            )
+            + f". Here that is {len(injected_before)} workloads that would otherwise get the injected "
+            f"sidecar. Long-running ones get `{PROXY_CONTAINER}` as their first container, with "
+            "upstream's postStart probe; Jobs, CronJobs and pods that are not restarted get it as a "
+            "native sidecar (Kubernetes 1.29 or later), so that they can complete.",
+            "",
+        ]
+    if not kept:
+        return [*lines, "Every migrated workload with a proxy in the pod does without pass-through.", ""]
+    headers = [*(["Cluster"] if plan.multi_cluster else []), "Workload", "Keeps pass-through because"]
+    rows = [
+        [*_cluster_cols(plan, wp.cluster), f"`{wp.ref}`", "; ".join(wp.passthrough_because)] for wp in kept
     ]
     return lines + _table(headers, rows)
 
@@ -664,6 +741,7 @@ def render_report(plan: Plan, files: Mapping[str, OutputFile]) -> str:
     lines += _identity_maps(plan)
     lines += _cni(plan)
     lines += _node(plan)
+    lines += _passthrough(plan)
     if plan.excepted:
         lines += ["## Matched by an AzurePodIdentityException", ""]
         lines += _findings(plan, plan.excepted, "Workload")

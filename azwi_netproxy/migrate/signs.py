@@ -73,10 +73,15 @@ class MetadataUse:
 
     @property
     def because(self) -> tuple[str, ...]:
-        """Why pass-through stays on (empty when it goes off)."""
-        if self.explicit == "all":
-            return (f'pod annotation {CNI_PASSTHROUGH_ANNOTATION}: "all"',)
-        return () if self.explicit == "none" else self.signs
+        """What decided: the explicit annotation, else the signs (empty: none was found)."""
+        if self.explicit is not None:
+            return (f'pod annotation {CNI_PASSTHROUGH_ANNOTATION}: "{self.explicit}"',)
+        return self.signs
+
+    @property
+    def overridden(self) -> tuple[str, ...]:
+        """Signs that an explicit "none" overrides: the app's requests there will get 403."""
+        return self.signs if self.explicit == "none" else ()
 
 
 def explicit_choice(workload: Workload) -> str | None:

@@ -543,7 +543,7 @@ def _check_proxy(
     if "ALL" not in _caps(container, "drop"):
         pod.problem(f"{name}: capabilities.drop should be [ALL]")
     uid = sc.get("runAsUser", pod_sc.get("runAsUser", IMAGE_UID))
-    if redirect is not None and uid != redirect.proxy_uid:
+    if redirect is not None and redirect.passthrough == "all" and uid != redirect.proxy_uid:
         pod.problem(f"{name}: runs as uid {uid} but {redirect.by} exempts PROXY_UID {redirect.proxy_uid}: "
                     "its own IMDS pass-through would loop back to itself")
 
@@ -563,6 +563,14 @@ def _check_proxy(
         return
     if redirect is not None and cfg.proxy_port != redirect.proxy_port:
         pod.problem(f"{name}: listens on {cfg.proxy_port} but {redirect.by} redirects to {redirect.proxy_port}")
+    if redirect is not None and cfg.passthrough != redirect.passthrough:
+        if redirect.passthrough == "none":
+            pod.problem(f"{name}: passes other IMDS paths through, but {redirect.by} exempts no uid: its "
+                        "requests come back to itself. Set AZWI_PASSTHROUGH=none on it too")
+        else:
+            pod.problem(f"{name}: never passes through (AZWI_PASSTHROUGH=none), but {redirect.by} still exempts "
+                        f"uid {redirect.proxy_uid}, a door to the node's IMDS for any root container of the pod. "
+                        "Set none for the rules too")
 
     token = cfg.federated_token_file
     found = pod.mounted_file(container, token)
@@ -727,6 +735,9 @@ class _Redirect(NamedTuple):
     proxy_port: int
     proxy_uid: int
     by: str
+    # "none": no uid is exempted at all (CONTRACT.md, --passthrough none), so the proxy must not
+    # pass anything through either.
+    passthrough: str = "all"
 
 
 def _cni_redirect(pod: _Pod) -> _Redirect | None:
@@ -739,7 +750,11 @@ def _cni_redirect(pod: _Pod) -> _Redirect | None:
     if not isinstance(port, str) or not port.isdigit() or not 1 <= int(port) <= 65535:
         pod.problem(f"{CNI_PORT_ANNOTATION} {port!r} is not a port (1-65535, quoted)")
         return None
-    return _Redirect(int(port), CNI_PROXY_UID, "the CNI plugin")
+    passthrough = pod.annotations.get(PASSTHROUGH_ANNOTATION, "all")
+    if passthrough not in ("all", "none"):
+        pod.problem(f'{PASSTHROUGH_ANNOTATION} {passthrough!r}: the plugin knows "all" and "none"')
+        return None
+    return _Redirect(int(port), CNI_PROXY_UID, "the CNI plugin", str(passthrough))
 
 
 def _check_cni_pod(pod: _Pod, inits: list[tuple[str, int, dict[str, Any]]],
@@ -801,11 +816,13 @@ def _check_node_pod(pod: _Pod, ours: list[tuple[str, int, dict[str, Any], str | 
         pod.problem(f"neither {NODE_CLIENT_ID_ANNOTATION} nor {NODE_IDENTITY_MAP_ANNOTATION}: every request "
                     "would have to name an identity the node process knows nothing of")
     for key, why in ((REDIRECT_ANNOTATION, "asks for CNI mode's rules, which exempt the proxy's uid"),
-                     (INJECT_ANNOTATION, "makes the webhook inject the sidecar pair node mode replaces"),
-                     (PASSTHROUGH_ANNOTATION, "means nothing in node mode (the node's AZWI_NODE_PASSTHROUGH "
-                                              "decides)")):
+                     (INJECT_ANNOTATION, "makes the webhook inject the sidecar pair node mode replaces")):
         if key in pod.annotations:
             pod.problem(f"{key} {why}")
+    if pod.annotations.get(PASSTHROUGH_ANNOTATION, "none") != "none":
+        pod.problem(f"{PASSTHROUGH_ANNOTATION} {pod.annotations[PASSTHROUGH_ANNOTATION]!r}: a node-mode pod gets "
+                    "no pass-through (the node's AZWI_NODE_PASSTHROUGH decides for all); a pod that needs it "
+                    "belongs in sidecar or CNI mode")
     if pod.spec.get("hostNetwork"):
         pod.problem("hostNetwork: no CNI plugin runs for a pod on the node's network; node mode cannot serve it")
     for _, _, container, what in ours:
@@ -857,7 +874,7 @@ def _check_pod(pod: _Pod, runner: InitRunner | None, agent_runner: CniAgentRunne
         pod.problem("the init redirects IMDS traffic to a proxy this pod does not run")
     init_cfg = _check_init(pod, inits[0][1], inits[0][2], runner) if inits else None
     if init_cfg is not None and not cni:
-        redirect = _Redirect(init_cfg.proxy_port, init_cfg.proxy_uid, "the init")
+        redirect = _Redirect(init_cfg.proxy_port, init_cfg.proxy_uid, "the init", init_cfg.passthrough)
     if proxies:
         section, index, container = proxies[0]
         _check_proxy(pod, section, index, container, redirected=bool(inits) or cni, redirect=redirect)
