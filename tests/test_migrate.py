@@ -1517,3 +1517,11 @@ def test_the_init_with_the_migrated_environment_exempts_no_uid(
         timeout=60, check=False, cwd="/",
     )
     assert result.returncode == 0 and ("skuid 1501" in result.stdout or "--uid-owner 1501" in result.stdout)
+
+
+def test_the_manifests_the_report_names_are_shipped() -> None:
+    from azwi_netproxy.migrate.render import NODE_AGENT_MANIFEST, NODE_MODE_MANIFEST
+
+    repo = Path(__file__).resolve().parent.parent
+    for manifest in (NODE_AGENT_MANIFEST, NODE_MODE_MANIFEST):
+        assert (repo / manifest).is_file(), manifest

@@ -266,6 +266,24 @@ BROKEN: list[tuple[str, str, Callable[[dict[str, Any]], None], str]] = [
         lambda o: _pod_spec(o)["containers"][0]["env"][0].update({"value": 1}),
         "1 is not of type",
     ),
+    (
+        "unknown volumeMount field",
+        "node/node-agent.yaml",
+        lambda o: _pod_spec(o)["containers"][1]["volumeMounts"][0].update({"propagation": "HostToContainer"}),
+        "propagation",
+    ),
+    (
+        "readOnly as a string",
+        "node/node-agent.yaml",
+        lambda o: _pod_spec(o)["containers"][1]["volumeMounts"][0].update({"readOnly": "true"}),
+        "'true'",
+    ),
+    (
+        "annotation not a string",
+        "node/pod.yaml",
+        lambda o: o["spec"]["template"]["metadata"]["annotations"].update({"azwi-netproxy.io/proxy-port": 8000}),
+        "8000",
+    ),
 ]
 
 

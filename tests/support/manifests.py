@@ -17,7 +17,10 @@ written from their published rules. Node mode too: pods annotated `azwi-netproxy
 "true"` carry well-formed annotations for the node's process (client and tenant GUIDs, a port,
 an identity map our parser accepts, with the default in it) and nothing of the other modes (no
 sidecar, no init container, no capability, no redirect or inject annotation), and meet the Pod
-Security level asked for.
+Security level asked for; and the node process's container of the node DaemonSet is checked
+against what it must see of the host (the kubelet's pods directory and the runtime's netns
+directory read-only with HostToContainer propagation, the agent's run directory, its tenant,
+SYS_ADMIN and DAC_READ_SEARCH and no other capability, its readiness check).
 
 Used by tests/test_deploy.py for deploy/ and by the migration tool's tests for what it
 writes. Must not know: which files a caller loads or what a particular manifest is for
@@ -80,6 +83,13 @@ NODE_IDENTITY_MAP_ANNOTATION: Final = "azwi-netproxy.io/identity-map"
 PASSTHROUGH_ANNOTATION: Final = "azwi-netproxy.io/passthrough"
 # What our other modes give a pod and node mode makes needless: a leftover is a mistake.
 SIDECAR_CAPABILITIES: Final = frozenset({"NET_ADMIN", "NET_RAW", "SYS_ADMIN"})
+# The node process (the node-proxy container of deploy/node/node-agent.yaml).
+NODE_COMMAND: Final = "azwi-netproxy-node"
+NODE_ENV: Final = ("AZURE_TENANT_ID", "AZURE_AUTHORITY_HOST", "AZWI_KUBELET_PODS_DIR", "AZWI_CNI_RUN_DIR",
+                   "AZWI_NODE_PASSTHROUGH", "LOG_LEVEL")
+# setns(2) into pods' network namespaces; reading tokens the kubelet gave a pod's uid, mode 0600.
+NODE_CAPABILITIES: Final = frozenset({"SYS_ADMIN", "DAC_READ_SEARCH"})
+NETNS_DIR: Final = "/var/run/netns"
 
 # ---- CNI mode (CONTRACT.md, `azwi-netproxy-cni`; issue 19) ----
 REDIRECT_ANNOTATION: Final = "azwi-netproxy.io/redirect"
@@ -283,15 +293,19 @@ def image_tag(image: str) -> str | None:
 
 
 def role(container: Mapping[str, Any]) -> str | None:
-    """'init', 'proxy' or 'cni-agent' for our containers (by upstream's names, command or image), else None.
+    """'init', 'proxy', 'cni-agent' or 'node-proxy' for our containers (by upstream's names,
+    command or image), else None.
 
     By image only under our or upstream's repository path: other meshes ship a `proxy-init` too.
-    The CNI node agent runs from the proxy-init image and is told apart by its command.
+    The CNI node agent runs from the proxy-init image and the node process from the proxy
+    image: each is told apart by its command.
     """
     name = container.get("name")
     command = container.get("command") or []
     if command and posixpath.basename(str(command[0])) == CNI_AGENT_COMMAND:
         return "cni-agent"
+    if command and posixpath.basename(str(command[0])) == NODE_COMMAND:
+        return "node-proxy"
     repository = image_repository(str(container.get("image", "")))
     ours = "azwi-netproxy" in repository or "workload-identity" in repository
     if name == INIT_NAME or (ours and repository.endswith("/proxy-init")):
@@ -839,10 +853,86 @@ def _check_node_pod(pod: _Pod, ours: list[tuple[str, int, dict[str, Any], str | 
             pod.problem(f"Pod Security {pod.node_pod_security}: {violation}")
 
 
+def _check_node_process(pod: _Pod, container: dict[str, Any]) -> None:
+    """The node-proxy container: what node mode's process must see of the host, and no more."""
+    name = container.get("name")
+    if container.get("command") != [NODE_COMMAND]:
+        pod.problem(f"{name}: command must be [{NODE_COMMAND!r}] (the proxy image's entrypoint is the sidecar)")
+    if not image_repository(str(container.get("image", ""))).endswith("/azwi-netproxy/proxy"):
+        pod.problem(f"{name}: image {container.get('image')} is not the proxy image")
+    for arg in container.get("args") or []:
+        match = re.fullmatch(r"--metrics-port=(\d+)", str(arg))
+        if match is None or not 1 <= int(match.group(1)) <= 65535:
+            pod.problem(f"{name}: arg {arg!r}: only --metrics-port=N is expected")
+    if pod.spec.get("hostNetwork") is not True:
+        pod.problem(f"{name}: the pod needs hostNetwork: true (the agent's), or its own sandbox goes through "
+                    "the plugin it serves")
+    sc = container.get("securityContext") or {}
+    for key, want in (("runAsUser", 0), ("readOnlyRootFilesystem", True), ("allowPrivilegeEscalation", False)):
+        if sc.get(key) is not want:
+            pod.problem(f"{name}: securityContext.{key} must be {str(want).lower()}")
+    if sc.get("privileged") is True:
+        pod.problem(f"{name}: must not be privileged: {', '.join(sorted(NODE_CAPABILITIES))} are enough")
+    if "ALL" not in _caps(container, "drop"):
+        pod.problem(f"{name}: capabilities.drop should be [ALL]")
+    added = _caps(container, "add")
+    for cap in sorted(NODE_CAPABILITIES - added):
+        pod.problem(f"{name}: capabilities.add needs {cap}")
+    for cap in sorted(added - NODE_CAPABILITIES):
+        pod.problem(f"{name}: capability {cap} is more than the node process needs")
+    env = pod.env_of(container)
+    for key in NODE_ENV:
+        if key not in env:
+            pod.problem(f"{name}: {key} is not set")
+    if "AZURE_TENANT_ID" in env and not GUID.match(env["AZURE_TENANT_ID"]):
+        pod.problem(f"{name}: AZURE_TENANT_ID {env['AZURE_TENANT_ID']!r} is not a GUID")
+    authority = env.get("AZURE_AUTHORITY_HOST", "https://login.microsoftonline.com/")
+    if not authority.startswith("https://"):
+        pod.problem(f"{name}: AZURE_AUTHORITY_HOST {authority!r} is not an https URL")
+    if env.get("AZWI_NODE_PASSTHROUGH", "none") not in ("none", "all"):
+        pod.problem(f"{name}: AZWI_NODE_PASSTHROUGH {env['AZWI_NODE_PASSTHROUGH']!r} must be none or all")
+    try:
+        parse_log_level(env.get("LOG_LEVEL"))
+    except ConfigError as exc:
+        pod.problem(f"{name}: LOG_LEVEL: {exc}")
+    mounts = {str(m.get("mountPath", "")).rstrip("/"): m for m in container.get("volumeMounts") or []}
+    # (variable or directory, must be read-only, needs HostToContainer propagation)
+    for what, path, read_only, propagation in (
+        ("AZWI_KUBELET_PODS_DIR", env.get("AZWI_KUBELET_PODS_DIR"), True, True),
+        ("AZWI_CNI_RUN_DIR", env.get("AZWI_CNI_RUN_DIR"), False, False),
+        ("the netns directory", NETNS_DIR, True, True),
+    ):
+        if path is None:
+            continue
+        found = _host_path(pod, container, path)
+        if found is None or found[0] != path.rstrip("/"):
+            pod.problem(f"{name}: {what} {path} is not the host's {path} (a hostPath mount at the same path)")
+            continue
+        mount = mounts.get(path.rstrip("/"), {})
+        if found[1] != read_only:
+            pod.problem(f"{name}: {what} {path} must be mounted {'read-only' if read_only else 'read-write'}")
+        if propagation and mount.get("mountPropagation") != "HostToContainer":
+            pod.problem(f"{name}: {what} {path} needs mountPropagation: HostToContainer, or mounts the host "
+                        "makes after the container started stay invisible")
+    agents = [c for _, _, c in pod.containers() if role(c) == "cni-agent"]
+    if not agents:
+        pod.problem(f"{name}: runs without the CNI agent in its pod: nothing installs the redirect to it")
+    for agent in agents:
+        agent_run = pod.env_of(agent).get("AZWI_CNI_RUN_DIR")
+        if agent_run is not None and agent_run != env.get("AZWI_CNI_RUN_DIR"):
+            pod.problem(f"{name}: AZWI_CNI_RUN_DIR {env.get('AZWI_CNI_RUN_DIR')} is not the agent's {agent_run}: "
+                        "the plugin would never find it")
+    readiness = (container.get("readinessProbe") or {}).get("exec", {}).get("command")
+    if readiness != [NODE_COMMAND, "--check"]:
+        pod.problem(f"{name}: readinessProbe must exec [{NODE_COMMAND!r}, '--check'], not {readiness}")
+
+
 def _check_pod(pod: _Pod, runner: InitRunner | None, agent_runner: CniAgentRunner | None = None) -> None:
     for _, _, container in pod.containers():
         if role(container) == "cni-agent":
             _check_cni_agent(pod, container, agent_runner)
+        if role(container) == "node-proxy":
+            _check_node_process(pod, container)
     ours = [(section, index, c, r) for section, index, c in pod.containers() if (r := role(c)) in ("init", "proxy")]
     if NODE_PROXY_ANNOTATION in pod.annotations:
         _check_node_pod(pod, ours)
