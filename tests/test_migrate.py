@@ -1404,8 +1404,25 @@ def test_node_output_migrated_again_is_a_fixed_point_and_without_node_loses_the_
     code, _, err = run(["-o", str(to_node), "--issuer", ISSUER, "--node", *reexport(sidecar)], capsys)
     assert code == 0, err
     assert workload_manifests(to_node) == workload_manifests(first)
-    assert "azwi-proxy-init, azwi-proxy and the identity map volume removed" in (
+    assert "# azwi-proxy-init, azwi-proxy, the volume azwi-identity-map removed\n" in (
         to_node / "manifests" / "payments" / "deployment-payments-api.yaml").read_text()
+    # A CNI-mode output too: its redirect annotation would have the plugin exempt the proxy's uid.
+    cni = migrate_fixture(tmp_path / "cni", capsys, "--cni")
+    from_cni = tmp_path / "from-cni"
+    code, _, err = run(["-o", str(from_cni), "--issuer", ISSUER, "--node", *reexport(cni)], capsys)
+    assert code == 0, err
+    assert validate_output(from_cni) == []
+
+    def without_passthrough(objects: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        # CNI mode wrote the plugin's passthrough: "none"; node mode keeps it (it is what node
+        # mode does anyway) so that the choice survives a later run without --node.
+        for obj in objects.values():
+            pod_template(obj)["metadata"]["annotations"].pop(PASSTHROUGH, None)
+        return objects
+
+    assert without_passthrough(node_workloads(from_cni)) == without_passthrough(node_workloads(first))
+    header = (from_cni / "manifests" / "orders" / "deployment-orders-api.yaml").read_text()
+    assert "# azwi-proxy removed\n" in header and "# pod annotations azwi-netproxy.io/redirect removed (node mode)" in header
 
 
 def test_default_output_is_unchanged_by_the_node_option(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

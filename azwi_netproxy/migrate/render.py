@@ -215,9 +215,10 @@ def _workload_manifest(plan: Plan, wp: WorkloadPlan) -> tuple[dict[str, Any], li
     else:
         annotations[INJECT_PROXY_ANNOTATION] = "true"
         annotations[PROXY_PORT_ANNOTATION] = str(wp.proxy_port)
-        if _drop_proxy(spec):
+        dropped = _drop_proxy(spec)
+        if dropped:
             # A re-export that declared them: the webhook injects nothing where they exist.
-            changes.append(f"{INIT_CONTAINER}, {PROXY_CONTAINER} and the identity map volume removed")
+            changes.append(f"{', '.join(dropped)} removed")
         changes.append(
             f'pod annotations {INJECT_PROXY_ANNOTATION}: "true", {PROXY_PORT_ANNOTATION}: "{wp.proxy_port}"'
         )
@@ -305,24 +306,25 @@ def _node_mode(wp: WorkloadPlan, annotations: dict[str, Any], spec: dict[str, An
         annotations[CNI_PORT_ANNOTATION] = str(wp.proxy_port)
         written.append(f'{CNI_PORT_ANNOTATION}: "{wp.proxy_port}"')
     changes = [f"pod annotations {', '.join(written)} (node mode: the node's process answers IMDS)"]
-    if _drop_proxy(spec):
-        changes.append(f"{INIT_CONTAINER}, {PROXY_CONTAINER} and the identity map volume removed")
+    dropped = _drop_proxy(spec)
+    if dropped:
+        changes.append(f"{', '.join(dropped)} removed")
     changes.append(f"no proxy, no init container, no capabilities; no {INJECT_PROXY_ANNOTATION}")
     if removed:
         changes.append(f"pod annotations {', '.join(removed)} removed (node mode)")
     return changes
 
 
-def _drop_proxy(spec: dict[str, Any]) -> bool:
-    """Remove our containers and the map volume (a re-exported earlier migration); whether any were."""
+def _drop_proxy(spec: dict[str, Any]) -> list[str]:
+    """Remove our containers and the map volume (a re-exported earlier migration); what was removed."""
     ours = (INIT_CONTAINER, PROXY_CONTAINER)
-    found = False
+    removed: list[str] = []
     for key in ("initContainers", "containers"):
         containers = spec.get(key)
         if not isinstance(containers, list):
             continue
         kept = [c for c in containers if not (isinstance(c, dict) and c.get("name") in ours)]
-        found = found or len(kept) != len(containers)
+        removed += [str(c["name"]) for c in containers if c not in kept]
         if kept or key == "containers":
             spec[key] = kept
         else:
@@ -330,12 +332,13 @@ def _drop_proxy(spec: dict[str, Any]) -> bool:
     volumes = spec.get("volumes")
     if isinstance(volumes, list):
         kept_volumes = [v for v in volumes if not (isinstance(v, dict) and v.get("name") == MAP_VOLUME)]
-        found = found or len(kept_volumes) != len(volumes)
+        if len(kept_volumes) != len(volumes):
+            removed.append(f"the volume {MAP_VOLUME}")
         if kept_volumes:
             spec["volumes"] = kept_volumes
         else:
             spec.pop("volumes")
-    return found
+    return removed
 
 
 def _service_account(wp: WorkloadPlan) -> dict[str, Any]:
