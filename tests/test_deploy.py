@@ -70,6 +70,8 @@ VARIANTS = {
     "no-init/sidecar-only.yaml",
     "cni/node-agent.yaml",
     "cni/pod.yaml",
+    "node/node-agent.yaml",
+    "node/pod.yaml",
 }
 OUR_IMAGES = WebhookSettings(
     proxy_image=f"myregistry.azurecr.io/azwi-netproxy/proxy:{azwi_netproxy.__version__}",
@@ -148,8 +150,9 @@ def test_our_images_carry_the_package_version(path: Path) -> None:
             if role(container) is None:
                 continue
             image = container["image"]
-            # The CNI node agent ships in the init's image: the rules are the same code.
-            expected = "proxy" if role(container) == "proxy" else "proxy-init"
+            # The CNI node agent ships in the init's image: the rules are the same code. The
+            # node process in the proxy's: the answers are the same code.
+            expected = "proxy" if role(container) in ("proxy", "node-proxy") else "proxy-init"
             assert image_repository(image).endswith(f"/azwi-netproxy/{expected}")
             assert image_tag(image) == azwi_netproxy.__version__, image
 
@@ -171,8 +174,9 @@ def test_init_dry_run_with_the_manifests_environment(path: Path) -> None:
             assert "169.254.169.254" in result.stdout, form
 
 
-# Every manifest but the CNI node agent's, which runs no proxy (its own check is further down).
-WITH_PROXY = [p for p in MANIFESTS if rel(p) != "cni/node-agent.yaml"]
+# Every manifest but the node agents' and node mode's pod, which run no sidecar (their own checks
+# are further down).
+WITH_PROXY = [p for p in MANIFESTS if rel(p) not in ("cni/node-agent.yaml", "node/node-agent.yaml", "node/pod.yaml")]
 
 
 @pytest.mark.parametrize("path", WITH_PROXY, ids=rel)
@@ -487,6 +491,14 @@ def _two_proxies(docs: list[dict[str, Any]]) -> None:
     _spec(docs)["containers"].insert(0, copy.deepcopy(_spec(docs)["initContainers"][1]) | {"name": "azwi-proxy-2"})
 
 
+def _init_without_passthrough(docs: list[dict[str, Any]]) -> None:
+    _spec(docs)["initContainers"][0]["env"].append({"name": "AZWI_PASSTHROUGH", "value": "none"})
+
+
+def _proxy_without_passthrough(docs: list[dict[str, Any]]) -> None:
+    _spec(docs)["initContainers"][1].setdefault("env", []).append({"name": "AZWI_PASSTHROUGH", "value": "none"})
+
+
 def _no_init_without_authority_host(docs: list[dict[str, Any]]) -> None:
     del _spec(docs)["initContainers"][0]
 
@@ -510,6 +522,9 @@ MUTATIONS: list[tuple[str, Callable[[list[dict[str, Any]]], None], str]] = [
     ("renamed proxy", _renamed_proxy, "name our proxy container azwi-proxy"),
     ("two proxies", _two_proxies, "exactly one of each"),
     ("no init, no authority host", _no_init_without_authority_host, "AZURE_POD_IDENTITY_AUTHORITY_HOST"),
+    # Issue 25: AZWI_PASSTHROUGH=none on one of the pair only.
+    ("init none, proxy passes through", _init_without_passthrough, "exempts no uid: its requests come back to itself"),
+    ("proxy none, init exempts", _proxy_without_passthrough, "still exempts uid 1501, a door"),
 ]
 
 
@@ -675,6 +690,12 @@ CNI_MUTATIONS: list[tuple[str, str, Callable[[list[dict[str, Any]]], None], str]
      "the CNI plugin exempts PROXY_UID 1501"),
     ("no proxy", "cni/pod.yaml", _no_proxy, "a proxy this pod does not run"),
     ("hostNetwork pod", "cni/pod.yaml", lambda d: _spec(d).update({"hostNetwork": True}), "no CNI plugin runs"),
+    ("passthrough none, proxy passes through", "cni/pod.yaml",
+     lambda d: _cni_meta(d)["annotations"].update({"azwi-netproxy.io/passthrough": "none"}),
+     "the CNI plugin exempts no uid"),
+    ("passthrough not a choice", "cni/pod.yaml",
+     lambda d: _cni_meta(d)["annotations"].update({"azwi-netproxy.io/passthrough": "maybe"}),
+     'the plugin knows "all" and "none"'),
     ("agent without hostPID", "cni/node-agent.yaml", lambda d: _spec(d).pop("hostPID"), "hostPID"),
     ("agent without hostNetwork", "cni/node-agent.yaml", lambda d: _spec(d).pop("hostNetwork"), "hostNetwork"),
     ("agent not privileged", "cni/node-agent.yaml", lambda d: _agent(d)["securityContext"].pop("privileged"),
@@ -767,3 +788,193 @@ def test_pod_security_judge_allows_what_restricted_allows() -> None:
     # The init container variants need NET_ADMIN as root: restricted and baseline refuse them.
     spec = _spec(docs_of("manual/native-sidecar.yaml"))
     assert "initContainers azwi-proxy-init: capability NET_ADMIN added" in pod_security_violations(spec, "baseline")
+
+
+# ---- node mode (issue 26) ----
+
+NODE_PROXY_ANNOTATION = "azwi-netproxy.io/node-proxy"
+
+
+def _node_container(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    (container,) = [c for c in _spec(docs)["containers"] if c["name"] == "node-proxy"]
+    return container
+
+
+def test_node_daemonset_is_the_cni_agent_plus_the_node_process() -> None:
+    cni, node = docs_of("cni/node-agent.yaml"), docs_of("node/node-agent.yaml")
+    # The same objects, so that it replaces the CNI-mode DaemonSet instead of running beside it.
+    assert [(d["kind"], d["metadata"]["name"]) for d in node] == [(d["kind"], d["metadata"]["name"]) for d in cni]
+    cni_spec, node_spec = template_of(cni)["spec"], template_of(node)["spec"]
+    assert [c["name"] for c in node_spec["containers"]] == ["azwi-netproxy-cni", "node-proxy"]
+    assert node_spec["containers"][0] == cni_spec["containers"][0]  # the agent exactly as in CNI mode
+    for key in ("serviceAccountName", "hostNetwork", "hostPID", "priorityClassName", "tolerations"):
+        assert node_spec[key] == cni_spec[key], key
+    assert node_spec["volumes"][: len(cni_spec["volumes"])] == cni_spec["volumes"]
+    container = _node_container(node)
+    assert role(container) == "node-proxy"
+    assert container["image"] == f"myregistry.azurecr.io/azwi-netproxy/proxy:{azwi_netproxy.__version__}"
+    assert container["command"] == ["azwi-netproxy-node"]
+    env = env_of(container)
+    assert env == {
+        "AZURE_TENANT_ID": env["AZURE_TENANT_ID"],
+        "AZURE_AUTHORITY_HOST": "https://login.microsoftonline.com/",
+        "AZWI_KUBELET_PODS_DIR": "/var/lib/kubelet/pods",
+        "AZWI_CNI_RUN_DIR": "/var/run/azwi-netproxy",
+        "AZWI_NODE_PASSTHROUGH": "none",
+        "LOG_LEVEL": "info",
+    }
+    assert env["AZWI_CNI_RUN_DIR"] == env_of(node_spec["containers"][0])["AZWI_CNI_RUN_DIR"]
+    assert container["readinessProbe"]["exec"]["command"] == ["azwi-netproxy-node", "--check"]
+    assert container["securityContext"] == {
+        "runAsUser": 0, "runAsNonRoot": False, "readOnlyRootFilesystem": True, "allowPrivilegeEscalation": False,
+        "capabilities": {"drop": ["ALL"], "add": ["SYS_ADMIN", "DAC_READ_SEARCH"]},
+    }
+    assert container["resources"] == {"requests": {"cpu": "10m", "memory": "64Mi"}, "limits": {"memory": "256Mi"}}
+    volumes = {v["name"]: v["hostPath"] for v in node_spec["volumes"]}
+    mounts = {volumes[m["name"]]["path"]: {k: v for k, v in m.items() if k != "name"} for m in container["volumeMounts"]}
+    assert mounts == {
+        "/var/lib/kubelet/pods": {"mountPath": "/var/lib/kubelet/pods", "readOnly": True,
+                                  "mountPropagation": "HostToContainer"},
+        "/var/run/azwi-netproxy": {"mountPath": "/var/run/azwi-netproxy"},
+        "/var/run/netns": {"mountPath": "/var/run/netns", "readOnly": True, "mountPropagation": "HostToContainer"},
+    }
+    # Every choice is explained where it is made.
+    text = (DEPLOY / "node" / "node-agent.yaml").read_text()
+    for why in ("SYS_ADMIN: setns(2)", "DAC_READ_SEARCH:", "HostToContainer: the projected token volumes",
+                "its control socket", "needs no host PID", "AZURE_TENANT_ID", "get 403"):
+        assert why in text, why
+
+
+def test_node_pod_has_annotations_and_nothing_of_ours() -> None:
+    docs = docs_of("node/pod.yaml")
+    template = template_of(docs)
+    meta = template["metadata"]
+    assert meta["labels"][USE_LABEL] == "true"  # the webhook still projects the token
+    annotations = meta["annotations"]
+    assert annotations[NODE_PROXY_ANNOTATION] == "true"
+    for absent in (INJECT_ANNOTATION, PORT_ANNOTATION, REDIRECT_ANNOTATION, "azwi-netproxy.io/passthrough"):
+        assert absent not in annotations, absent
+    identity_map = parse_identity_map(annotations["azwi-netproxy.io/identity-map"], source="node/pod.yaml")
+    assert json.loads(annotations["azwi-netproxy.io/identity-map"])  # JSON, as the contract says
+    assert identity_map.only_listed and len(identity_map.identities) == 2
+    assert annotations["azwi-netproxy.io/client-id"] in identity_map.by_client_id
+    spec = template["spec"]
+    assert not spec.get("initContainers") and [role(c) for c in spec["containers"]] == [None]
+    dumped = yaml.safe_dump(template)
+    assert "add:" not in dumped and "privileged" not in dumped and "hostNetwork" not in dumped
+
+
+@pytest.mark.parametrize("level", ["baseline", "restricted"])
+def test_node_pod_meets_the_pod_security_level(level: Any) -> None:
+    docs = docs_of("node/pod.yaml")
+    template = template_of(docs)
+    assert pod_security_violations(template["spec"], level, template["metadata"]["annotations"]) == []
+    for form, spec in effective_pods(docs):  # as it runs, after the webhook: env, a token mount
+        assert pod_security_violations(spec, level) == [], form
+        assert not ours(spec, "proxy") and not ours(spec, "init"), form
+
+
+def test_node_daemonset_needs_what_the_levels_forbid_so_it_lives_in_kube_system() -> None:
+    docs = docs_of("node/node-agent.yaml")
+    assert {d["metadata"]["namespace"] for d in docs} == {"kube-system"}
+    violations = pod_security_violations(template_of(docs)["spec"], "baseline")
+    for expected in ("pod: hostNetwork", "pod: hostPath volume kubelet-pods", "pod: hostPath volume netns",
+                     "containers node-proxy: capability SYS_ADMIN added",
+                     "containers node-proxy: capability DAC_READ_SEARCH added"):
+        assert expected in violations, (expected, violations)
+    assert not [v for v in violations if v.startswith("containers node-proxy: privileged")]
+
+
+def _node_env(docs: list[dict[str, Any]], name: str, value: str | None) -> None:
+    container = _node_container(docs)
+    container["env"] = [e for e in container["env"] if e["name"] != name]
+    if value is not None:
+        container["env"].append({"name": name, "value": value})
+
+
+def _node_mount(docs: list[dict[str, Any]], volume: str, **changes: Any) -> None:
+    for mount in _node_container(docs)["volumeMounts"]:
+        if mount["name"] == volume:
+            mount.update(changes)
+            for key in [k for k, v in changes.items() if v is None]:
+                del mount[key]
+
+
+def _node_pod_meta(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    annotations: dict[str, Any] = template_of(docs)["metadata"]["annotations"]
+    return annotations
+
+
+NODE_MUTATIONS: list[tuple[str, str, Callable[[list[dict[str, Any]]], None], str]] = [
+    ("node: pods dir writable", "node/node-agent.yaml", lambda d: _node_mount(d, "kubelet-pods", readOnly=None),
+     "AZWI_KUBELET_PODS_DIR /var/lib/kubelet/pods must be mounted read-only"),
+    ("node: no propagation", "node/node-agent.yaml",
+     lambda d: _node_mount(d, "kubelet-pods", mountPropagation=None), "needs mountPropagation: HostToContainer"),
+    ("node: netns without propagation", "node/node-agent.yaml",
+     lambda d: _node_mount(d, "netns", mountPropagation="None"), "the netns directory /var/run/netns needs"),
+    ("node: run dir not the agent's", "node/node-agent.yaml",
+     lambda d: (_node_env(d, "AZWI_CNI_RUN_DIR", "/run/elsewhere")), "not the host's /run/elsewhere"),
+    ("node: run dir read-only", "node/node-agent.yaml", lambda d: _node_mount(d, "run", readOnly=True),
+     "AZWI_CNI_RUN_DIR /var/run/azwi-netproxy must be mounted read-write"),
+    ("node: no tenant", "node/node-agent.yaml", lambda d: _node_env(d, "AZURE_TENANT_ID", None),
+     "AZURE_TENANT_ID is not set"),
+    ("node: tenant not a GUID", "node/node-agent.yaml", lambda d: _node_env(d, "AZURE_TENANT_ID", "contoso"),
+     "AZURE_TENANT_ID 'contoso' is not a GUID"),
+    ("node: passthrough not a choice", "node/node-agent.yaml",
+     lambda d: _node_env(d, "AZWI_NODE_PASSTHROUGH", "some"), "AZWI_NODE_PASSTHROUGH 'some'"),
+    ("node: http authority", "node/node-agent.yaml",
+     lambda d: _node_env(d, "AZURE_AUTHORITY_HOST", "http://login.example/"), "is not an https URL"),
+    ("node: privileged", "node/node-agent.yaml",
+     lambda d: _node_container(d)["securityContext"].update({"privileged": True}), "must not be privileged"),
+    ("node: NET_ADMIN too", "node/node-agent.yaml",
+     lambda d: _node_container(d)["securityContext"]["capabilities"]["add"].append("NET_ADMIN"),
+     "capability NET_ADMIN is more than"),
+    ("node: no SYS_ADMIN", "node/node-agent.yaml",
+     lambda d: _node_container(d)["securityContext"]["capabilities"].update({"add": ["DAC_READ_SEARCH"]}),
+     "capabilities.add needs SYS_ADMIN"),
+    ("node: writable root", "node/node-agent.yaml",
+     lambda d: _node_container(d)["securityContext"].update({"readOnlyRootFilesystem": False}),
+     "readOnlyRootFilesystem must be true"),
+    ("node: another command line", "node/node-agent.yaml",
+     lambda d: _node_container(d).update({"command": ["azwi-netproxy-node", "--passthrough=all"]}),
+     "command must be ['azwi-netproxy-node']"),
+    ("node: a flag it does not have", "node/node-agent.yaml",
+     lambda d: _node_container(d).update({"args": ["--proxy-port=8000"]}), "only --metrics-port=N"),
+    ("node: no readiness", "node/node-agent.yaml", lambda d: _node_container(d).pop("readinessProbe"),
+     "readinessProbe must exec ['azwi-netproxy-node', '--check']"),
+    ("node: no agent", "node/node-agent.yaml", lambda d: _spec(d)["containers"].pop(0),
+     "runs without the CNI agent"),
+    ("pod: node-proxy not true", "node/pod.yaml", lambda d: _node_pod_meta(d).update({NODE_PROXY_ANNOTATION: "yes"}),
+     'only "true" asks for node mode'),
+    ("pod: client id not a GUID", "node/pod.yaml",
+     lambda d: _node_pod_meta(d).update({"azwi-netproxy.io/client-id": "reports"}), "is not a GUID"),
+    ("pod: map not JSON", "node/pod.yaml",
+     lambda d: _node_pod_meta(d).update({"azwi-netproxy.io/identity-map": "onlyListed: true"}), "is not JSON"),
+    ("pod: default not in the map", "node/pod.yaml",
+     lambda d: _node_pod_meta(d).update({"azwi-netproxy.io/client-id": "99999999-9999-9999-9999-999999999999"}),
+     "the default identity would be refused"),
+    ("pod: CNI redirect too", "node/pod.yaml", lambda d: _node_pod_meta(d).update({REDIRECT_ANNOTATION: "true"}),
+     "exempt the proxy's uid"),
+    ("pod: pass-through asked", "node/pod.yaml",
+     lambda d: _node_pod_meta(d).update({"azwi-netproxy.io/passthrough": "all"}), "gets no pass-through"),
+    ("pod: inject too", "node/pod.yaml", lambda d: _node_pod_meta(d).update({INJECT_ANNOTATION: "true"}),
+     "a node-mode pod runs no"),
+    ("pod: NET_ADMIN left", "node/pod.yaml",
+     lambda d: _spec(d)["containers"][0]["securityContext"]["capabilities"].update({"add": ["NET_ADMIN"]}),
+     "node mode needs no capability"),
+    ("pod: not restricted", "node/pod.yaml",
+     lambda d: _spec(d)["containers"][0]["securityContext"].pop("allowPrivilegeEscalation"),
+     "Pod Security restricted: containers reports: allowPrivilegeEscalation"),
+    ("pod: hostNetwork", "node/pod.yaml", lambda d: _spec(d).update({"hostNetwork": True}), "node mode cannot serve it"),
+]
+
+
+@pytest.mark.parametrize(("name", "mutate", "expected"), [(n, m, e) for _, n, m, e in NODE_MUTATIONS],
+                         ids=[i for i, _, _, _ in NODE_MUTATIONS])
+def test_validator_reports_the_node_mode_mistake(name: str, mutate: Callable[[list[dict[str, Any]]], None],
+                                                 expected: str) -> None:
+    docs = copy.deepcopy(docs_of(name))
+    assert validate_manifest_docs(docs, settings=OUR_IMAGES, run_init=False) == []
+    mutate(docs)
+    problems = validate_manifest_docs(docs, settings=OUR_IMAGES, run_init=False)
+    assert any(expected in p for p in problems), problems

@@ -3,7 +3,8 @@
 Name: test_migrate
 Scope: runs `azwi_netproxy.migrate.cli.main` in process into tmp_path (one subprocess test for
     `python -m`); the fixture export is tests/fixtures/migrate/export, the expected output
-    tests/fixtures/migrate/golden. `UPDATE_GOLDEN=1 pytest tests/test_migrate.py` rewrites it.
+    tests/fixtures/migrate/golden (and golden-node, with --node).
+    `UPDATE_GOLDEN=1 pytest tests/test_migrate.py -k golden` rewrites them.
 Depends: PyYAML, bash (syntax check and a fake `az` on PATH for fic-commands.sh).
 """
 
@@ -126,7 +127,7 @@ def check_manifests(out: Path) -> int:
     for path, obj in workloads:
         pod = pod_template(obj)
         labels = pod["metadata"]["labels"]
-        annotations = pod["metadata"]["annotations"]
+        annotations = pod["metadata"].get("annotations", {})  # none where our containers are declared
         for section in (labels, annotations):
             assert all(isinstance(k, str) and isinstance(v, str) for k, v in section.items()), path
         assert labels["azure.workload.identity/use"] == "true", path
@@ -134,7 +135,10 @@ def check_manifests(out: Path) -> int:
             c for c in [*pod["spec"].get("initContainers", []), *pod["spec"]["containers"]]
             if c["name"] == "azwi-proxy"
         ]
-        if declared_proxy:  # several identities: our containers, no injection
+        if annotations.get("azwi-netproxy.io/node-proxy") == "true":  # node mode: nothing in the pod
+            assert not declared_proxy and "azure.workload.identity/inject-proxy-sidecar" not in annotations, path
+            port = annotations.get("azwi-netproxy.io/proxy-port", "8000")
+        elif declared_proxy:  # several identities (or CNI mode): our containers, no injection
             assert "azure.workload.identity/inject-proxy-sidecar" not in annotations, path
             port = declared_proxy[0]["args"][0].removeprefix("--proxy-port=")
         else:
@@ -177,12 +181,17 @@ def ref(obj: dict[str, Any]) -> tuple[str, str, str]:
 
 # ---------------------------------------------------------------------------- golden output
 
-def test_golden_output(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    out = migrate_fixture(tmp_path, capsys)
+# Golden directory → the flags it is the output of (tests/fixtures/migrate/README.md).
+GOLDENS = {"golden": (), "golden-node": ("--node",)}
+
+
+@pytest.mark.parametrize("golden", sorted(GOLDENS))
+def test_golden_output(golden: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = migrate_fixture(tmp_path, capsys, *GOLDENS[golden])
     if os.environ.get("UPDATE_GOLDEN") == "1":
-        shutil.rmtree(GOLDEN, ignore_errors=True)
-        shutil.copytree(out, GOLDEN)
-    expected, actual = tree(GOLDEN), tree(out)
+        shutil.rmtree(FIXTURES / golden, ignore_errors=True)
+        shutil.copytree(out, FIXTURES / golden)
+    expected, actual = tree(FIXTURES / golden), tree(out)
     assert sorted(actual) == sorted(expected)
     for path, content in expected.items():
         assert actual[path] == content, f"{path} differs from the golden copy (UPDATE_GOLDEN=1)"
@@ -194,7 +203,7 @@ def test_generated_manifests_are_valid_kubernetes_objects(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = migrate_fixture(tmp_path, capsys)
-    assert check_manifests(out) == 12
+    assert check_manifests(out) == 22
 
 
 def test_migration_decisions(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -211,9 +220,12 @@ def test_migration_decisions(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     annotations = api["spec"]["template"]["metadata"]["annotations"]
     assert annotations == {"prometheus.io/scrape": "true"}
     cron = manifests["cronjob-settlement-report.yaml"]
-    cron_annotations = pod_template(cron)["metadata"]["annotations"]
-    assert cron_annotations["azure.workload.identity/inject-proxy-sidecar"] == "true"
-    assert cron_annotations["azure.workload.identity/proxy-sidecar-port"] == "8000"
+    # No sign of needing instance metadata: our containers declared, pass-through off on both.
+    assert "annotations" not in pod_template(cron)["metadata"]
+    cron_inits = pod_template(cron)["spec"]["initContainers"]
+    assert [c["name"] for c in cron_inits] == ["azwi-proxy-init", "azwi-proxy"]  # a native sidecar: it completes
+    assert cron_inits[0]["env"] == [{"name": "PROXY_PORT", "value": "8000"}, {"name": "AZWI_PASSTHROUGH", "value": "none"}]
+    assert cron_inits[1]["env"] == [{"name": "AZWI_PASSTHROUGH", "value": "none"}]
     # default / implicit service accounts get their own.
     assert manifests["statefulset-orders-db-backup.yaml"]["spec"]["template"]["spec"][
         "serviceAccountName"] == "orders-db-backup-wi"
@@ -239,14 +251,16 @@ def test_migration_decisions(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert [c["name"] for c in spec["containers"]] == ["azwi-proxy", "api"]
     proxy = spec["containers"][0]
     assert proxy["args"][0] == "--proxy-port=8002"
-    assert {"name": "AZWI_IDENTITY_MAP", "value": "/etc/azwi-netproxy/identity-map.yaml"} in proxy["env"]
-    assert {"name": "PROXY_PORT", "value": "8002"} in spec["initContainers"][0]["env"]
+    assert proxy["env"] == [{"name": "AZWI_IDENTITY_MAP", "value": "/etc/azwi-netproxy/identity-map.yaml"},
+                            {"name": "AZWI_PASSTHROUGH", "value": "none"}]
+    assert spec["initContainers"][0]["env"] == [{"name": "PROXY_PORT", "value": "8002"},
+                                                {"name": "AZWI_PASSTHROUGH", "value": "none"}]
     assert spec["volumes"] == [{"name": "azwi-identity-map", "configMap": {"name": configmap["metadata"]["name"]}}]
 
     # Every identity of the two-identity workload gets a FIC for its service account; the
     # shared identity one per service account across namespaces.
     fics = json.loads((out / "fics.json").read_text())["federatedIdentityCredentials"]
-    by_identity: dict[str, list[str]] = {}
+    by_identity: dict[str, list[str]] = {}  # (in the order fics.json lists them)
     for fic in fics:
         assert fic["issuer"] == ISSUER and fic["audiences"] == ["api://AzureADTokenExchange"]
         assert re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]{2,119}", fic["name"])
@@ -260,6 +274,8 @@ def test_migration_decisions(tmp_path: Path, capsys: pytest.CaptureFixture[str])
         "id-orders-api": ["system:serviceaccount:orders:orders-api"],
         "id-payments-reader": ["system:serviceaccount:payments:payments-api"],
         "id-payments-writer": ["system:serviceaccount:payments:payments-api"],
+        "id-ops-reader": [f"system:serviceaccount:ops:{name}-wi" for name in (
+            "health-probe", "inventory-report", "legacy-agent", "node-drainer", "token-client")],
     }
 
     report = (out / "REPORT.md").read_text()
@@ -332,14 +348,20 @@ def test_running_twice_gives_identical_output(tmp_path: Path, capsys: pytest.Cap
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging left
 
 
+def reexport(out: Path) -> list[str]:
+    """What a re-export of the cluster holds after `out` was applied: the migrated manifests,
+    everything copied unchanged (the ConfigMaps that hold signs among it), and pod identity's
+    resources, which stay until cut-over."""
+    return [str(out / "manifests"), str(out / "unchanged"), str(EXPORT / "pod-identity.yaml")]
+
+
 def test_migrating_its_own_output_again_changes_nothing(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Cut-over runs on a re-export of migrated objects: the result must be a fixed point."""
     first = migrate_fixture(tmp_path, capsys)
     second = tmp_path / "second"
-    code, _, err = run(["-o", str(second), "--issuer", ISSUER, str(first / "manifests"),
-                        str(EXPORT / "pod-identity.yaml")], capsys)
+    code, _, err = run(["-o", str(second), "--issuer", ISSUER, *reexport(first)], capsys)
     assert code == 0, err
 
     def objects(root: Path) -> dict[str, Any]:
@@ -421,7 +443,7 @@ def test_directory_input_is_recursive_and_skips_hidden_and_outdir(
     assert code == 0, err
     assert (out / "unchanged" / "export" / "misc" / "unrelated.yaml").exists()
     assert not (out / "unchanged" / "export" / "migrated").exists()
-    assert check_manifests(out) == 12
+    assert check_manifests(out) == 22
 
 
 def test_same_file_names_from_two_arguments_do_not_collide(
@@ -690,7 +712,8 @@ def test_multi_cluster_budget_switches_to_identity_binding(
         annotations = app["spec"]["template"]["metadata"]["annotations"]
         assert annotations["azure.workload.identity/use-identity-binding"] == "true"
         cli = yaml.safe_load((out / "manifests" / cluster / "tools" / "deployment-cli.yaml").read_text())
-        assert "azure.workload.identity/use-identity-binding" not in cli["spec"]["template"]["metadata"]["annotations"]
+        assert "azure.workload.identity/use-identity-binding" not in cli["spec"]["template"]["metadata"].get(
+            "annotations", {})
         role = yaml.safe_load(
             (out / "manifests" / cluster / "_cluster" / "clusterrolebinding-use-mi-9a9a9a9a-0000-4000-8000-000000000001.yaml").read_text()
         )
@@ -728,7 +751,7 @@ def test_fic_commands_script_runs_against_a_fake_az(
     assert result.returncode == 0, result.stderr
     calls = [c.strip("\n").split("\n") for c in log.read_text().split("--END--\n") if c.strip()]
     expected = json.loads((out / "fics.json").read_text())["federatedIdentityCredentials"]
-    assert len(calls) == len(expected) == 6
+    assert len(calls) == len(expected) == 11
     for call, fic in zip(calls, expected, strict=True):
         args = dict(zip(call[3::2], call[4::2], strict=True))
         assert call[:3] == ["identity", "federated-credential", "create"]
@@ -757,7 +780,10 @@ def test_proxy_flags(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None
         "--proxy-init-image", "contoso.azurecr.io/azwi-netproxy/proxy-init:0.1.0",
     )
     cron = yaml.safe_load((out / "manifests" / "payments" / "cronjob-settlement-report.yaml").read_text())
-    assert pod_template(cron)["metadata"]["annotations"]["azure.workload.identity/proxy-sidecar-port"] == "9000"
+    assert pod_template(cron)["spec"]["initContainers"][1]["args"][0] == "--proxy-port=9000"
+    # A workload that keeps pass-through keeps the webhook's injection.
+    report = yaml.safe_load((out / "manifests" / "ops" / "cronjob-inventory-report.yaml").read_text())
+    assert pod_template(report)["metadata"]["annotations"]["azure.workload.identity/proxy-sidecar-port"] == "9000"
     api = yaml.safe_load((out / "manifests" / "payments" / "deployment-payments-api.yaml").read_text())
     spec = api["spec"]["template"]["spec"]
     assert spec["containers"][0]["image"] == "contoso.azurecr.io/azwi-netproxy/proxy:0.1.0"
@@ -827,17 +853,21 @@ def test_kubectl_decodes_every_generated_manifest(tmp_path: Path, capsys: pytest
     out = migrate_fixture(tmp_path, capsys)
     result = kubectl("patch", "--local", "-R", "-f", "manifests", "--type", "merge", "-p", "{}", "-o", "name", cwd=out)
     assert result.returncode == 0, result.stderr
-    assert len(result.stdout.splitlines()) == 12
+    assert len(result.stdout.splitlines()) == 22
 
 
-def validate_output(out: Path) -> list[str]:
-    """The shared validation deploy/ passes (tests/support/manifests.py), per cluster directory."""
+def validate_output(out: Path, node_pod_security: Any = None) -> list[str]:
+    """The shared validation deploy/ passes (tests/support/manifests.py), per cluster directory.
+
+    Node-mode pods are judged against a Pod Security level only when asked: a migrated app's
+    own containers keep what they had (the tests compare before and after instead).
+    """
     problems: list[str] = []
     runner = InitRunner()
     roots = sorted({p.parent.parent for p in (out / "manifests").rglob("*.yaml")})
     for root in roots:
         docs = load_manifest_documents(sorted(root.rglob("*.yaml")))
-        problems += validate_manifest_docs(docs, init_runner=runner)
+        problems += validate_manifest_docs(docs, init_runner=runner, node_pod_security=node_pod_security)
     return problems
 
 
@@ -888,10 +918,10 @@ def test_cni_mode_asks_the_plugin_and_declares_the_proxy_first(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = migrate_fixture(tmp_path, capsys, "--cni")
-    assert check_manifests(out) == 12
+    assert check_manifests(out) == 22
     assert validate_output(out) == []  # the shared validator, with its CNI-mode checks
     workloads = workload_manifests(out)
-    assert len(workloads) == 6
+    assert len(workloads) == 11
     for path, obj in workloads.items():
         pod = pod_template(obj)
         annotations = pod["metadata"]["annotations"]
@@ -913,10 +943,17 @@ def test_cni_mode_asks_the_plugin_and_declares_the_proxy_first(
     api = pod_template(workloads["payments/deployment-payments-api.yaml"])
     assert api["metadata"]["annotations"][CNI_PORT] == "8002"
     assert {"name": "AZWI_IDENTITY_MAP", "value": "/etc/azwi-netproxy/identity-map.yaml"} in api["spec"]["initContainers"][0]["env"]
-    # One identity: no map, no map volume.
+    # One identity: no map, no map volume; no sign of needing instance metadata: pass-through off.
     orders = pod_template(workloads["orders/deployment-orders-api.yaml"])
     assert CNI_PORT not in orders["metadata"]["annotations"]
-    assert "env" not in orders["spec"]["initContainers"][0] and "volumeMounts" not in orders["spec"]["initContainers"][0]
+    assert orders["metadata"]["annotations"][PASSTHROUGH] == "none"
+    assert orders["spec"]["initContainers"][0]["env"] == [{"name": "AZWI_PASSTHROUGH", "value": "none"}]
+    assert "volumeMounts" not in orders["spec"]["initContainers"][0]
+    # Those with a sign keep it: no annotation (the plugin's default is all), no variable.
+    for name, annotation in (("node-drainer", None), ("legacy-agent", "all")):
+        pod = pod_template(workloads[f"ops/deployment-{name}.yaml"])
+        assert pod["metadata"]["annotations"].get(PASSTHROUGH) == annotation, name
+        assert "env" not in pod["spec"]["initContainers"][0], name
     report = (out / "REPORT.md").read_text()
     assert "## CNI mode (`--cni`)" in report
     assert "**Install the node agent first**: the DaemonSet `deploy/cni/node-agent.yaml`" in report
@@ -1021,13 +1058,10 @@ def test_cni_mode_pods_of_a_restricted_app_stay_restricted(
         out = tmp_path / f"out-{cni}"
         code, _, err = run(["-o", str(out), *(["--cni"] if cni else []), str(export)], capsys)
         assert code == 0, err
-        problems = validate_output(out)
-        if cni:
-            assert problems == []
-        else:
-            # The webhook appends its init container after the pod's own (deploy/README.md, "Notes
-            # on upstream"): warm-cache runs unredirected. CNI mode's redirect precedes it.
-            assert problems and all("warm-cache runs before azwi-proxy-init" in p for p in problems), problems
+        # Without pass-through both pods declare our containers, our init first: warm-cache runs
+        # redirected, where the webhook would have appended its init after it (deploy/README.md,
+        # "Notes on upstream").
+        assert validate_output(out) == []
         docs = load_manifest_documents(sorted((out / "manifests").rglob("*.yaml")))
         for path, obj in workload_manifests(out).items():
             template = pod_template(obj)
@@ -1051,7 +1085,7 @@ def test_default_output_is_unchanged_by_the_cni_option(
     default = tree(migrate_fixture(tmp_path / "default", capsys))
     cni = tree(migrate_fixture(tmp_path / "cni", capsys, "--cni"))
     assert default == tree(GOLDEN)
-    assert not [path for path, text in default.items() if "azwi-netproxy.io/" in text or "CNI" in text]
+    assert not [path for path, text in default.items() if REDIRECT in text or "CNI" in text]
     assert sorted(default) == sorted(cni)
     workloads = {f"manifests/{p}" for p in workload_manifests(tmp_path / "default" / "out")}
     differing = {path for path in default if default[path] != cni[path]}
@@ -1063,7 +1097,7 @@ def test_cni_output_migrated_again_is_a_fixed_point_and_without_cni_loses_the_an
 ) -> None:
     first = migrate_fixture(tmp_path, capsys, "--cni")
     again = tmp_path / "again"
-    inputs = [str(first / "manifests"), str(EXPORT / "pod-identity.yaml")]
+    inputs = reexport(first)
     code, _, err = run(["-o", str(again), "--issuer", ISSUER, "--cni", *inputs], capsys)
     assert code == 0, err
     assert workload_manifests(again) == workload_manifests(first)
@@ -1081,3 +1115,430 @@ def test_cni_flag_is_in_the_help(capsys: pytest.CaptureFixture[str]) -> None:
     assert code == 0
     text = " ".join(out.split())
     assert "--cni" in text and "deploy/cni/node-agent.yaml" in text and "no NET_ADMIN" in text
+
+
+# ---------------------------------------------------------------------------- --node (issue 26)
+
+NODE_PROXY = "azwi-netproxy.io/node-proxy"
+NODE_CLIENT_ID = "azwi-netproxy.io/client-id"
+NODE_TENANT_ID = "azwi-netproxy.io/tenant-id"
+NODE_MAP = "azwi-netproxy.io/identity-map"
+PASSTHROUGH = "azwi-netproxy.io/passthrough"
+
+
+def client_id_of(out: Path, obj: dict[str, Any], manifests: Path | None = None) -> str:
+    sa_name = pod_template(obj)["spec"]["serviceAccountName"]
+    sa_path = (manifests or out / "manifests") / obj["metadata"]["namespace"] / f"serviceaccount-{sa_name}.yaml"
+    client_id: str = yaml.safe_load(sa_path.read_text())["metadata"]["annotations"]["azure.workload.identity/client-id"]
+    return client_id
+
+
+def assert_node_pod(path: str, obj: dict[str, Any]) -> dict[str, Any]:
+    """What CONTRACT.md's "Node mode" asks of a pod; returns its annotations."""
+    pod = pod_template(obj)
+    annotations: dict[str, Any] = pod["metadata"]["annotations"]
+    assert annotations[NODE_PROXY] == "true", path
+    assert pod["metadata"]["labels"]["azure.workload.identity/use"] == "true", path  # the token is still projected
+    for absent in ("azure.workload.identity/inject-proxy-sidecar", "azure.workload.identity/proxy-sidecar-port",
+                   REDIRECT):
+        assert absent not in annotations, (path, absent)
+    assert annotations.get(PASSTHROUGH, "none") == "none", path  # an explicit "none" stays: node mode has none
+    spec = pod["spec"]
+    assert not [c for c in [*spec.get("initContainers", []), *spec["containers"]]
+                if c["name"] in ("azwi-proxy", "azwi-proxy-init")], path
+    assert not [c for c in [*spec.get("initContainers", []), *spec["containers"]]
+                if (c.get("securityContext") or {}).get("capabilities", {}).get("add")], path
+    assert all(v["name"] != "azwi-identity-map" for v in spec.get("volumes", [])), path
+    return annotations
+
+
+def node_workloads(out: Path) -> dict[str, dict[str, Any]]:
+    return {path: obj for path, obj in workload_manifests(out).items()
+            if NODE_PROXY in (pod_template(obj)["metadata"].get("annotations") or {})}
+
+
+def test_node_mode_pods_carry_annotations_and_nothing_else(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = migrate_fixture(tmp_path, capsys, "--node")
+    assert check_manifests(out) == 21  # the identity map's ConfigMap is gone: the pod carries the map
+    assert validate_output(out) == []  # the shared validator, with its node-mode checks
+    workloads = node_workloads(out)
+    assert len(workload_manifests(out)) == 11 and len(workloads) == 8  # ops.yaml's three with a sign stay
+    for path, obj in workloads.items():
+        annotations = assert_node_pod(path, obj)
+        assert annotations[NODE_CLIENT_ID] == client_id_of(out, obj), path
+        assert NODE_TENANT_ID not in annotations, path  # no exported service account names one
+    # The workload with two identities: the contract's map as compact JSON, as the proxy reads it.
+    api = pod_template(workloads["payments/deployment-payments-api.yaml"])["metadata"]["annotations"]
+    text = api[NODE_MAP]
+    assert json.loads(text) == {"onlyListed": True, "identities": [
+        {"clientID": "6f0e2c1a-1d4b-4c55-9b1e-2a6c0d1e0001", "resourceID": "/subscriptions/0b1f6471-1bf0-4dda-aec3-111122223333/resourcegroups/rg-payments/providers/Microsoft.ManagedIdentity/userAssignedIdentities/id-payments-reader"},
+        {"clientID": "6f0e2c1a-1d4b-4c55-9b1e-2a6c0d1e0002", "resourceID": "/subscriptions/0b1f6471-1bf0-4dda-aec3-111122223333/resourcegroups/rg-payments/providers/Microsoft.ManagedIdentity/userAssignedIdentities/id-payments-writer"},
+    ]}
+    assert ": " not in text and ", " not in text
+    parsed = parse_identity_map(text, source="annotation")
+    sidecar_map = parse_identity_map((GOLDEN / "identity-maps" / "payments-deployment-payments-api.yaml").read_text())
+    assert parsed == sidecar_map and api[NODE_CLIENT_ID] in parsed.by_client_id
+    # Its app listens on 8000: the node process listens on 8002 in its namespace, and says so.
+    assert api["azwi-netproxy.io/proxy-port"] == "8002"
+    for path, obj in workloads.items():
+        if "payments-api" not in path:
+            assert "azwi-netproxy.io/proxy-port" not in pod_template(obj)["metadata"]["annotations"], path
+            assert NODE_MAP not in pod_template(obj)["metadata"]["annotations"], path
+    assert not (out / "identity-maps").exists()
+    # Service accounts, FICs and the budget are those of the default run.
+    default = tree(GOLDEN)
+    for name in ("fics.json", "fic-commands.sh"):
+        assert (out / name).read_text() == default[name]
+    report = (out / "REPORT.md").read_text()
+    assert "## Node mode (`--node`)" in report
+    kept = report.split("## Node mode (`--node`)")[1].split("\n## ")[0]
+    assert [line.split("`")[1] for line in kept.splitlines() if line.startswith("| `")] == [
+        "ops/CronJob/inventory-report", "ops/Deployment/legacy-agent", "ops/Deployment/node-drainer"]
+    assert "Install the node DaemonSet (`deploy/node/node-agent.yaml`) on every node first" in report
+    steps = report.split("## Order of operations")[1]
+    assert steps.index("deploy/node/node-agent.yaml") < steps.index("kubectl apply -R -f manifests/")
+    assert "hostNetwork: true — no CNI plugin runs for a pod on the node's network, so node mode" in report
+
+
+def test_node_mode_adds_nothing_pod_security_restricted_forbids(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """As the pods run (after the webhook): node mode adds no violation to what each app had."""
+    out = migrate_fixture(tmp_path, capsys, "--node")
+    inputs = k8s_objects(EXPORT)
+    docs = load_manifest_documents(sorted((out / "manifests").rglob("*.yaml")))
+    for path, obj in node_workloads(out).items():
+        before = pod_template(inputs[ref(obj)])["spec"]
+        template = pod_template(obj)
+        sa = next(d for d in docs if d["kind"] == "ServiceAccount"
+                  and d["metadata"]["name"] == template["spec"]["serviceAccountName"]
+                  and d["metadata"]["namespace"] == obj["metadata"]["namespace"])
+        for native in (True, False):
+            after = simulate_webhook(template, sa, WebhookSettings(), native_sidecar=native)["spec"]
+            added = set(pod_security_violations(after)) - set(pod_security_violations(before))
+            assert added == set(), (path, native, added)
+
+
+@pytest.mark.parametrize("level", ["baseline", "restricted"])
+def test_node_mode_pods_of_a_restricted_app_stay_restricted(
+    level: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    export = tmp_path / "strict.yaml"
+    export.write_text(RESTRICTED_APP)
+    out = tmp_path / "out"
+    code, _, err = run(["-o", str(out), "--node", str(export)], capsys)
+    assert code == 0, err
+    # The validator judges node-mode pods against the level itself when asked.
+    assert validate_output(out, node_pod_security=level) == []
+    docs = load_manifest_documents(sorted((out / "manifests").rglob("*.yaml")))
+    workloads = workload_manifests(out)
+    assert len(workloads) == 2
+    for path, obj in workloads.items():
+        assert_node_pod(path, obj)
+        template = pod_template(obj)
+        sa = next(d for d in docs if d["kind"] == "ServiceAccount"
+                  and d["metadata"]["name"] == template["spec"]["serviceAccountName"])
+        for native in (True, False):
+            spec = simulate_webhook(template, sa, WebhookSettings(), native_sidecar=native)["spec"]
+            assert pod_security_violations(spec, level, template["metadata"]["annotations"]) == [], (path, native)
+
+
+def test_the_validator_refuses_a_broken_node_mode_pod(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """validate_output is no formality for node mode: each of these breaks is reported."""
+    out = migrate_fixture(tmp_path, capsys, "--node")
+    path = out / "manifests" / "payments" / "deployment-payments-api.yaml"
+    original = path.read_text()
+    breaks = {
+        f"{NODE_CLIENT_ID}: 6f0e2c1a-1d4b-4c55-9b1e-2a6c0d1e0001": f"{NODE_CLIENT_ID}: not-a-guid",
+        "azwi-netproxy.io/proxy-port: '8002'": "azwi-netproxy.io/proxy-port: '80000'",
+        '"onlyListed":true': '"onlyListed":"yes"',
+        "prometheus.io/scrape: 'true'": "prometheus.io/scrape: 'true'\n        azwi-netproxy.io/redirect: 'true'",
+    }
+    expected = ["is not a GUID", "is not a port", "onlyListed must be true or false", "exempt the proxy's uid"]
+    for (old, new), message in zip(breaks.items(), expected, strict=True):
+        assert old in original, old
+        path.write_text(original.replace(old, new))
+        problems = validate_output(out)
+        assert any(message in p for p in problems), (message, problems)
+    path.write_text(original)
+    assert validate_output(out) == []
+
+
+SIGNS_EXPORT = """\
+apiVersion: aadpodidentity.k8s.io/v1
+kind: AzureIdentity
+metadata: {name: one, namespace: tools}
+spec: {type: 0, clientID: 9a9a9a9a-0000-4000-8000-000000000031, resourceID: /subscriptions/0b1f6471-1bf0-4dda-aec3-111122223333/resourceGroups/rg/providers/Microsoft.ManagedIdentity/userAssignedIdentities/one}
+---
+apiVersion: aadpodidentity.k8s.io/v1
+kind: AzureIdentityBinding
+metadata: {name: one, namespace: tools}
+spec: {azureIdentity: one, selector: one}
+---
+apiVersion: v1
+kind: ConfigMap
+metadata: {name: scheduler-settings, namespace: tools}
+data: {EVENTS_URL: "http://169.254.169.254/metadata/scheduledevents?api-version=2020-07-01"}
+---
+apiVersion: v1
+kind: ServiceAccount
+metadata:
+  name: drainer
+  namespace: tools
+  annotations: {azure.workload.identity/tenant-id: 11111111-2222-4333-8444-555555555555}
+""" + "".join(f"""---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {{name: {name}, namespace: tools}}
+spec:
+  selector: {{matchLabels: {{app: {name}}}}}
+  template:
+    metadata:
+      labels: {{app: {name}, aadpodidbinding: one}}{annotations}
+    spec:
+      serviceAccountName: {name}
+      containers:
+        - name: main
+          image: contoso.azurecr.io/{name}:1{extra}
+""" for name, annotations, extra in (
+    ("drainer", "", "\n          envFrom: [{configMapRef: {name: scheduler-settings}}]"),
+    ("inventory", "", "\n          args: [--region-from, 'http://169.254.169.254/metadata/instance/compute/location']"),
+    ("pinned", "\n      annotations: {azwi-netproxy.io/passthrough: all}", ""),
+    ("tokens-only", "", "\n          env: [{name: MSI_ENDPOINT, value: 'http://169.254.169.254/metadata/identity/oauth2/token'}]"),
+))
+
+
+def test_node_mode_keeps_workloads_that_need_instance_metadata_in_another_mode(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    export = tmp_path / "tools.yaml"
+    export.write_text(SIGNS_EXPORT)
+    expected_because = {
+        "tools/Deployment/drainer": "container main: ConfigMap scheduler-settings (envFrom) key EVENTS_URL names "
+                                    "/metadata/scheduledevents",
+        "tools/Deployment/inventory": "container main: args[1] names /metadata/instance/compute/location",
+        "tools/Deployment/pinned": 'pod annotation azwi-netproxy.io/passthrough: "all"',
+    }
+    for flags, fallback in ((["--node"], "sidecar"), (["--node", "--cni"], "CNI")):
+        out = tmp_path / "-".join(flags)
+        code, _, err = run(["-o", str(out), *flags, str(export)], capsys)
+        assert code == 0, err
+        assert validate_output(out) == []
+        workloads = workload_manifests(out)
+        node = assert_node_pod("tokens-only", workloads["tools/deployment-tokens-only.yaml"])
+        assert node[NODE_CLIENT_ID] == "9a9a9a9a-0000-4000-8000-000000000031"
+        for name in ("drainer", "inventory", "pinned"):
+            annotations = pod_template(workloads[f"tools/deployment-{name}.yaml"])["metadata"]["annotations"]
+            assert NODE_PROXY not in annotations, name
+            if fallback == "CNI":
+                assert annotations[REDIRECT] == "true", name
+            else:
+                assert annotations["azure.workload.identity/inject-proxy-sidecar"] == "true", name
+        report = (out / "REPORT.md").read_text()
+        section = report.split("## Node mode (`--node`)")[1].split("\n## ")[0]
+        assert f"| Workload | Kept in {fallback} mode because |" in section
+        for ref_, because in expected_because.items():
+            line = next(line for line in section.splitlines() if f"`{ref_}`" in line)
+            assert because in line, line
+        assert "tokens-only" not in section
+        assert "- **Node mode** (`--node`): 1 workloads in node mode, 3 kept in " + fallback + " mode" in report
+        # The pass-through annotation is the user's choice and stays on the pinned workload.
+        pinned = pod_template(workloads["tools/deployment-pinned.yaml"])["metadata"]["annotations"]
+        assert pinned[PASSTHROUGH] == "all"
+
+
+def test_node_mode_carries_the_service_accounts_tenant(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    export = tmp_path / "tools.yaml"
+    export.write_text(SIGNS_EXPORT.replace("envFrom: [{configMapRef: {name: scheduler-settings}}]", "args: [drain]"))
+    out = tmp_path / "out"
+    code, _, err = run(["-o", str(out), "--node", str(export)], capsys)
+    assert code == 0, err
+    drainer = pod_template(workload_manifests(out)["tools/deployment-drainer.yaml"])["metadata"]["annotations"]
+    assert drainer[NODE_TENANT_ID] == "11111111-2222-4333-8444-555555555555"
+    assert validate_output(out) == []
+
+
+def test_node_mode_gives_way_where_identity_binding_is_needed(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["-o", str(tmp_path / "out"), "--node"]
+    for number, cluster in enumerate(("east", "west", "north")):
+        path = tmp_path / f"{cluster}.yaml"
+        path.write_text(cluster_export(8, MIXED if cluster == "east" else ""))
+        argv += ["--cluster", cluster, f"https://{cluster}.oic.example/tenant/{number}/", str(path)]
+    code, _, err = run(argv, capsys)
+    assert code == 0, err
+    out = tmp_path / "out"
+    assert validate_output(out) == []
+    for cluster in ("east", "west", "north"):
+        app = pod_template(yaml.safe_load((out / "manifests" / cluster / "team-3" / "deployment-app.yaml").read_text()))
+        assert app["metadata"]["annotations"]["azure.workload.identity/use-identity-binding"] == "true"
+        assert NODE_PROXY not in app["metadata"]["annotations"]
+        cli = pod_template(yaml.safe_load((out / "manifests" / cluster / "tools" / "deployment-cli.yaml").read_text()))
+        assert_node_pod(f"{cluster}/cli", {"kind": "Pod", **cli})
+    report = (out / "REPORT.md").read_text()
+    section = report.split("## Node mode (`--node`)")[1].split("\n## ")[0]
+    assert "| east | `team-0/Deployment/app` | needs AKS identity binding (over the FIC budget)" in section
+
+
+def test_node_output_migrated_again_is_a_fixed_point_and_without_node_loses_the_annotations(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    first = migrate_fixture(tmp_path, capsys, "--node")
+    inputs = reexport(first)
+    again = tmp_path / "again"
+    code, _, err = run(["-o", str(again), "--issuer", ISSUER, "--node", *inputs], capsys)
+    assert code == 0, err
+    assert workload_manifests(again) == workload_manifests(first)
+    back = tmp_path / "back"
+    code, _, err = run(["-o", str(back), "--issuer", ISSUER, *inputs], capsys)
+    assert code == 0, err
+    assert workload_manifests(back) == workload_manifests(migrate_fixture(tmp_path / "default", capsys))
+    assert "pod annotations azwi-netproxy.io/node-proxy, azwi-netproxy.io/client-id, azwi-netproxy.io/identity-map " \
+           "removed (not node mode)" in (back / "manifests" / "payments" / "deployment-payments-api.yaml").read_text()
+    # And a sidecar-mode output migrated with --node loses our containers and the map volume.
+    sidecar = tmp_path / "default" / "out"
+    to_node = tmp_path / "to-node"
+    code, _, err = run(["-o", str(to_node), "--issuer", ISSUER, "--node", *reexport(sidecar)], capsys)
+    assert code == 0, err
+    assert workload_manifests(to_node) == workload_manifests(first)
+    assert "# azwi-proxy-init, azwi-proxy, the volume azwi-identity-map removed\n" in (
+        to_node / "manifests" / "payments" / "deployment-payments-api.yaml").read_text()
+    # A CNI-mode output too: its redirect annotation would have the plugin exempt the proxy's uid.
+    cni = migrate_fixture(tmp_path / "cni", capsys, "--cni")
+    from_cni = tmp_path / "from-cni"
+    code, _, err = run(["-o", str(from_cni), "--issuer", ISSUER, "--node", *reexport(cni)], capsys)
+    assert code == 0, err
+    assert validate_output(from_cni) == []
+
+    def without_passthrough(objects: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        # CNI mode wrote the plugin's passthrough: "none"; node mode keeps it (it is what node
+        # mode does anyway) so that the choice survives a later run without --node.
+        for obj in objects.values():
+            pod_template(obj)["metadata"]["annotations"].pop(PASSTHROUGH, None)
+        return objects
+
+    assert without_passthrough(node_workloads(from_cni)) == without_passthrough(node_workloads(first))
+    header = (from_cni / "manifests" / "orders" / "deployment-orders-api.yaml").read_text()
+    assert "# azwi-proxy removed\n" in header and "# pod annotations azwi-netproxy.io/redirect removed (node mode)" in header
+
+
+def test_default_output_is_unchanged_by_the_node_option(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """With --node only the workloads, REPORT.md and the map's ConfigMap and file differ."""
+    default = tree(migrate_fixture(tmp_path / "default", capsys))
+    node = tree(migrate_fixture(tmp_path / "node", capsys, "--node"))
+    assert default == tree(GOLDEN)
+    assert not [path for path, text in default.items() if "node-proxy" in text or "Node mode" in text]
+    map_files = {"identity-maps/payments-deployment-payments-api.yaml",
+                 "manifests/payments/configmap-azwi-identity-map-deployment-payments-api.yaml"}
+    assert sorted(default) == sorted(set(node) | map_files)
+    # The three of ops.yaml that need instance metadata are the same sidecar workloads in both.
+    workloads = {f"manifests/{p}" for p in node_workloads(tmp_path / "node" / "out")}
+    assert len(workloads) == 8
+    assert {path for path in node if default[path] != node[path]} == workloads | {"REPORT.md"}
+
+
+def test_node_flag_is_in_the_help(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(["--help"], capsys)
+    assert code == 0
+    text = " ".join(out.split())
+    assert "--node" in text and "deploy/node/node-agent.yaml" in text and "no pass- through" in text
+
+
+# ---------------------------------------------------------------------------- pass-through (issue 25)
+
+KEEPERS = {
+    "ops/cronjob-inventory-report.yaml": "container report: args[1] names /metadata/instance/compute",
+    "ops/deployment-legacy-agent.yaml": 'pod annotation azwi-netproxy.io/passthrough: "all"',
+    "ops/deployment-node-drainer.yaml": "container drainer: ConfigMap scheduled-events (envFrom) key EVENTS_URL "
+                                        "names /metadata/scheduledevents",
+}
+
+
+def ours_in(obj: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    spec = pod_template(obj)["spec"]
+    return {c["name"]: c for c in [*spec.get("initContainers", []), *spec["containers"]]
+            if c["name"] in ("azwi-proxy-init", "azwi-proxy")}
+
+
+def test_pass_through_is_closed_where_nothing_asks_for_it(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = migrate_fixture(tmp_path, capsys)
+    workloads = workload_manifests(out)
+    assert len(workloads) == 11
+    for path, obj in workloads.items():
+        header = (out / "manifests" / path).read_text()
+        ours = ours_in(obj)
+        if path in KEEPERS:
+            # The webhook injects its pair, which passes through as upstream's does.
+            assert ours == {}, path
+            assert pod_template(obj)["metadata"]["annotations"]["azure.workload.identity/inject-proxy-sidecar"] == "true"
+            assert f"# pass-through to the node's IMDS kept (the redirect exempts the proxy's uid): {KEEPERS[path]}\n" in header
+            continue
+        assert set(ours) == {"azwi-proxy-init", "azwi-proxy"}, path
+        init_env = {e["name"]: e["value"] for e in ours["azwi-proxy-init"]["env"]}
+        proxy_env = {e["name"]: e["value"] for e in ours["azwi-proxy"]["env"]}
+        assert init_env["AZWI_PASSTHROUGH"] == proxy_env["AZWI_PASSTHROUGH"] == "none", path
+        assert "PROXY_UID" not in init_env, path  # nothing is exempted: the uid would mean nothing
+        assert "# AZWI_PASSTHROUGH=none on azwi-proxy-init and azwi-proxy: no uid is exempted" in header, path
+    # The one whose annotation decides against its own probe: closed, and the report warns.
+    assert 'pod annotation azwi-netproxy.io/passthrough: "none"; see REPORT.md' in (
+        out / "manifests" / "ops" / "deployment-health-probe.yaml").read_text()
+    report = (out / "REPORT.md").read_text()
+    assert "- **Pass-through to the node's IMDS**: 8 workloads do without it" in report and "3 keep it" in report
+    section = report.split("## Pass-through (IMDS paths other than the token's)")[1].split("\n## ")[0]
+    rows = [line for line in section.splitlines() if line.startswith("| `")]
+    assert rows == [f"| `{ref_}` | {because} |" for ref_, because in (
+        ("ops/CronJob/inventory-report", KEEPERS["ops/cronjob-inventory-report.yaml"]),
+        ("ops/Deployment/legacy-agent", KEEPERS["ops/deployment-legacy-agent.yaml"]),
+        ("ops/Deployment/node-drainer", KEEPERS["ops/deployment-node-drainer.yaml"]),
+    )]
+    warnings = report.split("## Warnings")[1].split("\n## ")[0]
+    assert ("`ops/Deployment/health-probe` | export/ops.yaml:103 (document 6) | its pod annotation "
+            'azwi-netproxy.io/passthrough: "none" closes pass-through, but container probe: '
+            "livenessProbe.exec.command[4] names /metadata/versions: requests for those paths will get 403") in warnings
+
+
+@pytest.mark.parametrize("backend", ["nftables", "iptables"])
+def test_the_init_with_the_migrated_environment_exempts_no_uid(
+    backend: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The real init's --dry-run with each migrated init container's env: no uid rule where none was written.
+
+    The judge is the rule text the init prints (nft `meta skuid`, iptables `--uid-owner`); that the
+    kernel then lets no uid through is the init's own tripwire tests' job (tests/test_security.py).
+    """
+    out = migrate_fixture(tmp_path, capsys)
+    seen = 0
+    for path, obj in workload_manifests(out).items():
+        ours = ours_in(obj)
+        if not ours:
+            continue
+        env = {e["name"]: e["value"] for e in ours["azwi-proxy-init"]["env"]}
+        result = subprocess.run(
+            [sys.executable, "-m", "azwi_netproxy.init", "--dry-run", "--backend", backend],
+            capture_output=True, text=True, env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", **env},
+            timeout=60, check=False, cwd="/",
+        )
+        assert result.returncode == 0, result.stderr
+        rules = result.stdout
+        assert "169.254.169.254" in rules and env["PROXY_PORT"] in rules, path
+        assert "skuid" not in rules and "uid-owner" not in rules, (path, rules)
+        seen += 1
+    assert seen == 8
+    # And the webhook's injected init (PROXY_PORT only) still exempts 1501, for those that keep pass-through.
+    result = subprocess.run(
+        [sys.executable, "-m", "azwi_netproxy.init", "--dry-run", "--backend", backend],
+        capture_output=True, text=True, env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "PROXY_PORT": "8000"},
+        timeout=60, check=False, cwd="/",
+    )
+    assert result.returncode == 0 and ("skuid 1501" in result.stdout or "--uid-owner 1501" in result.stdout)
+
+
+def test_the_manifests_the_report_names_are_shipped() -> None:
+    from azwi_netproxy.migrate.render import NODE_AGENT_MANIFEST, NODE_MODE_MANIFEST
+
+    repo = Path(__file__).resolve().parent.parent
+    for manifest in (NODE_AGENT_MANIFEST, NODE_MODE_MANIFEST):
+        assert (repo / manifest).is_file(), manifest

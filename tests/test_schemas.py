@@ -266,6 +266,24 @@ BROKEN: list[tuple[str, str, Callable[[dict[str, Any]], None], str]] = [
         lambda o: _pod_spec(o)["containers"][0]["env"][0].update({"value": 1}),
         "1 is not of type",
     ),
+    (
+        "unknown volumeMount field",
+        "node/node-agent.yaml",
+        lambda o: _pod_spec(o)["containers"][1]["volumeMounts"][0].update({"propagation": "HostToContainer"}),
+        "propagation",
+    ),
+    (
+        "readOnly as a string",
+        "node/node-agent.yaml",
+        lambda o: _pod_spec(o)["containers"][1]["volumeMounts"][0].update({"readOnly": "true"}),
+        "'true'",
+    ),
+    (
+        "annotation not a string",
+        "node/pod.yaml",
+        lambda o: o["spec"]["template"]["metadata"]["annotations"].update({"azwi-netproxy.io/proxy-port": 8000}),
+        "8000",
+    ),
 ]
 
 
@@ -351,6 +369,9 @@ SCENARIOS: dict[str, Callable[[Path, Path], None]] = {
     "multi-cluster-cni": lambda out, work: _multi_cluster(out, work, "--cni"),
     "jobs-two-identities": _two_identities,
     "jobs-two-identities-cni": lambda out, work: _two_identities(out, work, "--cni"),
+    "fixture-node": lambda out, _: _migrate(["-o", str(out), "--issuer", ISSUER, "--node", "export"]),
+    "multi-cluster-node": lambda out, work: _multi_cluster(out, work, "--node"),
+    "jobs-two-identities-node": lambda out, work: _two_identities(out, work, "--node"),
 }
 
 
@@ -398,6 +419,19 @@ def test_migrate_output_matches_the_kubernetes_schemas(scenario: str, outputs: d
     assert report.skipped == []
     if scenario.endswith("-cni"):
         assert any(has_native_sidecar(obj) for _, obj in generated)
+    if scenario.endswith("-node"):
+        templates = [t for _, obj in generated if (t := _template(obj)) is not None]
+        assert any("azwi-netproxy.io/node-proxy" in (t["metadata"].get("annotations") or {}) for t in templates)
+
+
+def _template(obj: dict[str, Any]) -> dict[str, Any] | None:
+    """A workload's pod template, or None for other kinds."""
+    if obj["kind"] == "Pod":
+        return obj
+    if obj["kind"] == "CronJob":
+        template: dict[str, Any] = obj["spec"]["jobTemplate"]["spec"]["template"]
+        return template
+    return obj.get("spec", {}).get("template") if obj["kind"] in ("Deployment", "StatefulSet", "DaemonSet", "Job") else None
 
 
 def test_a_custom_resource_of_the_export_is_skipped_with_its_reason(tmp_path: Path) -> None:

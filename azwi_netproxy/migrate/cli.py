@@ -90,6 +90,15 @@ def parser() -> argparse.ArgumentParser:
         "(deploy/cni/node-agent.yaml) must be installed first",
     )
     p.add_argument(
+        "--node",
+        action="store_true",
+        help="node mode: pods get the azwi-netproxy.io/node-proxy annotation (with their client ID, "
+        "tenant and identity map) and no proxy, no init container, no capability; one process per "
+        "node answers them, with no pass-through to the node's IMDS, so workloads showing a sign of "
+        "needing instance metadata (or AKS identity binding) stay in sidecar mode (CNI mode with "
+        "--cni). The node DaemonSet (deploy/node/node-agent.yaml) must be installed first",
+    )
+    p.add_argument(
         "--proxy-image",
         metavar="IMAGE",
         default=DEFAULT_PROXY_IMAGE,
@@ -314,6 +323,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             proxy_image=_image(args.proxy_image, "--proxy-image"),
             proxy_init_image=_image(args.proxy_init_image, "--proxy-init-image"),
             cni=args.cni,
+            node=args.node,
         )
         clusters = _inputs(args, outdir)
         plan = build_plan(clusters, options)

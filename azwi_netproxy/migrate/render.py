@@ -4,7 +4,8 @@ Rules:
 1. Pure: a `Plan` in, `{relative path: OutputFile}` out. Writing them is cli.py's job.
    Pods follow deploy/: `webhook/single-identity.yaml` (the webhook injects the proxy) and,
    for several identities, `webhook/multi-identity.yaml` (the pod declares it); in CNI mode
-   `cni/pod.yaml` (the plugin's annotation, the proxy declared as a native sidecar, no init).
+   `cni/pod.yaml` (the plugin's annotation, the proxy declared as a native sidecar, no init);
+   in node mode `node/pod.yaml` (annotations only: no proxy, no init, the map inline).
 2. Input objects are deep-copied before they are changed; unchanged documents are written back
    from their original text whenever that text loads to the same data.
 3. Every identity map is checked with the proxy's own parser before it is returned: a map the
@@ -38,10 +39,15 @@ from azwi_netproxy.migrate.plan import (
     rbac_name,
 )
 from azwi_netproxy.settings import (
+    CNI_PASSTHROUGH_ANNOTATION,
     CNI_PORT_ANNOTATION,
     CNI_REDIRECT_ANNOTATION,
     DEFAULT_PROXY_PORT,
     DEFAULT_PROXY_UID,
+    NODE_CLIENT_ID_ANNOTATION,
+    NODE_IDENTITY_MAP_ANNOTATION,
+    NODE_PROXY_ANNOTATION,
+    NODE_TENANT_ID_ANNOTATION,
 )
 
 USE_LABEL: Final = "azure.workload.identity/use"
@@ -54,9 +60,21 @@ IDENTITY_BINDING_ANNOTATION: Final = "azure.workload.identity/use-identity-bindi
 REDIRECT_ANNOTATION: Final = CNI_REDIRECT_ANNOTATION
 CNI_DEFAULT_PORT: Final = DEFAULT_PROXY_PORT  # the plugin's proxyPort when the annotation is absent
 NODE_AGENT_MANIFEST: Final = "deploy/cni/node-agent.yaml"
+# Node mode (CONTRACT.md, "Node mode"): the CNI agent's DaemonSet with the node process beside it.
+NODE_MODE_MANIFEST: Final = "deploy/node/node-agent.yaml"
+# The pod annotations only node mode reads; a pod in another mode must not carry them, nor
+# node-mode pods the annotations of CNI mode's redirect (which would exempt the proxy's uid).
+NODE_ANNOTATIONS: Final = (
+    NODE_PROXY_ANNOTATION,
+    NODE_CLIENT_ID_ANNOTATION,
+    NODE_TENANT_ID_ANNOTATION,
+    NODE_IDENTITY_MAP_ANNOTATION,
+)
 PROXY_CONTAINER: Final = "azwi-proxy"  # upstream ProxySidecarContainerName
 INIT_CONTAINER: Final = "azwi-proxy-init"  # upstream ProxyInitContainerName
 PROXY_UID: Final = DEFAULT_PROXY_UID  # the proxy image's USER, which the init exempts
+# The init's and the sidecar's own variable (CONTRACT.md), so one value serves both containers.
+PASSTHROUGH_VARIABLE: Final = "AZWI_PASSTHROUGH"
 MAP_VOLUME: Final = "azwi-identity-map"
 MAP_DIR: Final = "/etc/azwi-netproxy"
 MAP_KEY: Final = "identity-map.yaml"
@@ -156,7 +174,9 @@ def _workload_manifest(plan: Plan, wp: WorkloadPlan) -> tuple[dict[str, Any], li
         changes.append(f"pod label {BINDING_LABEL} kept: " + "; ".join(wp.label_kept_because))
     else:
         changes.append(f"pod label {BINDING_LABEL} kept until cut-over")
-    if wp.cni:
+    if wp.node:
+        changes += _node_mode(wp, annotations, spec)
+    elif wp.cni:
         # The webhook's injection would bring back the NET_ADMIN init container.
         annotations.pop(INJECT_PROXY_ANNOTATION, None)
         annotations.pop(PROXY_PORT_ANNOTATION, None)
@@ -167,6 +187,10 @@ def _workload_manifest(plan: Plan, wp: WorkloadPlan) -> tuple[dict[str, Any], li
             port_text = f', {CNI_PORT_ANNOTATION}: "{wp.proxy_port}"'
         else:
             annotations.pop(CNI_PORT_ANNOTATION, None)
+        if wp.passthrough == "none":
+            # The plugin's own per-pod setting (CONTRACT.md): no uid exempted from its rules.
+            annotations[CNI_PASSTHROUGH_ANNOTATION] = "none"
+            port_text += f', {CNI_PASSTHROUGH_ANNOTATION}: "none"'
         _declare_proxy(plan, wp, spec)
         changes.append(
             f'pod annotation {REDIRECT_ANNOTATION}: "true"{port_text} (CNI mode: the plugin redirects)'
@@ -177,23 +201,30 @@ def _workload_manifest(plan: Plan, wp: WorkloadPlan) -> tuple[dict[str, Any], li
             + (f" with the identity map from ConfigMap {wp.configmap_name}" if wp.needs_identity_map else "")
             + f"; no {INIT_CONTAINER}, no capabilities, no {INJECT_PROXY_ANNOTATION}"
         )
-    elif wp.needs_identity_map:
+    elif wp.declares_proxy:
         annotations.pop(INJECT_PROXY_ANNOTATION, None)
         annotations.pop(PROXY_PORT_ANNOTATION, None)
         _declare_proxy(plan, wp, spec)
         form = "native sidecar" if native_sidecar(wp) else "first container"
         changes.append(
             f"declares {INIT_CONTAINER} (first init container) and {PROXY_CONTAINER} ({form}, "
-            f"port {wp.proxy_port}) with the identity map from ConfigMap {wp.configmap_name}; "
-            f"no {INJECT_PROXY_ANNOTATION}, so the webhook injects no containers"
+            f"port {wp.proxy_port})"
+            + (f" with the identity map from ConfigMap {wp.configmap_name}" if wp.needs_identity_map else "")
+            + f"; no {INJECT_PROXY_ANNOTATION}, so the webhook injects no containers"
         )
     else:
         annotations[INJECT_PROXY_ANNOTATION] = "true"
         annotations[PROXY_PORT_ANNOTATION] = str(wp.proxy_port)
+        dropped = _drop_proxy(spec)
+        if dropped:
+            # A re-export that declared them: the webhook injects nothing where they exist.
+            changes.append(f"{', '.join(dropped)} removed")
         changes.append(
             f'pod annotations {INJECT_PROXY_ANNOTATION}: "true", {PROXY_PORT_ANNOTATION}: "{wp.proxy_port}"'
         )
-    if not wp.cni:
+    if not wp.node:
+        changes.append(_passthrough_change(wp))
+    if not wp.cni and not wp.node:
         # A re-export of a CNI-mode migration: the plugin must no longer redirect these pods.
         stale = [
             key
@@ -202,9 +233,16 @@ def _workload_manifest(plan: Plan, wp: WorkloadPlan) -> tuple[dict[str, Any], li
         ]
         if stale:
             changes.append(f"pod annotations {', '.join(stale)} removed (not CNI mode)")
+    if not wp.node:
+        # A re-export of a node-mode migration: the node process must no longer serve these pods.
+        stale = [key for key in NODE_ANNOTATIONS if annotations.pop(key, None) is not None]
+        if stale:
+            changes.append(f"pod annotations {', '.join(stale)} removed (not node mode)")
     if wp.identity_binding:
         annotations[IDENTITY_BINDING_ANNOTATION] = "true"
         changes.append(f'pod annotation {IDENTITY_BINDING_ANNOTATION}: "true" (FIC budget)')
+    if not annotations:
+        pod_meta.pop("annotations")  # declared containers instead of the webhook's annotations
     spec["serviceAccountName"] = wp.service_account
     if "serviceAccount" in spec:
         spec["serviceAccount"] = wp.service_account  # the deprecated alias must agree
@@ -218,6 +256,89 @@ def _workload_manifest(plan: Plan, wp: WorkloadPlan) -> tuple[dict[str, Any], li
             labels.pop(key, None)
         changes.append("controller-generated selector and labels removed (re-create the Job)")
     return obj, changes
+
+
+def _passthrough_change(wp: WorkloadPlan) -> str:
+    """The header line that says what became of pass-through, and why."""
+    if wp.passthrough == "none":
+        where = (
+            f"{PASSTHROUGH_VARIABLE}=none on {PROXY_CONTAINER}, and the plugin's {CNI_PASSTHROUGH_ANNOTATION}"
+            if wp.cni
+            else f"{PASSTHROUGH_VARIABLE}=none on {INIT_CONTAINER} and {PROXY_CONTAINER}"
+        )
+        why = "; ".join(wp.passthrough_because) or "no sign of needing instance metadata"
+        return (
+            f"{where}: no uid is exempted from the redirect, and other IMDS paths get 403 ({why}; "
+            f"see REPORT.md, Pass-through)"
+        )
+    return "pass-through to the node's IMDS kept (the redirect exempts the proxy's uid): " + "; ".join(
+        wp.passthrough_because
+    )
+
+
+def _node_mode(wp: WorkloadPlan, annotations: dict[str, Any], spec: dict[str, Any]) -> list[str]:
+    """The pod's annotations for the node process, as deploy/node/pod.yaml has them; no proxy.
+
+    The `use` label stays, so the webhook still projects the service account token that the
+    node process reads from the kubelet's pods directory; without inject-proxy-sidecar it
+    injects no containers. CNI mode's redirect annotation would make the plugin install the
+    rules that exempt the proxy's uid: it goes. A pass-through annotation here can only be the
+    pod's explicit "none" (an explicit "all" keeps the workload out of node mode), which is what
+    node mode does anyway: it stays, so that the choice survives a later run without --node.
+    """
+    not_here = (INJECT_PROXY_ANNOTATION, PROXY_PORT_ANNOTATION, REDIRECT_ANNOTATION)
+    removed = [key for key in not_here if annotations.pop(key, None) is not None]
+    for key in (NODE_TENANT_ID_ANNOTATION, NODE_IDENTITY_MAP_ANNOTATION, CNI_PORT_ANNOTATION):
+        annotations.pop(key, None)
+    annotations[NODE_PROXY_ANNOTATION] = "true"
+    annotations[NODE_CLIENT_ID_ANNOTATION] = wp.default.identity.client_id
+    written = [
+        f'{NODE_PROXY_ANNOTATION}: "true"',
+        f"{NODE_CLIENT_ID_ANNOTATION}: {wp.default.identity.client_id}",
+    ]
+    if wp.tenant_id is not None:
+        annotations[NODE_TENANT_ID_ANNOTATION] = wp.tenant_id
+        written.append(f"{NODE_TENANT_ID_ANNOTATION}: {wp.tenant_id} (from the service account)")
+    if wp.needs_identity_map:
+        annotations[NODE_IDENTITY_MAP_ANNOTATION] = identity_map_json(wp)
+        written.append(f"{NODE_IDENTITY_MAP_ANNOTATION} ({len(wp.identities)} identities, onlyListed)")
+    if wp.proxy_port != CNI_DEFAULT_PORT:
+        annotations[CNI_PORT_ANNOTATION] = str(wp.proxy_port)
+        written.append(f'{CNI_PORT_ANNOTATION}: "{wp.proxy_port}"')
+    changes = [f"pod annotations {', '.join(written)} (node mode: the node's process answers IMDS)"]
+    dropped = _drop_proxy(spec)
+    if dropped:
+        changes.append(f"{', '.join(dropped)} removed")
+    changes.append(f"no proxy, no init container, no capabilities; no {INJECT_PROXY_ANNOTATION}")
+    if removed:
+        changes.append(f"pod annotations {', '.join(removed)} removed (node mode)")
+    return changes
+
+
+def _drop_proxy(spec: dict[str, Any]) -> list[str]:
+    """Remove our containers and the map volume (a re-exported earlier migration); what was removed."""
+    ours = (INIT_CONTAINER, PROXY_CONTAINER)
+    removed: list[str] = []
+    for key in ("initContainers", "containers"):
+        containers = spec.get(key)
+        if not isinstance(containers, list):
+            continue
+        kept = [c for c in containers if not (isinstance(c, dict) and c.get("name") in ours)]
+        removed += [str(c["name"]) for c in containers if c not in kept]
+        if kept or key == "containers":
+            spec[key] = kept
+        else:
+            spec.pop(key)
+    volumes = spec.get("volumes")
+    if isinstance(volumes, list):
+        kept_volumes = [v for v in volumes if not (isinstance(v, dict) and v.get("name") == MAP_VOLUME)]
+        if len(kept_volumes) != len(volumes):
+            removed.append(f"the volume {MAP_VOLUME}")
+        if kept_volumes:
+            spec["volumes"] = kept_volumes
+        else:
+            spec.pop("volumes")
+    return removed
 
 
 def _service_account(wp: WorkloadPlan) -> dict[str, Any]:
@@ -238,16 +359,30 @@ def _service_account(wp: WorkloadPlan) -> dict[str, Any]:
     return obj
 
 
+def _identity_map(wp: WorkloadPlan) -> dict[str, Any]:
+    entries = [
+        {"clientID": b.identity.client_id, "resourceID": b.identity.resource_id} for b in wp.identities
+    ]
+    return {"onlyListed": True, "identities": entries}
+
+
+def identity_map_json(wp: WorkloadPlan) -> str:
+    """The identity map as node mode's annotation carries it: compact JSON, checked like the file.
+
+    Raises:
+        RenderError: the proxy would reject or misread the map.
+    """
+    text = json.dumps(_identity_map(wp), separators=(",", ":"))
+    return _checked(wp, text)
+
+
 def identity_map_text(wp: WorkloadPlan) -> str:
     """The identity map of a workload that used several identities, checked with the proxy's parser.
 
     Raises:
         RenderError: the proxy would reject or misread the map.
     """
-    entries = [
-        {"clientID": b.identity.client_id, "resourceID": b.identity.resource_id} for b in wp.identities
-    ]
-    body = dump_yaml({"onlyListed": True, "identities": entries})
+    body = dump_yaml(_identity_map(wp))
     default = wp.default
     header = _header(
         [
@@ -261,7 +396,15 @@ def identity_map_text(wp: WorkloadPlan) -> str:
             "onlyListed: a client_id, msi_res_id or mi_res_id not listed here gets 400 Identity not found.",
         ]
     )
-    text = header + body
+    return _checked(wp, header + body)
+
+
+def _checked(wp: WorkloadPlan, text: str) -> str:
+    """`text` if the proxy's own parser reads it back as the workload's identities.
+
+    Raises:
+        RenderError: it does not.
+    """
     try:
         parsed = parse_identity_map(text, source=f"{wp.ref}")
     except Exception as exc:
@@ -305,16 +448,23 @@ def _resources() -> dict[str, Any]:
 def _declare_proxy(plan: Plan, wp: WorkloadPlan, spec: dict[str, Any]) -> None:
     """Declare our init and proxy containers, as deploy/webhook/multi-identity.yaml does.
 
-    The webhook's injected sidecar cannot be given the identity map, so the pod carries both
-    containers under upstream's names and no inject-proxy-sidecar annotation: the webhook then
-    injects no containers, and still adds the AZURE_* variables and the projected token to every
-    container, ours included. In CNI mode only the proxy, as deploy/cni/pod.yaml declares it.
+    The webhook's injected sidecar cannot be given the identity map or AZWI_PASSTHROUGH, so the
+    pod carries both containers under upstream's names and no inject-proxy-sidecar annotation:
+    the webhook then injects no containers, and still adds the AZURE_* variables and the
+    projected token to every container, ours included. In CNI mode only the proxy, as
+    deploy/cni/pod.yaml declares it.
     """
     port = str(wp.proxy_port)
+    # With none the init exempts no uid at all, so PROXY_UID would mean nothing: it goes.
+    init_env = (
+        [{"name": "PROXY_PORT", "value": port}, {"name": PASSTHROUGH_VARIABLE, "value": "none"}]
+        if wp.passthrough == "none"
+        else [{"name": "PROXY_PORT", "value": port}, {"name": "PROXY_UID", "value": str(PROXY_UID)}]
+    )
     init = {
         "name": INIT_CONTAINER,
         "image": plan.options.proxy_init_image,
-        "env": [{"name": "PROXY_PORT", "value": port}, {"name": "PROXY_UID", "value": str(PROXY_UID)}],
+        "env": init_env,
         "securityContext": {
             "runAsUser": 0,
             "runAsNonRoot": False,
@@ -330,12 +480,19 @@ def _declare_proxy(plan: Plan, wp: WorkloadPlan, spec: dict[str, Any]) -> None:
         "image": plan.options.proxy_image,
         "args": [f"--proxy-port={port}", "--log-level=info"],
     }
+    env: list[dict[str, str]] = []
     if wp.needs_identity_map:
-        proxy["env"] = [{"name": "AZWI_IDENTITY_MAP", "value": f"{MAP_DIR}/{MAP_KEY}"}]
+        env.append({"name": "AZWI_IDENTITY_MAP", "value": f"{MAP_DIR}/{MAP_KEY}"})
+    if wp.passthrough == "none":
+        # Other IMDS paths get 403 instead of a pass-through that the redirect would send back.
+        env.append({"name": PASSTHROUGH_VARIABLE, "value": "none"})
+    if env:
+        proxy["env"] = env
+    if wp.needs_identity_map:
         proxy["volumeMounts"] = [{"name": MAP_VOLUME, "mountPath": MAP_DIR, "readOnly": True}]
     proxy["securityContext"] = {
-        # The init container (or the CNI plugin, whose default proxyUID it is) exempts
-        # PROXY_UID from the redirect.
+        # The image's user. With pass-through, the init container (or the CNI plugin, whose
+        # default proxyUID it is) exempts this uid from the redirect.
         "runAsUser": PROXY_UID,
         "runAsGroup": PROXY_UID,
         "runAsNonRoot": True,
@@ -619,7 +776,7 @@ def render(plan: Plan) -> dict[str, OutputFile]:
                 )
                 + dump_yaml(_service_account(wp))
             )
-        if wp.needs_identity_map:
+        if wp.needs_identity_map and not wp.node:  # node mode: the map is the pod's annotation
             map_text = identity_map_text(wp)
             files[f"identity-maps/{_prefix(plan, wp.cluster)}{ns}-{kind}-{name}.yaml"] = OutputFile(map_text)
             cm_name = wp.configmap_name

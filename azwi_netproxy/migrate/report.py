@@ -29,13 +29,22 @@ from azwi_netproxy.migrate.render import (
     MAP_DIR,
     MAP_KEY,
     NODE_AGENT_MANIFEST,
+    NODE_MODE_MANIFEST,
+    PASSTHROUGH_VARIABLE,
     PROXY_CONTAINER,
     PROXY_PORT_ANNOTATION,
     REDIRECT_ANNOTATION,
     USE_LABEL,
     OutputFile,
 )
-from azwi_netproxy.settings import CNI_PORT_ANNOTATION
+from azwi_netproxy.settings import (
+    CNI_PASSTHROUGH_ANNOTATION,
+    CNI_PORT_ANNOTATION,
+    NODE_CLIENT_ID_ANNOTATION,
+    NODE_IDENTITY_MAP_ANNOTATION,
+    NODE_PROXY_ANNOTATION,
+    NODE_TENANT_ID_ANNOTATION,
+)
 
 TITLE = "# Migration from AKS pod identity to workload identity (azwi-netproxy-migrate)"
 
@@ -65,6 +74,14 @@ def _mode(wp: WorkloadPlan) -> str:
     return "identity binding" if wp.identity_binding else "FIC per service account"
 
 
+_MODE_NAMES = {"sidecar": "sidecar", "cni": "CNI", "node": "node"}
+
+
+def _fallback(plan: Plan) -> str:
+    """The name of the mode that --node leaves workloads in."""
+    return "CNI" if plan.options.cni else "sidecar"
+
+
 def _summary(plan: Plan, files: Mapping[str, OutputFile]) -> list[str]:
     multi = sum(1 for w in plan.workloads if w.needs_identity_map)
     binding = sum(1 for w in plan.workloads if w.identity_binding)
@@ -92,6 +109,7 @@ def _summary(plan: Plan, files: Mapping[str, OutputFile]) -> list[str]:
         + (f", {binding} through identity binding" if binding else "")
         + ".",
         f'- **{len(plan.not_migrated)} not migrated** (see "Not migrated").',
+        *_passthrough_summary(plan),
         f"- {len(plan.excepted)} matched by an AzurePodIdentityException (nothing to migrate).",
         f"- {len(plan.fics)} federated identity credentials to create "
         f"(`fic-commands.sh`, `fics.json`)"
@@ -112,7 +130,59 @@ def _summary(plan: Plan, files: Mapping[str, OutputFile]) -> list[str]:
             f"- **CNI mode** (`--cni`): install the node agent (`{NODE_AGENT_MANIFEST}`) on every "
             f'node first (see "CNI mode").',
         ]
+    if plan.options.node:
+        in_node = sum(1 for w in plan.workloads if w.node)
+        lines[-1:-1] = [
+            f"- **Node mode** (`--node`): {in_node} workloads in node mode, "
+            f"{len(plan.workloads) - in_node} kept in {_fallback(plan)} mode (see \"Node mode\"). "
+            f"Install the node DaemonSet (`{NODE_MODE_MANIFEST}`) on every node first.",
+        ]
     return lines
+
+
+def _pod_templates(plan: Plan) -> list[str]:
+    """The "What was generated" lines about pod templates, one per mode the run can write."""
+    other = (
+        f'  - Pod template (CNI mode): label `{USE_LABEL}: "true"`, annotation '
+        f'`{REDIRECT_ANNOTATION}: "true"` (and `{CNI_PORT_ANNOTATION}` where the proxy cannot '
+        f'listen on {CNI_DEFAULT_PORT}, `{CNI_PASSTHROUGH_ANNOTATION}: "none"` and '
+        f"`{PASSTHROUGH_VARIABLE}=none` on the proxy where the pod does without pass-through), "
+        f"the proxy `{PROXY_CONTAINER}` declared as the first init "
+        f"container (a native sidecar), no `{INIT_CONTAINER}`, no `{INJECT_PROXY_ANNOTATION}`, "
+        f'`serviceAccountName`; `{IDENTITY_BINDING_ANNOTATION}: "true"` where the FIC budget '
+        f"calls for identity binding."
+        if plan.options.cni
+        else f'  - Pod template: label `{USE_LABEL}: "true"`, annotations '
+        f'`{INJECT_PROXY_ANNOTATION}: "true"` and `{PROXY_PORT_ANNOTATION}` where the pod keeps '
+        f"pass-through and has one identity; otherwise our two containers declared instead, with "
+        f'`{PASSTHROUGH_VARIABLE}=none` on both (see "Pass-through") or the identity map (see '
+        f'"Identity maps"); `serviceAccountName`; `{IDENTITY_BINDING_ANNOTATION}: "true"` where '
+        f"the FIC budget calls for identity binding."
+    )
+    if not plan.options.node:
+        return [other]
+    node = (
+        f'  - Pod template (node mode): label `{USE_LABEL}: "true"` (the webhook still projects '
+        f'the token), annotations `{NODE_PROXY_ANNOTATION}: "true"`, `{NODE_CLIENT_ID_ANNOTATION}` '
+        f"(the default identity), `{NODE_TENANT_ID_ANNOTATION}` where the service account names a "
+        f"tenant, `{NODE_IDENTITY_MAP_ANNOTATION}` (the identity map as JSON) for several "
+        f"identities, `{CNI_PORT_ANNOTATION}` where the port is not {CNI_DEFAULT_PORT}, "
+        f"`serviceAccountName`; no proxy, no init container, no `{INJECT_PROXY_ANNOTATION}`."
+    )
+    rest = other.split(":", 1)[1]
+    return [node, f'  - Pod template of workloads kept in {_fallback(plan)} mode (see "Node mode"):{rest}']
+
+
+def _passthrough_summary(plan: Plan) -> list[str]:
+    with_proxy = [wp for wp in plan.workloads if not wp.node]
+    if not with_proxy:
+        return []
+    kept = sum(1 for wp in with_proxy if wp.passthrough == "all")
+    return [
+        f"- **Pass-through to the node's IMDS**: {len(with_proxy) - kept} workloads do without it "
+        f"(`{PASSTHROUGH_VARIABLE}=none`: no uid exempted from the redirect), {kept} keep it "
+        '(see "Pass-through").'
+    ]
 
 
 def _generated(plan: Plan) -> list[str]:
@@ -123,20 +193,7 @@ def _generated(plan: Plan) -> list[str]:
         f"- `manifests/`{per_cluster}: per namespace, the migrated workloads and their service "
         f"accounts (and identity map ConfigMaps); `_cluster/` holds cluster-scoped RBAC for "
         f"identity binding. Apply with `kubectl apply -R -f manifests/`.",
-        (
-            f'  - Pod template (CNI mode): label `{USE_LABEL}: "true"`, annotation '
-            f'`{REDIRECT_ANNOTATION}: "true"` (and `{CNI_PORT_ANNOTATION}` where the proxy cannot '
-            f"listen on {CNI_DEFAULT_PORT}), the proxy `{PROXY_CONTAINER}` declared as the first init "
-            f"container (a native sidecar), no `{INIT_CONTAINER}`, no `{INJECT_PROXY_ANNOTATION}`, "
-            f'`serviceAccountName`; `{IDENTITY_BINDING_ANNOTATION}: "true"` where the FIC budget '
-            f"calls for identity binding."
-            if plan.options.cni
-            else f'  - Pod template: label `{USE_LABEL}: "true"`, annotations '
-            f'`{INJECT_PROXY_ANNOTATION}: "true"` and `{PROXY_PORT_ANNOTATION}` (for several '
-            f'identities: the proxy containers instead, see "Identity maps"), '
-            f'`serviceAccountName`; `{IDENTITY_BINDING_ANNOTATION}: "true"` where the FIC budget '
-            f"calls for identity binding."
-        ),
+        *_pod_templates(plan),
         f"  - Service account: annotation `{CLIENT_ID_ANNOTATION}` (the default identity) and "
         f'label `{USE_LABEL}: "true"`. An exported service account is patched (its other '
         f"fields kept); a workload on `default` (or none) gets its own `<workload>-wi`, so that "
@@ -145,7 +202,8 @@ def _generated(plan: Plan) -> list[str]:
         "last-applied-configuration, …) are removed so the files apply cleanly.",
         f"- `identity-maps/`{per_cluster}: the identity map of each workload that used several "
         f"identities (also in a ConfigMap under `manifests/`, mounted into its proxy; see "
-        f'"Identity maps").',
+        f'"Identity maps")'
+        + ("; node-mode pods carry theirs in an annotation instead." if plan.options.node else "."),
         "- `fic-commands.sh`: `az identity federated-credential create` for each FIC "
         "(`set -euo pipefail`; review before running). `fics.json`: the same, with the budget "
         "and the identity bindings, for automation.",
@@ -179,6 +237,8 @@ def _workloads(plan: Plan) -> list[str]:
         "Service account",
         "Default identity",
         "Other identities",
+        *(["Mode"] if plan.options.node else []),
+        "Pass-through",
         "Proxy port",
         "Credentials",
         "Notes",
@@ -203,6 +263,8 @@ def _workloads(plan: Plan) -> list[str]:
                 sa_text,
                 f"{wp.default.pod_identity} ({wp.default.identity.client_id})",
                 others or "—",
+                *([_MODE_NAMES[wp.mode]] if plan.options.node else []),
+                "— (node)" if wp.node else wp.passthrough,
                 wp.proxy_port,
                 _mode(wp),
                 "; ".join(notes) or "—",
@@ -379,9 +441,20 @@ def _identity_maps(plan: Plan) -> list[str]:
         "other identity is refused, as pod identity did. Every identity gets a FIC for the "
         "workload's service account. Each map was checked with the proxy's own parser.",
         "",
-        *(_cni_map_delivery() if plan.options.cni else _init_map_delivery(plan, images, default_images)),
-        "",
     ]
+    if not all(wp.node for wp in with_map):
+        lines += [
+            *(_cni_map_delivery() if plan.options.cni else _init_map_delivery(plan, images, default_images)),
+            "",
+        ]
+    if any(wp.node for wp in with_map):
+        lines += [
+            "**How the map reaches the node process.** A node-mode pod has no proxy to mount a map "
+            f"into: the map is the pod's annotation `{NODE_IDENTITY_MAP_ANNOTATION}` (the same map "
+            "as compact JSON, checked with the proxy's parser too), which the node process reads "
+            "when the pod's sandbox is created. No ConfigMap is written for it.",
+            "",
+        ]
     headers = (["Cluster"] if plan.multi_cluster else []) + [
         "Workload",
         "Default",
@@ -394,7 +467,7 @@ def _identity_maps(plan: Plan) -> list[str]:
             f"`{wp.ref}`",
             f"{wp.default.pod_identity} (binding {wp.default.binding})",
             ", ".join(f"{b.pod_identity} ← {b.binding}" for b in wp.identities),
-            wp.configmap_name,
+            f"— (annotation `{NODE_IDENTITY_MAP_ANNOTATION}`)" if wp.node else wp.configmap_name,
         ]
         for wp in with_map
     ]
@@ -436,10 +509,11 @@ def _init_map_delivery(plan: Plan, images: str, default_images: bool) -> list[st
             else "."
         )
         + " The init container runs as root with `NET_ADMIN` and `NET_RAW` only; the proxy "
-        "as uid 1501, which the init container exempts from the redirect.",
-        "- Workloads with one identity get no map and keep the injected sidecar: `client_id` "
-        "requests need none. If such an app asks by `msi_res_id`/`mi_res_id`, give it a map "
-        "the same way.",
+        "as uid 1501, which the init container exempts from the redirect only where the pod keeps "
+        'pass-through (see "Pass-through").',
+        "- Workloads with one identity get no map: `client_id` requests need none (they keep "
+        "the injected sidecar where they keep pass-through). If such an app asks by "
+        "`msi_res_id`/`mi_res_id`, give it a map the same way.",
     ]
 
 
@@ -481,6 +555,134 @@ def _cni(plan: Plan) -> list[str]:
     ]
 
 
+def _node(plan: Plan) -> list[str]:
+    """What node mode asks of the cluster, and which workloads it does not take."""
+    if not plan.options.node:
+        return []
+    fallback = _fallback(plan)
+    kept = [wp for wp in plan.workloads if not wp.node]
+    lines = [
+        "## Node mode (`--node`)",
+        "",
+        f"Node-mode pods carry no proxy and no init container, and ask for no capability. The "
+        f'annotation `{NODE_PROXY_ANNOTATION}: "true"` asks the azwi-netproxy CNI plugin to install '
+        "the redirect in the pod's network namespace with no uid exemption at all (every packet "
+        "to 169.254.169.254 goes to the node process or is refused) while the sandbox is created, "
+        "and the node process to listen on 127.0.0.1 in that namespace before the sandbox is "
+        "ready. It answers as the sidecar does, with the pod's own projected service account token "
+        "(read from the kubelet's pods directory), and never answers one pod with a token obtained "
+        "for another.",
+        "",
+        f"1. **Install the node DaemonSet first**: `{NODE_MODE_MANIFEST}` (in `kube-system`, with "
+        "your registry and version in its images; it is the CNI node agent of "
+        f"`{NODE_AGENT_MANIFEST}` with the node process beside it, under the same name, so it "
+        "replaces that DaemonSet and CNI-mode pods keep working), and wait until it is ready on every "
+        "node (`kubectl -n kube-system rollout status daemonset/azwi-netproxy-cni`). Set its "
+        "`AZURE_TENANT_ID` to the tenant of your identities. On a node without a running node "
+        "process, a node-mode pod fails sandbox creation (the kubelet retries); a pod whose node "
+        "process stops gets its IMDS connections refused, never the node's IMDS.",
+        "2. The nodes need Linux 5.14 or later, containerd 1.6 or later or CRI-O 1.22 or later "
+        "(they pass the pod's UID to the plugin), pod annotations passed to chained plugins, and "
+        '`nsenter`; see deploy/README.md, "Node mode".',
+        "3. **No pass-through.** The node process answers IMDS paths other than the token's "
+        "(`/metadata/instance`, `/metadata/scheduledevents`, …) with 403: it would reach the "
+        "node's IMDS from the node, not from the pod. Workloads whose pods show a sign of needing "
+        f'those paths stay in {fallback} mode, with pass-through, below (see "Pass-through").',
+        f"4. Workloads that need AKS identity binding stay in {fallback} mode too: the node "
+        "process reads only a pod's annotations, not the token proxy settings the webhook gives "
+        "the pod's containers.",
+        "",
+        *([] if kept else _signs_rule()),
+    ]
+    if not kept:
+        return [*lines, "Every migrated workload is in node mode.", ""]
+    headers = [*(["Cluster"] if plan.multi_cluster else []), "Workload", f"Kept in {fallback} mode because"]
+    rows = [
+        [*_cluster_cols(plan, wp.cluster), f"`{wp.ref}`", "; ".join(wp.mode_because) or "—"] for wp in kept
+    ]
+    return lines + _table(headers, rows)
+
+
+def _passthrough(plan: Plan) -> list[str]:
+    """Which workloads keep pass-through to the node's IMDS, why, and what the others got."""
+    with_proxy = [wp for wp in plan.workloads if not wp.node]
+    if not with_proxy:
+        return []
+    kept = [wp for wp in with_proxy if wp.passthrough == "all"]
+    closed = [wp for wp in with_proxy if wp.passthrough == "none"]
+    injected_before = [wp for wp in closed if not wp.needs_identity_map and not wp.cni]
+    lines = [
+        "## Pass-through (IMDS paths other than the token's)",
+        "",
+        "The proxy answers the token path itself and passes other IMDS paths (`/metadata/instance`, "
+        "…) through to the real IMDS, as upstream's does. For that, the redirect exempts the "
+        "proxy's uid (1501), and a container of the pod that runs as root can switch to that uid "
+        "and reach the node's IMDS, and with it the managed identities of the node, which often "
+        "still include every identity pod identity assigned there. Workloads that show no sign of "
+        "needing those paths do without pass-through: "
+        + (
+            f'CNI mode writes the plugin\'s annotation `{CNI_PASSTHROUGH_ANNOTATION}: "none"` and '
+            f"`{PASSTHROUGH_VARIABLE}=none` on the proxy"
+            if plan.options.cni
+            else f"`{PASSTHROUGH_VARIABLE}=none` is set on both of our containers, `{INIT_CONTAINER}` "
+            f"and `{PROXY_CONTAINER}`"
+        )
+        + ". Then no uid is exempted, nothing in the pod reaches 169.254.169.254 but through the "
+        "proxy, and the proxy answers other IMDS paths with 403.",
+        "",
+        *_signs_rule(),
+    ]
+    if injected_before and not plan.options.cni:
+        images = f"`{plan.options.proxy_image}` and `{plan.options.proxy_init_image}`"
+        lines += [
+            "The webhook injects its containers with fixed settings, so a workload without "
+            "pass-through declares our two containers itself, as one with several identities does "
+            f'(see "Identity maps"), with images {images}'
+            + (
+                ": replace `myregistry.azurecr.io` with your registry, or run again with "
+                "`--proxy-image` and `--proxy-init-image`"
+                if plan.options.proxy_image == DEFAULT_PROXY_IMAGE
+                or plan.options.proxy_init_image == DEFAULT_PROXY_INIT_IMAGE
+                else ""
+            )
+            + f". Here that is {len(injected_before)} workloads that would otherwise get the injected "
+            f"sidecar. Long-running ones get `{PROXY_CONTAINER}` as their first container, with "
+            "upstream's postStart probe; Jobs, CronJobs and pods that are not restarted get it as a "
+            "native sidecar (Kubernetes 1.29 or later), so that they can complete.",
+            "",
+        ]
+    if not kept:
+        return [*lines, "Every migrated workload with a proxy in the pod does without pass-through.", ""]
+    headers = [*(["Cluster"] if plan.multi_cluster else []), "Workload", "Keeps pass-through because"]
+    rows = [
+        [*_cluster_cols(plan, wp.cluster), f"`{wp.ref}`", "; ".join(wp.passthrough_because)] for wp in kept
+    ]
+    return lines + _table(headers, rows)
+
+
+def _mode_flags(plan: Plan) -> str:
+    flags = (("--cni", plan.options.cni), ("--node", plan.options.node))
+    return " ".join(flag for flag, given in flags if given)
+
+
+def _signs_rule() -> list[str]:
+    """How the plan reads a sign of needing instance metadata (signs.py), for the report."""
+    return [
+        "A **sign of needing instance metadata** is, in the workload's own containers (init "
+        "containers included) or in a ConfigMap they take variables or volumes from: the address "
+        "169.254.169.254 anywhere but directly before a path under `/metadata/identity` (the "
+        "token path, which the proxy answers; a base URL may serve any path), or an IMDS path "
+        "outside `/metadata/identity/` "
+        "(`metadata/instance`, `metadata/scheduledevents`, `metadata/attested`, …). Only the "
+        "export is read: images and Secrets are not. A workload matched by an "
+        "AzurePodIdentityException used IMDS directly, and is not migrated at all. The pod "
+        f'annotation `{CNI_PASSTHROUGH_ANNOTATION}` decides instead of the signs: `"all"` keeps '
+        'pass-through, `"none"` closes it. Put it on a pod template in your export and run the '
+        "migration again to choose yourself.",
+        "",
+    ]
+
+
 def _next_steps(plan: Plan) -> list[str]:
     steps = [
         "Enable the OIDC issuer and workload identity on the cluster(s) "
@@ -490,16 +692,30 @@ def _next_steps(plan: Plan) -> list[str]:
         + "; and the identity bindings, if any. FICs take a few seconds to propagate.",
         *(
             [f"Install the node agent `{NODE_AGENT_MANIFEST}` and wait until it is ready on every node."]
-            if plan.options.cni
+            if plan.options.cni and not plan.options.node
+            else []
+        ),
+        *(
+            [
+                f"Install the node DaemonSet `{NODE_MODE_MANIFEST}` and wait until it is ready on every "
+                "node."
+            ]
+            if plan.options.node
             else []
         ),
         "Apply the manifests: `kubectl apply -R -f manifests/`"
         + (" (per cluster directory)" if plan.multi_cluster else "")
         + ". Bare Pods and Jobs must be deleted and re-created.",
         "Check that the pods have the proxy sidecar and get tokens (`kubectl logs POD -c "
-        f"{PROXY_CONTAINER}`).",
+        f"{PROXY_CONTAINER}`)"
+        + (
+            "; node-mode pods have none: the node process's log names each pod it answers "
+            "(`kubectl -n kube-system logs daemonset/azwi-netproxy-cni -c node-proxy`)."
+            if plan.options.node
+            else "."
+        ),
         "Cut-over: run again with `--remove-aadpodidbinding`"
-        + (" (and `--cni`)" if plan.options.cni else "")
+        + (f" (and `{_mode_flags(plan)}`)" if _mode_flags(plan) else "")
         + ", apply, then delete the "
         "AzureIdentity, AzureIdentityBinding and AzurePodIdentityException objects (they are "
         "not copied to the output) and disable pod identity.",
@@ -524,6 +740,8 @@ def render_report(plan: Plan, files: Mapping[str, OutputFile]) -> str:
     lines += _identity_binding(plan)
     lines += _identity_maps(plan)
     lines += _cni(plan)
+    lines += _node(plan)
+    lines += _passthrough(plan)
     if plan.excepted:
         lines += ["## Matched by an AzurePodIdentityException", ""]
         lines += _findings(plan, plan.excepted, "Workload")

@@ -13,7 +13,14 @@ their rules from the chained plugin (no init container, and the proxy must be up
 other container of the pod talks to IMDS), and the node agent's DaemonSet container is checked
 against what it must see of the host (its `--check` runs once `azwi_netproxy.cni` exists). And
 `pod_security_violations`, a judge of the Pod Security Standards' baseline and restricted levels
-written from their published rules.
+written from their published rules. Node mode too: pods annotated `azwi-netproxy.io/node-proxy:
+"true"` carry well-formed annotations for the node's process (client and tenant GUIDs, a port,
+an identity map our parser accepts, with the default in it) and nothing of the other modes (no
+sidecar, no init container, no capability, no redirect or inject annotation), and meet the Pod
+Security level asked for; and the node process's container of the node DaemonSet is checked
+against what it must see of the host (the kubelet's pods directory and the runtime's netns
+directory read-only with HostToContainer propagation, the agent's run directory, its tenant,
+SYS_ADMIN and DAC_READ_SEARCH and no other capability, its readiness check).
 
 Used by tests/test_deploy.py for deploy/ and by the migration tool's tests for what it
 writes. Must not know: which files a caller loads or what a particular manifest is for
@@ -26,6 +33,7 @@ import contextlib
 import copy
 import importlib.util
 import io
+import json
 import os
 import posixpath
 import re
@@ -42,6 +50,7 @@ import yaml
 
 from azwi_netproxy import cli
 from azwi_netproxy.errors import ConfigError
+from azwi_netproxy.identitymap import parse_identity_map
 from azwi_netproxy.init import config as init_config
 from azwi_netproxy.proxy import config as proxy_config
 from azwi_netproxy.proxy import files as proxy_files
@@ -63,6 +72,24 @@ TOKEN_FILE: Final = f"{TOKEN_MOUNT_PATH}/{TOKEN_VOLUME}"
 AUDIENCE: Final = "api://AzureADTokenExchange"
 DEFAULT_PORT: Final = 8000
 IMAGE_UID: Final = 1501  # USER of our proxy image (and of upstream's)
+
+# ---- node mode (CONTRACT.md, "Node mode"; issue 26) ----
+# Spelled here, not imported from azwi_netproxy.settings: a judge with its own spelling
+# catches a typo in the product's constants.
+NODE_PROXY_ANNOTATION: Final = "azwi-netproxy.io/node-proxy"
+NODE_CLIENT_ID_ANNOTATION: Final = "azwi-netproxy.io/client-id"
+NODE_TENANT_ID_ANNOTATION: Final = "azwi-netproxy.io/tenant-id"
+NODE_IDENTITY_MAP_ANNOTATION: Final = "azwi-netproxy.io/identity-map"
+PASSTHROUGH_ANNOTATION: Final = "azwi-netproxy.io/passthrough"
+# What our other modes give a pod and node mode makes needless: a leftover is a mistake.
+SIDECAR_CAPABILITIES: Final = frozenset({"NET_ADMIN", "NET_RAW", "SYS_ADMIN"})
+# The node process (the node-proxy container of deploy/node/node-agent.yaml).
+NODE_COMMAND: Final = "azwi-netproxy-node"
+NODE_ENV: Final = ("AZURE_TENANT_ID", "AZURE_AUTHORITY_HOST", "AZWI_KUBELET_PODS_DIR", "AZWI_CNI_RUN_DIR",
+                   "AZWI_NODE_PASSTHROUGH", "LOG_LEVEL")
+# setns(2) into pods' network namespaces; reading tokens the kubelet gave a pod's uid, mode 0600.
+NODE_CAPABILITIES: Final = frozenset({"SYS_ADMIN", "DAC_READ_SEARCH"})
+NETNS_DIR: Final = "/var/run/netns"
 
 # ---- CNI mode (CONTRACT.md, `azwi-netproxy-cni`; issue 19) ----
 REDIRECT_ANNOTATION: Final = "azwi-netproxy.io/redirect"
@@ -266,15 +293,19 @@ def image_tag(image: str) -> str | None:
 
 
 def role(container: Mapping[str, Any]) -> str | None:
-    """'init', 'proxy' or 'cni-agent' for our containers (by upstream's names, command or image), else None.
+    """'init', 'proxy', 'cni-agent' or 'node-proxy' for our containers (by upstream's names,
+    command or image), else None.
 
     By image only under our or upstream's repository path: other meshes ship a `proxy-init` too.
-    The CNI node agent runs from the proxy-init image and is told apart by its command.
+    The CNI node agent runs from the proxy-init image and the node process from the proxy
+    image: each is told apart by its command.
     """
     name = container.get("name")
     command = container.get("command") or []
     if command and posixpath.basename(str(command[0])) == CNI_AGENT_COMMAND:
         return "cni-agent"
+    if command and posixpath.basename(str(command[0])) == NODE_COMMAND:
+        return "node-proxy"
     repository = image_repository(str(container.get("image", "")))
     ours = "azwi-netproxy" in repository or "workload-identity" in repository
     if name == INIT_NAME or (ours and repository.endswith("/proxy-init")):
@@ -305,6 +336,8 @@ class _Pod:
     docs: _Docs
     problems: list[str]
     annotations: Mapping[str, Any] = field(default_factory=dict)
+    # The Pod Security level a node-mode pod must meet (None: not judged; see validate_manifest_docs).
+    node_pod_security: PodSecurityLevel | None = "restricted"
 
     def problem(self, text: str) -> None:
         self.problems.append(f"{self.label}: {text}")
@@ -524,7 +557,7 @@ def _check_proxy(
     if "ALL" not in _caps(container, "drop"):
         pod.problem(f"{name}: capabilities.drop should be [ALL]")
     uid = sc.get("runAsUser", pod_sc.get("runAsUser", IMAGE_UID))
-    if redirect is not None and uid != redirect.proxy_uid:
+    if redirect is not None and redirect.passthrough == "all" and uid != redirect.proxy_uid:
         pod.problem(f"{name}: runs as uid {uid} but {redirect.by} exempts PROXY_UID {redirect.proxy_uid}: "
                     "its own IMDS pass-through would loop back to itself")
 
@@ -544,6 +577,14 @@ def _check_proxy(
         return
     if redirect is not None and cfg.proxy_port != redirect.proxy_port:
         pod.problem(f"{name}: listens on {cfg.proxy_port} but {redirect.by} redirects to {redirect.proxy_port}")
+    if redirect is not None and cfg.passthrough != redirect.passthrough:
+        if redirect.passthrough == "none":
+            pod.problem(f"{name}: passes other IMDS paths through, but {redirect.by} exempts no uid: its "
+                        "requests come back to itself. Set AZWI_PASSTHROUGH=none on it too")
+        else:
+            pod.problem(f"{name}: never passes through (AZWI_PASSTHROUGH=none), but {redirect.by} still exempts "
+                        f"uid {redirect.proxy_uid}, a door to the node's IMDS for any root container of the pod. "
+                        "Set none for the rules too")
 
     token = cfg.federated_token_file
     found = pod.mounted_file(container, token)
@@ -708,6 +749,9 @@ class _Redirect(NamedTuple):
     proxy_port: int
     proxy_uid: int
     by: str
+    # "none": no uid is exempted at all (CONTRACT.md, --passthrough none), so the proxy must not
+    # pass anything through either.
+    passthrough: str = "all"
 
 
 def _cni_redirect(pod: _Pod) -> _Redirect | None:
@@ -720,7 +764,11 @@ def _cni_redirect(pod: _Pod) -> _Redirect | None:
     if not isinstance(port, str) or not port.isdigit() or not 1 <= int(port) <= 65535:
         pod.problem(f"{CNI_PORT_ANNOTATION} {port!r} is not a port (1-65535, quoted)")
         return None
-    return _Redirect(int(port), CNI_PROXY_UID, "the CNI plugin")
+    passthrough = pod.annotations.get(PASSTHROUGH_ANNOTATION, "all")
+    if passthrough not in ("all", "none"):
+        pod.problem(f'{PASSTHROUGH_ANNOTATION} {passthrough!r}: the plugin knows "all" and "none"')
+        return None
+    return _Redirect(int(port), CNI_PROXY_UID, "the CNI plugin", str(passthrough))
 
 
 def _check_cni_pod(pod: _Pod, inits: list[tuple[str, int, dict[str, Any]]],
@@ -744,11 +792,151 @@ def _check_cni_pod(pod: _Pod, inits: list[tuple[str, int, dict[str, Any]]],
                         "proxy the first init container (native sidecar)")
 
 
+def _guid_annotation(pod: _Pod, key: str) -> str | None:
+    value = pod.annotations.get(key)
+    if value is not None and (not isinstance(value, str) or not GUID.match(value)):
+        pod.problem(f"{key} {value!r} is not a GUID (the plugin fails the pod's ADD)")
+        return None
+    return value.lower() if isinstance(value, str) else None
+
+
+def _check_node_pod(pod: _Pod, ours: list[tuple[str, int, dict[str, Any], str | None]]) -> None:
+    """Node mode: annotations for the node's process, and nothing of the other modes in the pod."""
+    value = pod.annotations.get(NODE_PROXY_ANNOTATION)
+    if value != "true":
+        pod.problem(f'{NODE_PROXY_ANNOTATION} {value!r}: only "true" asks for node mode')
+    client_id = _guid_annotation(pod, NODE_CLIENT_ID_ANNOTATION)
+    _guid_annotation(pod, NODE_TENANT_ID_ANNOTATION)
+    port = pod.annotations.get(CNI_PORT_ANNOTATION, str(DEFAULT_PORT))
+    if not isinstance(port, str) or not port.isdigit() or not 1 <= int(port) <= 65535:
+        pod.problem(f"{CNI_PORT_ANNOTATION} {port!r} is not a port (1-65535, quoted)")
+    text = pod.annotations.get(NODE_IDENTITY_MAP_ANNOTATION)
+    if text is not None:
+        try:
+            document = json.loads(str(text))
+        except ValueError as exc:
+            pod.problem(f"{NODE_IDENTITY_MAP_ANNOTATION} is not JSON: {exc}")
+            document = None
+        if document is not None:
+            try:
+                identity_map = parse_identity_map(str(text), source=NODE_IDENTITY_MAP_ANNOTATION)
+            except ConfigError as exc:
+                pod.problem(f"{NODE_IDENTITY_MAP_ANNOTATION} is refused: {exc}")
+            else:
+                if identity_map.only_listed and client_id is not None and client_id not in identity_map.by_client_id:
+                    pod.problem(f"{NODE_CLIENT_ID_ANNOTATION} {client_id} is not in the onlyListed map of "
+                                f"{NODE_IDENTITY_MAP_ANNOTATION}: the default identity would be refused")
+    elif client_id is None:
+        pod.problem(f"neither {NODE_CLIENT_ID_ANNOTATION} nor {NODE_IDENTITY_MAP_ANNOTATION}: every request "
+                    "would have to name an identity the node process knows nothing of")
+    for key, why in ((REDIRECT_ANNOTATION, "asks for CNI mode's rules, which exempt the proxy's uid"),
+                     (INJECT_ANNOTATION, "makes the webhook inject the sidecar pair node mode replaces")):
+        if key in pod.annotations:
+            pod.problem(f"{key} {why}")
+    if pod.annotations.get(PASSTHROUGH_ANNOTATION, "none") != "none":
+        pod.problem(f"{PASSTHROUGH_ANNOTATION} {pod.annotations[PASSTHROUGH_ANNOTATION]!r}: a node-mode pod gets "
+                    "no pass-through (the node's AZWI_NODE_PASSTHROUGH decides for all); a pod that needs it "
+                    "belongs in sidecar or CNI mode")
+    if pod.spec.get("hostNetwork"):
+        pod.problem("hostNetwork: no CNI plugin runs for a pod on the node's network; node mode cannot serve it")
+    for _, _, container, what in ours:
+        pod.problem(f"{container.get('name')}: a node-mode pod runs no {what} container of ours: the node "
+                    "process answers its IMDS")
+    for section, _, container in pod.containers():
+        sc = container.get("securityContext") or {}
+        needless = sorted(_caps(container, "add") & SIDECAR_CAPABILITIES)
+        if needless or sc.get("privileged") is True:
+            pod.problem(f"{section} {container.get('name')}: {', '.join(needless) or 'privileged'}: node "
+                        "mode needs no capability in the pod")
+    if pod.node_pod_security is not None:
+        for violation in pod_security_violations(pod.spec, pod.node_pod_security, pod.annotations):
+            pod.problem(f"Pod Security {pod.node_pod_security}: {violation}")
+
+
+def _check_node_process(pod: _Pod, container: dict[str, Any]) -> None:
+    """The node-proxy container: what node mode's process must see of the host, and no more."""
+    name = container.get("name")
+    if container.get("command") != [NODE_COMMAND]:
+        pod.problem(f"{name}: command must be [{NODE_COMMAND!r}] (the proxy image's entrypoint is the sidecar)")
+    if not image_repository(str(container.get("image", ""))).endswith("/azwi-netproxy/proxy"):
+        pod.problem(f"{name}: image {container.get('image')} is not the proxy image")
+    for arg in container.get("args") or []:
+        match = re.fullmatch(r"--metrics-port=(\d+)", str(arg))
+        if match is None or not 1 <= int(match.group(1)) <= 65535:
+            pod.problem(f"{name}: arg {arg!r}: only --metrics-port=N is expected")
+    if pod.spec.get("hostNetwork") is not True:
+        pod.problem(f"{name}: the pod needs hostNetwork: true (the agent's), or its own sandbox goes through "
+                    "the plugin it serves")
+    sc = container.get("securityContext") or {}
+    for key, want in (("runAsUser", 0), ("readOnlyRootFilesystem", True), ("allowPrivilegeEscalation", False)):
+        if sc.get(key) is not want:
+            pod.problem(f"{name}: securityContext.{key} must be {str(want).lower()}")
+    if sc.get("privileged") is True:
+        pod.problem(f"{name}: must not be privileged: {', '.join(sorted(NODE_CAPABILITIES))} are enough")
+    if "ALL" not in _caps(container, "drop"):
+        pod.problem(f"{name}: capabilities.drop should be [ALL]")
+    added = _caps(container, "add")
+    for cap in sorted(NODE_CAPABILITIES - added):
+        pod.problem(f"{name}: capabilities.add needs {cap}")
+    for cap in sorted(added - NODE_CAPABILITIES):
+        pod.problem(f"{name}: capability {cap} is more than the node process needs")
+    env = pod.env_of(container)
+    for key in NODE_ENV:
+        if key not in env:
+            pod.problem(f"{name}: {key} is not set")
+    if "AZURE_TENANT_ID" in env and not GUID.match(env["AZURE_TENANT_ID"]):
+        pod.problem(f"{name}: AZURE_TENANT_ID {env['AZURE_TENANT_ID']!r} is not a GUID")
+    authority = env.get("AZURE_AUTHORITY_HOST", "https://login.microsoftonline.com/")
+    if not authority.startswith("https://"):
+        pod.problem(f"{name}: AZURE_AUTHORITY_HOST {authority!r} is not an https URL")
+    if env.get("AZWI_NODE_PASSTHROUGH", "none") not in ("none", "all"):
+        pod.problem(f"{name}: AZWI_NODE_PASSTHROUGH {env['AZWI_NODE_PASSTHROUGH']!r} must be none or all")
+    try:
+        parse_log_level(env.get("LOG_LEVEL"))
+    except ConfigError as exc:
+        pod.problem(f"{name}: LOG_LEVEL: {exc}")
+    mounts = {str(m.get("mountPath", "")).rstrip("/"): m for m in container.get("volumeMounts") or []}
+    # (variable or directory, must be read-only, needs HostToContainer propagation)
+    for what, path, read_only, propagation in (
+        ("AZWI_KUBELET_PODS_DIR", env.get("AZWI_KUBELET_PODS_DIR"), True, True),
+        ("AZWI_CNI_RUN_DIR", env.get("AZWI_CNI_RUN_DIR"), False, False),
+        ("the netns directory", NETNS_DIR, True, True),
+    ):
+        if path is None:
+            continue
+        found = _host_path(pod, container, path)
+        if found is None or found[0] != path.rstrip("/"):
+            pod.problem(f"{name}: {what} {path} is not the host's {path} (a hostPath mount at the same path)")
+            continue
+        mount = mounts.get(path.rstrip("/"), {})
+        if found[1] != read_only:
+            pod.problem(f"{name}: {what} {path} must be mounted {'read-only' if read_only else 'read-write'}")
+        if propagation and mount.get("mountPropagation") != "HostToContainer":
+            pod.problem(f"{name}: {what} {path} needs mountPropagation: HostToContainer, or mounts the host "
+                        "makes after the container started stay invisible")
+    agents = [c for _, _, c in pod.containers() if role(c) == "cni-agent"]
+    if not agents:
+        pod.problem(f"{name}: runs without the CNI agent in its pod: nothing installs the redirect to it")
+    for agent in agents:
+        agent_run = pod.env_of(agent).get("AZWI_CNI_RUN_DIR")
+        if agent_run is not None and agent_run != env.get("AZWI_CNI_RUN_DIR"):
+            pod.problem(f"{name}: AZWI_CNI_RUN_DIR {env.get('AZWI_CNI_RUN_DIR')} is not the agent's {agent_run}: "
+                        "the plugin would never find it")
+    readiness = (container.get("readinessProbe") or {}).get("exec", {}).get("command")
+    if readiness != [NODE_COMMAND, "--check"]:
+        pod.problem(f"{name}: readinessProbe must exec [{NODE_COMMAND!r}, '--check'], not {readiness}")
+
+
 def _check_pod(pod: _Pod, runner: InitRunner | None, agent_runner: CniAgentRunner | None = None) -> None:
     for _, _, container in pod.containers():
         if role(container) == "cni-agent":
             _check_cni_agent(pod, container, agent_runner)
+        if role(container) == "node-proxy":
+            _check_node_process(pod, container)
     ours = [(section, index, c, r) for section, index, c in pod.containers() if (r := role(c)) in ("init", "proxy")]
+    if NODE_PROXY_ANNOTATION in pod.annotations:
+        _check_node_pod(pod, ours)
+        return
     names = [c.get("name") for _, _, c in pod.containers()]
     for name in {n for n in names if names.count(n) > 1}:
         pod.problem(f"container name {name} is used twice")
@@ -776,7 +964,7 @@ def _check_pod(pod: _Pod, runner: InitRunner | None, agent_runner: CniAgentRunne
         pod.problem("the init redirects IMDS traffic to a proxy this pod does not run")
     init_cfg = _check_init(pod, inits[0][1], inits[0][2], runner) if inits else None
     if init_cfg is not None and not cni:
-        redirect = _Redirect(init_cfg.proxy_port, init_cfg.proxy_uid, "the init")
+        redirect = _Redirect(init_cfg.proxy_port, init_cfg.proxy_uid, "the init", init_cfg.passthrough)
     if proxies:
         section, index, container = proxies[0]
         _check_proxy(pod, section, index, container, redirected=bool(inits) or cni, redirect=redirect)
@@ -789,12 +977,16 @@ def validate_manifest_docs(
     run_init: bool = True,
     init_runner: InitRunner | None = None,
     agent_runner: CniAgentRunner | None = None,
+    node_pod_security: PodSecurityLevel | None = "restricted",
 ) -> list[str]:
     """Every problem found in these documents (one cluster's manifests, loaded together).
 
     Pods labelled for the webhook are checked as the webhook would leave them, in both its
     native-sidecar (Kubernetes >= 1.32) and classic forms. `run_init` also runs the CNI
-    agent's `--check` (see CniAgentRunner for when that is skipped).
+    agent's `--check` (see CniAgentRunner for when that is skipped). Node-mode pods must meet
+    `node_pod_security` as a whole: nothing of ours is in them, so a pod written for node mode
+    has no reason to need more; pass None for pods whose own containers were not written for
+    it (a migrated app keeps what it had).
     """
     settings = settings or WebhookSettings()
     problems: list[str] = []
@@ -860,10 +1052,10 @@ def validate_manifest_docs(
             for native in (True, False):
                 mutated = simulate_webhook(template, service_account, settings, native_sidecar=native)
                 mode = "webhook, native sidecar" if native else "webhook, classic sidecar"
-                _check_pod(_Pod(f"{label} ({mode})", namespace, mutated["spec"], index, problems, annotations),
-                           runner, agents)
+                _check_pod(_Pod(f"{label} ({mode})", namespace, mutated["spec"], index, problems, annotations,
+                                node_pod_security), runner, agents)
         else:
-            _check_pod(_Pod(label, namespace, spec, index, problems, annotations), runner, agents)
+            _check_pod(_Pod(label, namespace, spec, index, problems, annotations, node_pod_security), runner, agents)
     # A ConfigMap reference used by several containers is reported once.
     return list(dict.fromkeys(problems))
 
