@@ -1221,8 +1221,8 @@ def fic_budget(plan: Plan, rows_by_key: Mapping[str, list[str]]) -> None:
 
 
 NODE_NO_IDENTITY_BINDING: Final = (
-    "needs AKS identity binding (over the FIC budget), which node mode does not serve: the node "
-    "process has no cluster token proxy to send the pod's exchange to"
+    "needs AKS identity binding (over the FIC budget), which node mode serves only node-wide: the "
+    "node process's AZURE_KUBERNETES_TOKEN_PROXY would send every pod's exchanges there, not this one's"
 )
 
 

@@ -318,10 +318,9 @@ def load_node(
         ConfigError: any bad value, naming it.
     """
     log_level = parse_log_level(flags.get("log_level") or environ.get("LOG_LEVEL") or None)
-    check = bool(flags.get("check"))
     run_dir = _absolute_path(environ, "AZWI_CNI_RUN_DIR", DEFAULT_RUN_DIR)
-    if check:
-        return NodeConfig(log_level=log_level, check=True, run_dir=run_dir)
+    # Everything is checked for --check too (the readiness probe runs with the container's
+    # environment): a setting the node process would refuse is never reported as ready.
     tenant_text = environ.get("AZURE_TENANT_ID", "").strip()
     passthrough = environ.get("AZWI_NODE_PASSTHROUGH", "").strip() or "none"
     if passthrough not in ("all", "none"):
@@ -331,6 +330,7 @@ def load_node(
         metrics_port = parse_port(flags["metrics_port"], "--metrics-port")  # type: ignore[arg-type]
     return NodeConfig(
         log_level=log_level,
+        check=bool(flags.get("check")),
         tenant_id=parse_tenant_id(tenant_text, "AZURE_TENANT_ID") if tenant_text else None,
         metadata_ip=parse_ipv4(environ.get("METADATA_IP") or DEFAULT_METADATA_IP, "METADATA_IP"),
         metadata_port=parse_port(environ.get("METADATA_PORT") or DEFAULT_METADATA_PORT, "METADATA_PORT"),

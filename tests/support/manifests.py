@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import importlib.util
 import io
 import json
@@ -925,6 +926,27 @@ def _check_node_process(pod: _Pod, container: dict[str, Any]) -> None:
     readiness = (container.get("readinessProbe") or {}).get("exec", {}).get("command")
     if readiness != [NODE_COMMAND, "--check"]:
         pod.problem(f"{name}: readinessProbe must exec [{NODE_COMMAND!r}, '--check'], not {readiness}")
+    code, output = _node_check(tuple(sorted(env.items())))
+    # No node process runs here, so the probe says "not ready" (1); a usage or configuration
+    # error (2, this project's code for both) or anything else means the program refuses
+    # the container's flags or environment.
+    if code != 1 or "no node process listens" not in output:
+        pod.problem(f"{name}: {NODE_COMMAND} --check with this environment exited {code}: {output}")
+
+
+@functools.cache
+def _node_check(env: tuple[tuple[str, str], ...]) -> tuple[int, str]:
+    """(exit code, output tail) of the installed `azwi-netproxy-node --check` with `env`, its
+    run dir re-rooted in a scratch dir (where no node process listens)."""
+    script = shutil.which(NODE_COMMAND, path=str(Path(sys.executable).parent)) or shutil.which(NODE_COMMAND)
+    if script is None:
+        return 127, f"{NODE_COMMAND} is not installed"
+    with tempfile.TemporaryDirectory(prefix="azwi-node-check-") as root:
+        run_env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C.UTF-8", **dict(env)}
+        run_env["AZWI_CNI_RUN_DIR"] = root + run_env.get("AZWI_CNI_RUN_DIR", "/var/run/azwi-netproxy")
+        done = subprocess.run([script, "--check"], capture_output=True, text=True, env=run_env, timeout=60,
+                              check=False, cwd=root)
+    return done.returncode, (done.stderr + done.stdout).strip()[-500:]
 
 
 def _check_pod(pod: _Pod, runner: InitRunner | None, agent_runner: CniAgentRunner | None = None) -> None:
