@@ -20,6 +20,11 @@ reading pods' tokens from a kubelet-style pods dir: `<pods>/<uid>/volumes/kubern
 <volume-with-hash>/token/azure-identity-token`, rotated as the kubelet's AtomicWriter does.
 Every judgement of where traffic went belongs to the kernel (tripwire listeners in IMDS),
 to the fake Entra's records, and to curl, never to the product's code.
+
+The pieces also build nodes of other shapes (test_node_containerd: containerd's CRI makes
+the pods): `KubeletPod` (a pod's namespace, identity and kubelet dir), `start_sts` (the fake
+Entra of one tenant), `node_env` and `NodeProcess` (the node process, optionally in another
+process's mount namespace).
 """
 
 from __future__ import annotations
@@ -68,19 +73,21 @@ LAYOUT_V16: Final = "token/azure-identity-token"
 LAYOUT_OLD: Final = "azure-identity-token"
 
 
-@dataclass
-class NodePod:
-    """One pod: its network namespace, its identity, its kubelet dir and its runtime handle."""
+# ---- the pieces (test_node_containerd and test_images build their own nodes on them) ----------
+
+
+@dataclass(kw_only=True)
+class KubeletPod:
+    """One pod as node mode sees it: its network namespace (an `ip netns` name), its identity
+    and its kubelet dir, where `project_token` puts the webhook's projected token."""
 
     ns: str
-    index: int
     uid: str
     namespace: str
     name: str
     service_account: str
     issuer: str
     kubelet_dir: Path
-    runtime: Runtime
     token: ProjectedToken | None = None
 
     @property
@@ -105,6 +112,152 @@ class NodePod:
         return curl_in(self.ns, url, *headers, uid=uid, max_time_s=max_time_s)
 
 
+def kubelet_dir(pods_dir: Path, uid: str) -> Path:
+    """The kubelet's directory of pod `uid` (made here, before the sandbox, as the kubelet does)."""
+    directory = pods_dir / uid
+    directory.mkdir(mode=0o750)
+    return directory
+
+
+@dataclass
+class FakeSts:
+    """The fake Entra over HTTPS on `addr`:443 in namespace `ns`, for one tenant."""
+
+    ns: str
+    addr: str
+    ca_file: str
+    tenant_id: str
+    process: ScriptProcess
+
+    @property
+    def authority(self) -> str:
+        return f"https://{self.addr}/"
+
+    def client(self) -> FakeEntraClient:
+        return FakeEntraClient(f"https://{self.addr}:443", self.ca_file)
+
+    def add_app(self, client_id: str, *pods: KubeletPod) -> None:
+        """An app in the tenant whose federated credentials trust exactly these pods' accounts."""
+        issuers = {pod.issuer for pod in pods}
+        assert len(issuers) == 1
+        in_netns(self.ns, lambda: self.client().add_app(
+            self.tenant_id, client_id, [pod.subject for pod in pods], issuers.pop()))
+
+    def exchanges(self) -> list[dict[str, Any]]:
+        return in_netns(self.ns, self.client().exchanges)
+
+
+def start_sts(stack: contextlib.ExitStack, base: Path, ns: str, addr: str) -> FakeSts:
+    """A fake Entra in `ns` with a certificate for `addr` from a throwaway CA (ca.pem in
+    `base`, readable by all); stopped by `stack`."""
+    ca = trustme.CA()
+    ca_file = base / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    ca_file.chmod(0o644)
+    cert_dir = base / "entra-cert"
+    issue_server_cert(ca, cert_dir, addr)
+    entra = netns.start_fake_in(ns, "fake_entra.py", f"{addr}:443", base / "fake_entra.log",
+                                "--cert-dir", str(cert_dir))
+    stack.callback(stop_process, entra.proc)
+    return FakeSts(ns=ns, addr=addr, ca_file=str(ca_file), tenant_id=new_guid(), process=entra)
+
+
+def node_env(sts: FakeSts, *, pods_dir: Path, run_dir: Path, python_env: Mapping[str, str] | None = None,
+             **extra: str) -> dict[str, str]:
+    """The node process's environment, as the DaemonSet gives it (the authority: the fake)."""
+    return {
+        "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
+        "LANG": "C.UTF-8",
+        **(python_env or {}),
+        "AZURE_TENANT_ID": sts.tenant_id,
+        "AZURE_AUTHORITY_HOST": sts.authority,
+        "SSL_CERT_FILE": sts.ca_file,
+        "AZWI_KUBELET_PODS_DIR": str(pods_dir),
+        "AZWI_CNI_RUN_DIR": str(run_dir),
+        "LOG_LEVEL": "debug",
+        "NO_PROXY": "*",
+        **extra,
+    }
+
+
+@dataclass
+class NodeProcess:
+    """`azwi-netproxy-node` as root in network namespace `ns` (the node's), its logs in `base`.
+
+    With `mount_ns_pid`, it runs in that process's mount namespace too: where a runtime that
+    keeps its pods' namespace paths in a mount namespace of its own (support.cri's
+    containerd) has them, as a DaemonSet sees the host's /var/run/netns through a mount.
+    """
+
+    base: Path
+    ns: str
+    env: dict[str, str]
+    mount_ns_pid: int | None = None
+    proc: subprocess.Popen[bytes] | None = None
+    _logs: int = 0
+
+    def argv(self, *args: str) -> list[str]:
+        if self.mount_ns_pid is None:
+            return netns.ns_argv(self.ns, [str(NODE_BINARY), *args])
+        # nsenter opens both files before it enters either: the node's namespace is named by
+        # its path in this mount namespace.
+        return ["nsenter", f"--net=/run/netns/{self.ns}", f"--mount=/proc/{self.mount_ns_pid}/ns/mnt",
+                "--", str(NODE_BINARY), *args]
+
+    def start(self, *args: str, ready_timeout_s: float = 20.0, **env: str) -> subprocess.Popen[bytes]:
+        """Start it with `args` and wait until its control socket answers (`azwi-netproxy-node --check`)."""
+        assert self.proc is None or self.proc.poll() is not None, "a node process is already running"
+        self._logs += 1
+        log = self.base / f"node-{self._logs}.log"
+        with log.open("wb") as out:
+            self.proc = subprocess.Popen(self.argv(*args), env={**self.env, **env}, stdin=subprocess.DEVNULL,
+                                         stdout=out, stderr=out, cwd="/")
+        deadline = time.monotonic() + ready_timeout_s
+        while self.check() != 0:
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the node process never became ready:\n{self.log()}")
+            time.sleep(0.05)
+        return self.proc
+
+    def check(self) -> int:
+        return subprocess.run([str(NODE_BINARY), "--check"], env=self.env, capture_output=True,
+                              timeout=30, check=False).returncode
+
+    def stop(self, *, kill: bool = False) -> int | None:
+        """Stop it (SIGTERM, or SIGKILL as a crash); its exit code (None if none ran)."""
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return None
+        if kill and proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        stop_process(proc, timeout_s=10)
+        return proc.returncode
+
+    def log(self) -> str:
+        return "\n".join(p.read_text(errors="replace") for p in sorted(self.base.glob("node-*.log")))
+
+    def log_entries(self) -> list[dict[str, Any]]:
+        entries = []
+        for line in self.log().splitlines():
+            with contextlib.suppress(ValueError):
+                entry = json.loads(line)
+                if isinstance(entry, dict):
+                    entries.append(entry)
+        return entries
+
+
+# ---- one node driven by the spec-driven runtime (test_node_mode) -----------------------------
+
+
+@dataclass(kw_only=True)
+class NodePod(KubeletPod):
+    """A pod of `NodeMode`: a kubelet pod plus its runtime handle."""
+
+    index: int
+    runtime: Runtime
+
+
 @dataclass
 class NodeMode:
     base: Path
@@ -112,31 +265,34 @@ class NodeMode:
     conflist: dict[str, Any]
     node_ns: str
     imds_ns: str
-    sts_ns: str
+    sts: FakeSts
     pods_dir: Path
-    ca_file: str
-    tenant_id: str
-    entra_process: ScriptProcess
+    process: NodeProcess
     stack: contextlib.ExitStack
     pods: list[NodePod] = field(default_factory=list)
-    node_proc: subprocess.Popen[bytes] | None = None
-    node_env: dict[str, str] = field(default_factory=dict)
-    _node_logs: int = 0
+
+    @property
+    def sts_ns(self) -> str:
+        return self.sts.ns
+
+    @property
+    def tenant_id(self) -> str:
+        return self.sts.tenant_id
+
+    @property
+    def ca_file(self) -> str:
+        return self.sts.ca_file
 
     # ---- the fake Entra ----
 
     def entra(self) -> FakeEntraClient:
-        return FakeEntraClient(f"https://{STS_ADDR}:443", self.ca_file)
+        return self.sts.client()
 
     def add_app(self, client_id: str, *pods: NodePod) -> None:
-        """An app in the tenant whose federated credentials trust exactly these pods' accounts."""
-        issuers = {pod.issuer for pod in pods}
-        assert len(issuers) == 1
-        in_netns(self.sts_ns, lambda: self.entra().add_app(
-            self.tenant_id, client_id, [pod.subject for pod in pods], issuers.pop()))
+        self.sts.add_app(client_id, *pods)
 
     def exchanges(self) -> list[dict[str, Any]]:
-        return in_netns(self.sts_ns, self.entra().exchanges)
+        return self.sts.exchanges()
 
     # ---- pods ----
 
@@ -149,8 +305,6 @@ class NodeMode:
         netns.connect(ns, self.imds_ns, near_addr=pod_addr, far_addr=imds_addr)
         netns.add_route(ns, "0.0.0.0/0", imds_addr)
         uid = str(uuid.uuid4())
-        kubelet_dir = self.pods_dir / uid
-        kubelet_dir.mkdir(mode=0o750)
         namespace = namespace or f"team-{uuid.uuid4().hex[:6]}"
         name = f"app-{index}"
         runtime = Runtime([self.node.bin_dir, REFERENCE_PLUGINS], container_id=uuid.uuid4().hex,
@@ -160,7 +314,7 @@ class NodeMode:
         pod = NodePod(ns=ns, index=index, uid=uid, namespace=namespace, name=name,
                       service_account=service_account or "workload",
                       issuer=issuer or f"https://oidc.prod-aks.azure.com/{new_guid()}/",
-                      kubelet_dir=kubelet_dir, runtime=runtime)
+                      kubelet_dir=kubelet_dir(self.pods_dir, uid), runtime=runtime)
         self.pods.append(pod)
         return pod
 
@@ -177,54 +331,36 @@ class NodeMode:
 
     # ---- the node process ----
 
+    @property
+    def node_proc(self) -> subprocess.Popen[bytes] | None:
+        return self.process.proc
+
+    @property
+    def node_env(self) -> dict[str, str]:
+        return self.process.env
+
     def start_node(self, *args: str, ready_timeout_s: float = 20.0, **env: str) -> subprocess.Popen[bytes]:
-        """Start the node process in NODE (root, as the DaemonSet's container) and wait until
-        its control socket answers (`azwi-netproxy-node --check`)."""
-        assert self.node_proc is None or self.node_proc.poll() is not None, "a node process is already running"
-        self._node_logs += 1
-        log = self.base / f"node-{self._node_logs}.log"
-        full_env = {**self.node_env, **env}
-        with log.open("wb") as out:
-            self.node_proc = subprocess.Popen(
-                netns.ns_argv(self.node_ns, [str(NODE_BINARY), *args]), env=full_env,
-                stdin=subprocess.DEVNULL, stdout=out, stderr=out, cwd="/")
-        deadline = time.monotonic() + ready_timeout_s
-        while self.check_node() != 0:
-            if self.node_proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the node process never became ready:\n{self.node_log()}")
-            time.sleep(0.05)
-        return self.node_proc
+        """Start the node process in NODE (root, as the DaemonSet's container) with `args`
+        and wait until its control socket answers (`azwi-netproxy-node --check`)."""
+        return self.process.start(*args, ready_timeout_s=ready_timeout_s, **env)
 
     def check_node(self) -> int:
-        return subprocess.run([str(NODE_BINARY), "--check"], env=self.node_env, capture_output=True,
-                              timeout=30, check=False).returncode
+        return self.process.check()
 
     def stop_node(self, *, kill: bool = False) -> None:
-        proc, self.node_proc = self.node_proc, None
-        if proc is None:
-            return
-        if kill and proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
-        stop_process(proc, timeout_s=10)
+        self.process.stop(kill=kill)
 
     def node_log(self) -> str:
-        return "\n".join(p.read_text(errors="replace") for p in sorted(self.base.glob("node-*.log")))
+        return self.process.log()
 
     def node_log_entries(self) -> list[dict[str, Any]]:
-        entries = []
-        for line in self.node_log().splitlines():
-            with contextlib.suppress(ValueError):
-                entry = json.loads(line)
-                if isinstance(entry, dict):
-                    entries.append(entry)
-        return entries
+        return self.process.log_entries()
 
 
 @contextlib.contextmanager
-def node_mode(python_env: Mapping[str, str] | None = None, **node_env: str) -> Iterator[NodeMode]:
+def node_mode(python_env: Mapping[str, str] | None = None, **node_env_extra: str) -> Iterator[NodeMode]:
     """A node with the CNI agent running, a fake Entra in STS and no pods yet; the node
-    process is not started (tests start it, with `node_env` added to its environment)."""
+    process is not started (tests start it, with `node_env_extra` added to its environment)."""
     with contextlib.ExitStack() as stack:
         made = stack.enter_context(node(cluster_conflist()))
         made.start_agent()
@@ -237,35 +373,14 @@ def node_mode(python_env: Mapping[str, str] | None = None, **node_env: str) -> I
         netns.add_address(imds_ns, imds_if, METADATA_IP)
         netns.add_route(node_ns, f"{METADATA_IP}/32", NODE_IMDS_ADDR)
         netns.connect(node_ns, sts_ns, near_addr="198.18.1.1", far_addr=STS_ADDR)
-
-        ca = trustme.CA()
-        ca_file = base / "ca.pem"
-        ca.cert_pem.write_to_path(str(ca_file))
-        cert_dir = base / "entra-cert"
-        issue_server_cert(ca, cert_dir, STS_ADDR)
-        entra = netns.start_fake_in(sts_ns, "fake_entra.py", f"{STS_ADDR}:443", base / "fake_entra.log",
-                                    "--cert-dir", str(cert_dir))
-        stack.callback(stop_process, entra.proc)
+        sts = start_sts(stack, base, sts_ns, STS_ADDR)
         pods_dir = base / "kubelet-pods"
         pods_dir.mkdir(mode=0o750)
-        tenant = new_guid()
+        process = NodeProcess(base, node_ns, node_env(sts, pods_dir=pods_dir, run_dir=made.run_dir,
+                                                      python_env=python_env, **node_env_extra))
         mode = NodeMode(base=base, node=made, conflist=made.conflist(), node_ns=node_ns, imds_ns=imds_ns,
-                        sts_ns=sts_ns, pods_dir=pods_dir, ca_file=str(ca_file), tenant_id=tenant,
-                        entra_process=entra, stack=stack)
-        mode.node_env = {
-            "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
-            "LANG": "C.UTF-8",
-            **(python_env or {}),
-            "AZURE_TENANT_ID": tenant,
-            "AZURE_AUTHORITY_HOST": f"https://{STS_ADDR}/",
-            "SSL_CERT_FILE": str(ca_file),
-            "AZWI_KUBELET_PODS_DIR": str(pods_dir),
-            "AZWI_CNI_RUN_DIR": str(made.run_dir),
-            "LOG_LEVEL": "debug",
-            "NO_PROXY": "*",
-            **node_env,
-        }
-        stack.callback(mode.stop_node)
+                        sts=sts, pods_dir=pods_dir, process=process, stack=stack)
+        stack.callback(process.stop)
         yield mode
 
 
