@@ -114,11 +114,13 @@ ENV PYTHONOPTIMIZE=2
 # every start (about 1 s of CPU).
 # Importing every module of the proxy, the libraries it loads lazily and what those load
 # when they first connect (the idna codec, importlib.resources' readers) finds them;
-# tests/test_images.py runs the proxy with PYTHONVERBOSE and fails on any it missed.
+# argparse (and its gettext) for node mode's azwi-netproxy-node, which this image also runs
+# (its flags; the sidecar parses its own without argparse). tests/test_images.py runs the
+# proxy and the node process with PYTHONVERBOSE and fails on any module they compile.
 RUN --mount=type=bind,source=scripts/compile_stdlib.py,target=/tmp/compile_stdlib.py \
     python /tmp/compile_stdlib.py 2 azwi_netproxy.cli 'azwi_netproxy.proxy.*' httpx httpcore anyio \
         prometheus_client.exposition prometheus_client.process_collector yaml \
-        encodings.idna importlib.readers importlib.resources.readers zipfile
+        encodings.idna importlib.readers importlib.resources.readers zipfile argparse
 # Numeric, as runAsNonRoot needs to verify it; upstream's proxy image uses the same uid,
 # and azwi-netproxy-init exempts it (PROXY_UID) from the redirect.
 USER 1501:1501

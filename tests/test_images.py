@@ -695,19 +695,8 @@ def test_the_cni_agent_runs_from_the_init_image_as_its_daemonset_runs_it(
     with node(cluster_conflist()) as made, netns.namespace("azimgcni") as pod_ns:
         name = f"azwi-test-cni-agent-{uuid.uuid4().hex[:8]}"
         made.run_dir.mkdir()
-        mounts = [("/host/opt/cni/bin", made.bin_dir), ("/host/etc/cni/net.d", made.conf_dir),
-                  (str(made.run_dir), made.run_dir)]
-        env = {"AZWI_CNI_BIN_DIR": "/host/opt/cni/bin", "AZWI_CNI_CONF_DIR": "/host/etc/cni/net.d",
-               "AZWI_CNI_RUN_DIR": str(made.run_dir), "AZWI_CNI_INTERVAL_S": "0.2", "LOG_LEVEL": "info"}
-        flags = ["--privileged", "--pid", "host", "--network", "none", *img.ULIMITS,
-                 *(f for inside, outside in mounts for f in ("-v", f"{outside}:{inside}")),
-                 *(f for key, value in env.items() for f in ("-e", f"{key}={value}"))]
-        podman.ok("run", "-d", "--name", name, *flags, "--entrypoint", "azwi-netproxy-cni-agent", images.init)
         try:
-            deadline = time.monotonic() + 30
-            while podman.run("exec", name, "azwi-netproxy-cni-agent", "--check", quiet=True).returncode != 0:
-                assert time.monotonic() < deadline, podman.ok("logs", name)
-                time.sleep(0.2)
+            start_cni_agent(podman, images, made, name)
             assert sorted(p.name for p in made.bin_dir.iterdir()) == ["azwi-netproxy"]
             assert "PYTHON=/opt/venv/bin/python" in (made.bin_dir / "azwi-netproxy").read_text()
             conflist = made.conflist()
@@ -739,6 +728,121 @@ def test_the_cni_agent_runs_from_the_init_image_as_its_daemonset_runs_it(
             assert not (made.run_dir / "cni-agent").exists(), "the stopped agent left its state file"
         finally:
             podman.run("rm", "-f", "-t", "0", name, quiet=True)
+
+
+# ---- node mode: the agent from the proxy-init image, the node process from the proxy image ------
+
+NODE_RUN_DIR = "/var/run/azwi-netproxy"  # the defaults of AZWI_CNI_RUN_DIR and AZWI_KUBELET_PODS_DIR
+NODE_PODS_DIR = "/var/lib/kubelet/pods"
+NODE_CA = "/etc/azwi-netproxy-test/ca.pem"
+
+
+def test_node_mode_runs_from_the_images_as_its_daemonset_runs_them(
+    images: ImageSet, podman: Podman, net: PodNet, containers: Containers, transcript: Transcript
+) -> None:
+    """The CNI agent from the proxy-init image (as the CNI test above runs it) and the node
+    process from the proxy image as the node DaemonSet runs it: `azwi-netproxy-node`, root
+    with only CAP_SYS_ADMIN (setns), read-only root, the run dir and the kubelet's pods dir
+    (read-only) mounted, in the node's network namespace. ADD through the shim the agent
+    wrote enrols the pod's namespace; an app as uid 1000 there gets the token Entra minted for
+    the pod's own projected service account token, and nothing reaches the node's IMDS; with
+    the node container stopped (exit 0) the app is refused. PYTHONVERBOSE shows the node
+    process compiles no Python at run time (the proxy image's bytecode covers it)."""
+    from support.cni_node import REFERENCE_PLUGINS, Runtime, cluster_conflist, node
+    from support.nodemode import KubeletPod, kubelet_dir
+
+    with node(cluster_conflist()) as made:
+        made.run_dir.mkdir()
+        pods_dir = net.work / "kubelet-pods"
+        pods_dir.mkdir(mode=0o750)
+        uid, namespace = str(uuid.uuid4()), "team-" + uuid.uuid4().hex[:6]
+        pod = KubeletPod(ns=net.pod, uid=uid, namespace=namespace, name="app", service_account="workload",
+                         issuer=f"https://oidc.prod-aks.azure.com/{new_guid()}/",
+                         kubelet_dir=kubelet_dir(pods_dir, uid))
+        token = pod.project_token()
+        tenant_id, client_id = new_guid(), new_guid()
+        in_netns(net.node, lambda: net.entra_client().add_app(tenant_id, client_id, [pod.subject], pod.issuer))
+
+        agent = f"azwi-test-cni-agent-{uuid.uuid4().hex[:8]}"
+        node_name = containers.name("node")
+        try:
+            start_cni_agent(podman, images, made, agent)
+            env = {"AZURE_TENANT_ID": tenant_id, "AZURE_AUTHORITY_HOST": f"https://{img.ENTRA_ADDR}/",
+                   "SSL_CERT_FILE": NODE_CA, "AZWI_CNI_RUN_DIR": NODE_RUN_DIR,
+                   "AZWI_KUBELET_PODS_DIR": NODE_PODS_DIR, "LOG_LEVEL": "info", "PYTHONVERBOSE": "1"}
+            podman.ok(
+                "run", "-d", "--name", node_name, "--network", f"ns:/run/netns/{net.node}", *img.ULIMITS,
+                "--user", "0", "--cap-drop", "ALL", "--cap-add", "SYS_ADMIN", "--read-only",
+                "--read-only-tmpfs=false", "--security-opt", "no-new-privileges",
+                "-v", f"{made.run_dir}:{NODE_RUN_DIR}", "-v", f"{pods_dir}:{NODE_PODS_DIR}:ro",
+                "-v", f"{net.ca_file}:{NODE_CA}:ro", *env_flags(env),
+                "--entrypoint", "azwi-netproxy-node", images.proxy,
+            )
+            deadline = time.monotonic() + 30
+            while podman.run("exec", node_name, "azwi-netproxy-node", "--check", quiet=True).returncode != 0:
+                assert time.monotonic() < deadline, podman.run("logs", node_name).stderr[-3000:]
+                time.sleep(0.2)
+
+            # ADD as the runtime runs the chain, through the shim in the node's bin dir.
+            runtime = Runtime([made.bin_dir, REFERENCE_PLUGINS], container_id=uuid.uuid4().hex,
+                              netns=f"/run/netns/{net.pod}",
+                              annotations={"azwi-netproxy.io/node-proxy": "true",
+                                           "azwi-netproxy.io/client-id": client_id},
+                              args={"K8S_POD_NAMESPACE": namespace, "K8S_POD_NAME": "app",
+                                    "K8S_POD_INFRA_CONTAINER_ID": "x", "K8S_POD_UID": uid})
+            conflist = made.conflist()
+            added = runtime.add(conflist)
+            assert added.returncode == 0, f"{added}\n{podman.run('logs', node_name).stderr[-3000:]}"
+            transcript.note(f"ADD enrolled pod {namespace}/app (uid {uid}) in {net.pod}")
+
+            got = curl(containers, images, TOKEN_URL)
+            assert got.status == 200, got
+            doc = got.json()
+            claims = decode_fake_token(doc["access_token"])
+            assert (claims["tid"], claims["appid"], claims["sub"]) == (tenant_id, client_id, pod.subject), claims
+            [exchange] = [r for r in in_netns(net.node, lambda: net.entra_client().exchanges())
+                          if r.get("token_n") == claims["n"]]
+            assert exchange["form"]["client_assertion"] == token.read()
+            refused_other = curl(containers, images, INSTANCE_URL)
+            assert refused_other.status == 403, refused_other  # pass-through is off in node mode
+            assert imds_records(net) == []
+            transcript.note(f"the app (uid {APP_UID}) got a token for {claims['appid']} minted for {claims['sub']}")
+
+            stop_within_grace(podman, node_name, transcript)
+            refused = curl(containers, images, TOKEN_URL)
+            assert (refused.exit_code, refused.status) == (7, 0), refused  # 7: could not connect
+            assert imds_records(net) == []
+            logs = podman.run("logs", node_name, quiet=True)
+            loaded, from_source = code_loaded(logs.stdout + logs.stderr)
+            transcript.note(f"node process: {len(loaded)} modules loaded, {len(from_source)} compiled from source")
+            assert len(loaded) > 100
+            assert from_source == [], "\n".join(from_source)
+            transcript.note("the node process's own log lines:")
+            transcript.lines.extend(f"           | {line[:300]}" for line in
+                                    (logs.stdout + logs.stderr).splitlines() if line.startswith('{"level"'))
+
+            deleted = runtime.delete(conflist)
+            assert deleted.returncode == 0, str(deleted)
+            assert list((made.run_dir / "node-pods").glob("*.json")) == []
+        finally:
+            podman.run("rm", "-f", "-t", "0", agent, quiet=True)
+
+
+def start_cni_agent(podman: Podman, images: ImageSet, made: Any, name: str) -> None:
+    """The agent's container as deploy/cni/node-agent.yaml has it (see the test above), for
+    the node `made` (support.cni_node), once `--check` passes."""
+    mounts = [("/host/opt/cni/bin", made.bin_dir), ("/host/etc/cni/net.d", made.conf_dir),
+              (str(made.run_dir), made.run_dir)]
+    env = {"AZWI_CNI_BIN_DIR": "/host/opt/cni/bin", "AZWI_CNI_CONF_DIR": "/host/etc/cni/net.d",
+           "AZWI_CNI_RUN_DIR": str(made.run_dir), "AZWI_CNI_INTERVAL_S": "0.2", "LOG_LEVEL": "info"}
+    flags = ["--privileged", "--pid", "host", "--network", "none", *img.ULIMITS,
+             *(f for inside, outside in mounts for f in ("-v", f"{outside}:{inside}")),
+             *(f for key, value in env.items() for f in ("-e", f"{key}={value}"))]
+    podman.ok("run", "-d", "--name", name, *flags, "--entrypoint", "azwi-netproxy-cni-agent", images.init)
+    deadline = time.monotonic() + 30
+    while podman.run("exec", name, "azwi-netproxy-cni-agent", "--check", quiet=True).returncode != 0:
+        assert time.monotonic() < deadline, podman.ok("logs", name)
+        time.sleep(0.2)
 
 
 def init_rules_present_in(snapshot: str, backend: str) -> bool:
