@@ -126,12 +126,18 @@ def _ms(text: str) -> float:
     return value / 1000 if unit == "us" else value * 1000 if unit == "s" else value
 
 
-def wrk(url: str, connections: int, duration_s: float, *, close: bool = False, script: str | None = None) -> WrkResult:
+def wrk(
+    url: str, connections: int, duration_s: float, *, close: bool = False, script: str | None = None,
+    netns: str | None = None,
+) -> WrkResult:
+    """wrk against `url`; from inside the network namespace `netns` (`ip netns` name) if given."""
     argv = ["wrk", "-t1", f"-c{connections}", f"-d{int(duration_s)}s", "--latency", "-H", "Metadata: true"]
     if close:
         argv += ["-H", "Connection: close"]
     if script:
         argv += ["-s", script]
+    if netns is not None:
+        argv = ["ip", "netns", "exec", netns, *argv]
     out = subprocess.run(pinned(LOAD_CPU, [*argv, url]), capture_output=True, text=True, check=True).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
     requests = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]

@@ -7,4 +7,7 @@ VENV="$("$REPO/scripts/bootstrap.sh" wrk | tail -n 1)"
 # the standard library's level-2 bytecode; a Debian python has only level 0. Compile it
 # here (as root) so that the proxy, run as uid 1501, does not compile it at every start.
 "$VENV/bin/python" -OO -m compileall -q "$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_path("stdlib"))')" >/dev/null 2>&1 || true
-exec "$VENV/bin/python" "$REPO/bench/run.py" "$@"
+# --node-mode: node mode's benchmark (bench/node_mode.py) instead of the sidecar's.
+SCRIPT="$REPO/bench/run.py"
+if [ "${1:-}" = "--node-mode" ]; then SCRIPT="$REPO/bench/node_mode.py"; shift; fi
+exec "$VENV/bin/python" "$SCRIPT" "$@"
