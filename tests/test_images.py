@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import tempfile
 import time
@@ -732,25 +733,37 @@ def test_the_cni_agent_runs_from_the_init_image_as_its_daemonset_runs_it(
 
 # ---- node mode: the agent from the proxy-init image, the node process from the proxy image ------
 
-NODE_RUN_DIR = "/var/run/azwi-netproxy"  # the defaults of AZWI_CNI_RUN_DIR and AZWI_KUBELET_PODS_DIR
-NODE_PODS_DIR = "/var/lib/kubelet/pods"
+NODE_DAEMONSET = img.REPO / "deploy" / "node" / "node-agent.yaml"
 NODE_CA = "/etc/azwi-netproxy-test/ca.pem"
+
+
+def node_proxy_container() -> dict[str, Any]:
+    """deploy/node/node-agent.yaml's `node-proxy` container, and the DaemonSet's pod spec."""
+    [daemonset] = [d for d in yaml.safe_load_all(NODE_DAEMONSET.read_text()) if d and d["kind"] == "DaemonSet"]
+    spec = daemonset["spec"]["template"]["spec"]
+    assert spec["hostNetwork"] is True
+    [container] = [c for c in spec["containers"] if c["name"] == "node-proxy"]
+    return dict(container)
 
 
 def test_node_mode_runs_from_the_images_as_its_daemonset_runs_them(
     images: ImageSet, podman: Podman, net: PodNet, containers: Containers, transcript: Transcript
 ) -> None:
     """The CNI agent from the proxy-init image (as the CNI test above runs it) and the node
-    process from the proxy image as the node DaemonSet runs it: `azwi-netproxy-node`, root
-    with only CAP_SYS_ADMIN (setns), read-only root, the run dir and the kubelet's pods dir
-    (read-only) mounted, in the node's network namespace. ADD through the shim the agent
-    wrote enrols the pod's namespace; an app as uid 1000 there gets the token Entra minted for
-    the pod's own projected service account token, and nothing reaches the node's IMDS; with
-    the node container stopped (exit 0) the app is refused. PYTHONVERBOSE shows the node
-    process compiles no Python at run time (the proxy image's bytecode covers it)."""
+    process from the proxy image as deploy/node/node-agent.yaml's `node-proxy` container has
+    it: its command, securityContext (root with only SYS_ADMIN and DAC_READ_SEARCH, read-only
+    root, no privilege escalation: the pod's token is its uid's, mode 0600), env and mounts (the run dir; the kubelet's pods dir and
+    the host's /var/run/netns read-only, slave propagation), in the node's network namespace
+    (hostNetwork). ADD through the shim the agent wrote enrols the pod's namespace; an app as
+    uid 1000 there gets the token Entra minted for the pod's own projected token, and nothing
+    reaches the node's IMDS; with the node container stopped (exit 0) the app is refused;
+    started again it serves the pod again without a new ADD (it opens the recorded namespace
+    through the /var/run/netns mount). PYTHONVERBOSE shows the node process compiles no
+    Python at run time (the proxy image's bytecode covers it)."""
     from support.cni_node import REFERENCE_PLUGINS, Runtime, cluster_conflist, node
     from support.nodemode import KubeletPod, kubelet_dir
 
+    spec = node_proxy_container()
     with node(cluster_conflist()) as made:
         made.run_dir.mkdir()
         pods_dir = net.work / "kubelet-pods"
@@ -760,28 +773,46 @@ def test_node_mode_runs_from_the_images_as_its_daemonset_runs_them(
                          issuer=f"https://oidc.prod-aks.azure.com/{new_guid()}/",
                          kubelet_dir=kubelet_dir(pods_dir, uid))
         token = pod.project_token()
+        # As the kubelet projects it for a pod whose containers all run as one uid: that uid's,
+        # mode 0600 (what the manifest's DAC_READ_SEARCH is for).
+        token_file = token.path.resolve()
+        os.chown(token_file, APP_UID, APP_UID)
+        token_file.chmod(0o600)
         tenant_id, client_id = new_guid(), new_guid()
         in_netns(net.node, lambda: net.entra_client().add_app(tenant_id, client_id, [pod.subject], pod.issuer))
 
+        # The manifest's volumes, each a directory of this test's (the netns one is the host's:
+        # where `ip netns` pins the test's namespaces, as containerd and CRI-O pin theirs).
+        hosts = {"kubelet-pods": str(pods_dir), "run": str(made.run_dir), "netns": "/run/netns"}
+        mounts = []
+        for mount in spec["volumeMounts"]:
+            options = ["ro"] if mount.get("readOnly") else []
+            if mount.get("mountPropagation") == "HostToContainer":
+                options.append("rslave")
+            mounts += ["-v", f"{hosts[mount['name']]}:{mount['mountPath']}" + (f":{','.join(options)}" if options else "")]
+        env = {**container_env(spec), "AZURE_TENANT_ID": tenant_id,
+               "AZURE_AUTHORITY_HOST": f"https://{img.ENTRA_ADDR}/", "SSL_CERT_FILE": NODE_CA,
+               "PYTHONVERBOSE": "1"}
+        [command, *args] = spec["command"]
+        probe = spec["readinessProbe"]["exec"]["command"]
+
         agent = f"azwi-test-cni-agent-{uuid.uuid4().hex[:8]}"
         node_name = containers.name("node")
-        try:
-            start_cni_agent(podman, images, made, agent)
-            env = {"AZURE_TENANT_ID": tenant_id, "AZURE_AUTHORITY_HOST": f"https://{img.ENTRA_ADDR}/",
-                   "SSL_CERT_FILE": NODE_CA, "AZWI_CNI_RUN_DIR": NODE_RUN_DIR,
-                   "AZWI_KUBELET_PODS_DIR": NODE_PODS_DIR, "LOG_LEVEL": "info", "PYTHONVERBOSE": "1"}
-            podman.ok(
-                "run", "-d", "--name", node_name, "--network", f"ns:/run/netns/{net.node}", *img.ULIMITS,
-                "--user", "0", "--cap-drop", "ALL", "--cap-add", "SYS_ADMIN", "--read-only",
-                "--read-only-tmpfs=false", "--security-opt", "no-new-privileges",
-                "-v", f"{made.run_dir}:{NODE_RUN_DIR}", "-v", f"{pods_dir}:{NODE_PODS_DIR}:ro",
-                "-v", f"{net.ca_file}:{NODE_CA}:ro", *env_flags(env),
-                "--entrypoint", "azwi-netproxy-node", images.proxy,
-            )
+
+        def wait_ready() -> None:
             deadline = time.monotonic() + 30
-            while podman.run("exec", node_name, "azwi-netproxy-node", "--check", quiet=True).returncode != 0:
+            while podman.run("exec", node_name, *probe, quiet=True).returncode != 0:
                 assert time.monotonic() < deadline, podman.run("logs", node_name).stderr[-3000:]
                 time.sleep(0.2)
+
+        try:
+            start_cni_agent(podman, images, made, agent)
+            podman.ok(
+                "run", "-d", "--name", node_name, "--network", f"ns:/run/netns/{net.node}", *img.ULIMITS,
+                *security_flags(spec["securityContext"]), *mounts, "-v", f"{net.ca_file}:{NODE_CA}:ro",
+                *env_flags(env), "--entrypoint", command, images.proxy, *args,
+            )
+            wait_ready()
 
             # ADD as the runtime runs the chain, through the shim in the node's bin dir.
             runtime = Runtime([made.bin_dir, REFERENCE_PLUGINS], container_id=uuid.uuid4().hex,
@@ -797,8 +828,7 @@ def test_node_mode_runs_from_the_images_as_its_daemonset_runs_them(
 
             got = curl(containers, images, TOKEN_URL)
             assert got.status == 200, got
-            doc = got.json()
-            claims = decode_fake_token(doc["access_token"])
+            claims = decode_fake_token(got.json()["access_token"])
             assert (claims["tid"], claims["appid"], claims["sub"]) == (tenant_id, client_id, pod.subject), claims
             [exchange] = [r for r in in_netns(net.node, lambda: net.entra_client().exchanges())
                           if r.get("token_n") == claims["n"]]
@@ -812,9 +842,19 @@ def test_node_mode_runs_from_the_images_as_its_daemonset_runs_them(
             refused = curl(containers, images, TOKEN_URL)
             assert (refused.exit_code, refused.status) == (7, 0), refused  # 7: could not connect
             assert imds_records(net) == []
+
+            # Started again (a rollout, a crash): the pod is served from its record, no ADD.
+            podman.ok("start", node_name)
+            wait_ready()
+            again = curl(containers, images, TOKEN_URL)
+            assert again.status == 200, again
+            transcript.note("the node container started again: the pod is served again without a new ADD")
+            stop_within_grace(podman, node_name, transcript)
+
             logs = podman.run("logs", node_name, quiet=True)
             loaded, from_source = code_loaded(logs.stdout + logs.stderr)
-            transcript.note(f"node process: {len(loaded)} modules loaded, {len(from_source)} compiled from source")
+            transcript.note(f"node process (two starts): {len(loaded)} modules loaded, "
+                            f"{len(from_source)} compiled from source")
             assert len(loaded) > 100
             assert from_source == [], "\n".join(from_source)
             transcript.note("the node process's own log lines:")
