@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 from support.fake_entra import FakeEntraClient
 from support.fake_imds import INSTANCE, NODE_TOKEN_MARK, FakeImdsClient
-from support.netns import SYSTEM_PYTHON, hits, start_responder
+from support.netns import hits, probe_many, start_responder
 from support.proxyproc import (
     Pod,
     ProxyProcess,
@@ -331,40 +331,6 @@ async def test_passthrough_refuses_an_oversized_answer() -> None:
 
 # ---- other uids in the pod cannot reach the metadata address ---------------------------------
 
-# Probes several destinations in one process; prints one JSON list of results.
-_MULTI_PROBE = r"""
-import errno, json, socket, sys
-results = []
-for host, port, proto in json.loads(sys.argv[1]):
-    try:
-        if proto == "tcp":
-            family = socket.AF_INET6 if ":" in host else socket.AF_INET
-            sock = socket.socket(family, socket.SOCK_STREAM)
-            sock.settimeout(2)
-            sock.connect((host, port))
-            results.append(sock.recv(64).decode() or "closed")
-        elif proto == "udp":
-            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-            sock.settimeout(2)
-            sock.connect((host, port))
-            sock.send(b"ping")
-            results.append(sock.recv(64).decode())
-        else:  # ICMP echo over a ping socket (net.ipv4.ping_group_range allows it here)
-            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM, socket.IPPROTO_ICMP)
-            sock.settimeout(2)
-            sock.sendto(b"\x08\x00\x00\x00\x00\x01\x00\x01ping", (host, 0))
-            sock.recv(64)
-            results.append("echo-reply")
-        sock.close()
-    except ConnectionRefusedError:
-        results.append("refused")
-    except (TimeoutError, socket.timeout):
-        results.append("timeout")
-    except OSError as exc:
-        results.append("error:" + errno.errorcode.get(exc.errno or 0, str(exc.errno)))
-print(json.dumps(results))
-"""
-
 OTHER_PORTS = [443, 8080, 22, 32526, 2375]
 
 
@@ -380,14 +346,6 @@ def procs() -> Iterator[Processes]:
     """Name: procs. Scope: function. Background processes, killed by PID at the end."""
     with processes() as registry:
         yield registry
-
-
-def probe_many(ns: str, uid: int, targets: list[tuple[str, int, str]]) -> list[str]:
-    done = run_in(ns, [SYSTEM_PYTHON, "-c", _MULTI_PROBE, json.dumps(targets)],
-                        uid=uid, timeout=60)
-    assert done.returncode == 0, done.stderr
-    results: list[str] = json.loads(done.stdout)
-    return results
 
 
 @pytest.mark.root
@@ -409,13 +367,13 @@ def test_other_uids_cannot_reach_the_metadata_address_on_any_port(
         (ip, 53, "udp"), (ip, 123, "udp"), (ip, 0, "icmp"),
         (f"::ffff:{ip}", 80, "tcp"), (f"::ffff:{ip}", 8080, "tcp"),
     ]
-    others = {uid: probe_many(topo.pod, uid, targets) for uid in (1000, 0, 65534, 1502, 1500)}
+    others = {uid: probe_many(topo.pod, targets, uid=uid) for uid in (1000, 0, 65534, 1502, 1500)}
     blocked = ["proxy", *(["refused"] * len(OTHER_PORTS)), "error:EPERM", "error:EPERM",
                "error:EPERM", "proxy", "refused"]
     assert others == dict.fromkeys(others, blocked)
     # The proxy's uid (and only it) reaches the real IMDS, and only where pass-through goes:
     # TCP to port 80. Every other port and protocol is closed to it too.
-    exempt = probe_many(topo.pod, 1501, targets[:-2])
+    exempt = probe_many(topo.pod, targets[:-2], uid=1501)
     assert exempt == ["imds-80", *(["refused"] * len(OTHER_PORTS)), "error:EPERM", "error:EPERM",
                       "error:EPERM"]
     assert hits(procs, responders.pop(80)) == [topo.pod_imds_addr]  # uid 1501's probe, nobody else's
