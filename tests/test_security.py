@@ -18,12 +18,13 @@ import re
 import socket
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import pytest
 from support.fake_entra import FakeEntraClient
 from support.fake_imds import INSTANCE, NODE_TOKEN_MARK, FakeImdsClient
+from support.metrics import scrape
 from support.netns import hits, probe_many, start_responder
 from support.proxyproc import (
     Pod,
@@ -95,23 +96,73 @@ def test_the_token_port_listens_on_loopback_only(proxy: ProxyProcess) -> None:
     assert bound_sockets(proxy.proc.pid) == {"tcp": {("127.0.0.1", proxy.port)}}
 
 
+# Every label a sample may carry, and the fixed set its values come from (SECURITY.md: no
+# identities). A client ID, resource, path or anything else a client sends is in none of them.
+_LABEL_VALUES: dict[tuple[str, str], Callable[[str], bool]] = {
+    ("azwi_netproxy_requests_total", "route"):
+        {"token", "ready", "passthrough", "refused", "invalid"}.__contains__,
+    ("azwi_netproxy_requests_total", "status"): lambda value: re.fullmatch(r"[1-5][0-9][0-9]", value) is not None,
+    ("azwi_netproxy_exchanges_total", "outcome"):
+        {"success", "rejected", "throttled", "unavailable", "error"}.__contains__,
+    ("azwi_netproxy_cache_events_total", "event"):
+        {"hit", "miss", "refresh", "stale", "evict", "refresh_failed"}.__contains__,
+    ("azwi_netproxy_exchange_duration_seconds_bucket", "le"):
+        lambda value: re.fullmatch(r"\+Inf|[0-9]+(\.[0-9]+)?", value) is not None,
+}
+
+
+def labels_outside_the_fixed_sets(samples: Iterable[tuple[str, frozenset[tuple[str, str]]]]) -> list[str]:
+    """Every label of every sample (support.metrics.scrape's keys) that `_LABEL_VALUES` does
+    not allow, by name or by value."""
+    found = []
+    for name, labels in samples:
+        for key, value in sorted(labels):
+            allowed = _LABEL_VALUES.get((name, key))
+            if allowed is None or not allowed(value):
+                found.append(f"{name}{{{key}={value!r}}}")
+    return sorted(found)
+
+
 def test_the_metrics_port_serves_metrics_only_and_never_a_token(
-        proxy_factory: ProxyFactory, entra: FakeEntraClient, pod: Pod) -> None:
+        proxy_factory: ProxyFactory, entra: FakeEntraClient, pod: Pod,
+        new_app: Callable[..., str]) -> None:
     metrics_port = free_port()
     proxy = proxy_factory(args=[f"--metrics-port={metrics_port}"])
     # Prometheus scrapes it from outside the pod, so it is the one wildcard listener.
     assert bound_sockets(proxy.proc.pid) == {"tcp": {("127.0.0.1", proxy.port),
                                                      ("0.0.0.0", metrics_port)}}
-    token = proxy.token(unique_resource("metrics")).json()["access_token"]
-    for target in (token_target(unique_resource("via-metrics")), "/readyz",
-                   "/metadata/instance?api-version=2021-02-01"):
+    # Every route, with identities and resources a label could carry: the default client and
+    # another by client_id, a hit, a pass-through, a refusal, an error, readiness.
+    other_app = new_app()
+    resources = [unique_resource("metrics"), unique_resource("metrics-other")]
+    token = proxy.token(resources[0]).json()["access_token"]
+    assert proxy.token(resources[0]).status == 200
+    assert proxy.token(resources[1], other_app).status == 200
+    instance = "/metadata/instance?api-version=2021-02-01"
+    assert proxy.get(instance, {"Metadata": "true"}).status == 200
+    assert proxy.get("/metadata/%69dentity/oauth2/token?resource=x", {"Metadata": "true"}).status == 404
+    assert proxy.get(token_target(resources[0])).status == 400  # no Metadata: true
+    assert proxy.get("/readyz").status == 200
+    for target in (token_target(unique_resource("via-metrics")), "/readyz", instance):
         answer = http_request(metrics_port, target, headers={"Metadata": "true"})
         assert answer.status == 404, (target, answer)
+    samples = scrape(metrics_port)
+    outside = labels_outside_the_fixed_sets(samples)
+    assert outside == [], f"labels outside the fixed sets: {outside}"
+    # Not vacuous: the labelled families hold samples of what was asked.
+    seen = {(name, *label) for name, labels in samples for label in labels}
+    for route in ("token", "passthrough", "refused", "ready"):
+        assert ("azwi_netproxy_requests_total", "route", route) in seen, route
+    assert ("azwi_netproxy_requests_total", "status", "400") in seen
+    assert ("azwi_netproxy_exchanges_total", "outcome", "success") in seen
+    assert {("azwi_netproxy_cache_events_total", "event", e) for e in ("hit", "miss")} <= seen
     exposition = http_request(metrics_port, "/metrics").body.decode()
-    assert "azwi_netproxy_requests_total" in exposition
-    assert token not in exposition and pod.token.read() not in exposition
+    told = {"a token": token, "the service account token": pod.token.read(),
+            "the default client ID": pod.client_id, "another client ID": other_app,
+            "a resource": resources[0], "another resource": resources[1], "a path": "/metadata/"}
+    assert [what for what, value in told.items() if value.lower() in exposition.lower()] == []
     assert not re.search(r"fake\.[\w-]{20,}\.", exposition)
-    assert len(entra.exchanges()) == 1  # nothing asked on the metrics port was exchanged
+    assert len(entra.exchanges()) == 2  # nothing asked on the metrics port was exchanged
 
 
 def test_the_proxy_runs_unprivileged(proxy: ProxyProcess) -> None:
