@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -30,7 +31,14 @@ import pytest
 from support.fake_entra import FakeEntraClient
 from support.fake_imds import INSTANCE, FakeImdsClient
 from support.metrics import labelled, scrape
-from support.proxyproc import ProxyProcess, RawConnection, free_port, token_target, unique_resource
+from support.proxyproc import (
+    ImdsHandle,
+    ProxyProcess,
+    RawConnection,
+    free_port,
+    token_target,
+    unique_resource,
+)
 
 pytest_plugins = ["support.fixtures"]
 pytestmark = pytest.mark.timeout(60)
@@ -44,10 +52,22 @@ def metrics_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def refusing_proxy(module_proxy_factory: Callable[..., ProxyProcess], metrics_port: int) -> ProxyProcess:
+def refusing_proxy(module_proxy_factory: Callable[..., ProxyProcess], fake_imds_server: ImdsHandle,
+                   metrics_port: int) -> ProxyProcess:
     """Name: refusing_proxy. Scope: module. The pod's proxy (-OO, as the image runs it) with
     pass-through on (upstream's default) and metrics on `metrics_port`."""
-    return module_proxy_factory(args=[f"--metrics-port={metrics_port}"], PYTHONOPTIMIZE="2")
+    def checks() -> int:
+        return sum(r["path"] == "/metadata/versions" for r in fake_imds_server.client.records())
+
+    before = checks()
+    proxy = module_proxy_factory(args=[f"--metrics-port={metrics_port}"], PYTHONOPTIMIZE="2")
+    # Its start-up pass-through check reaches the fake IMDS in the background, after /readyz
+    # answers: waited for here, or it may land in the first test's record of IMDS.
+    deadline = time.monotonic() + 10
+    while checks() == before:
+        assert time.monotonic() < deadline, "the proxy's start-up check never reached the fake IMDS"
+        time.sleep(0.05)
+    return proxy
 
 
 def exchange(proxy: ProxyProcess, raw: bytes) -> tuple[Any, bool]:
