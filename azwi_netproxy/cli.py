@@ -1,5 +1,5 @@
 """Command lines of `azwi-netproxy`, `azwi-netproxy-init`, `azwi-netproxy-cni` and its agent,
-and `azwi-netproxy-node` (node mode's node process).
+and `azwi-netproxy-node` (node mode's node process), and the entry of `azwi-netproxy-demo`.
 
 The only module that sees argv and os.environ. Exit codes: 0 success, 1 runtime failure,
 2 bad flag, environment value or file (one clear line on stderr, nothing changed).
@@ -347,3 +347,19 @@ def node_main(argv: Sequence[str] | None = None) -> int:
     from azwi_netproxy.proxy.node import run_node
 
     return run_node(cfg, writer)
+
+
+def demo_main(argv: Sequence[str] | None = None) -> int:
+    """`azwi-netproxy-demo`: the demo (azwi_netproxy.demo), or, where its extra is not
+    installed (`pip install azwi-netproxy` brings no pyroute2), one line naming the extra
+    and exit 2 instead of an import traceback."""
+    try:
+        from azwi_netproxy import demo
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").partition(".")[0] != "pyroute2":
+            raise
+        sys.stderr.write(
+            "azwi-netproxy-demo: error: the demo needs pyroute2: pip install 'azwi-netproxy[demo]'\n"
+        )
+        return 2
+    return demo.main(None if argv is None else list(argv))

@@ -2,7 +2,9 @@
 # Install what the tests, the demo and the benchmark need on a fresh Debian machine (as root):
 # Debian packages, then a virtual environment built from Debian's /usr/bin/python3 in a path
 # every uid can read (the proxy runs as uid 1501 and clients as uid 1000 in the tests), with
-# this package (not editable: the checkout may be unreadable for those uids) and its test extras.
+# this package (not editable: the checkout may be unreadable for those uids) and its extras.
+# AZWI_WITH_TESTS=1 (scripts/test.sh) adds what only the test suite needs; AZWI_EXTRAS names
+# the package's extras (default: test, which holds all of them; scripts/demo.sh: demo).
 set -euo pipefail
 umask 022
 
@@ -11,6 +13,9 @@ VENV="${AZWI_VENV:-/opt/azwi-netproxy/test-venv}"
 APT_PACKAGES=(
     iptables nftables iproute2 util-linux procps curl openssl ca-certificates
     python3 python3-venv python3-dev gcc libc6-dev
+)
+# Only the test suite's (AZWI_WITH_TESTS=1).
+TEST_APT_PACKAGES=(
     # Node.js: the hostile tests judge targets with its WHATWG URL parser as well as urllib.
     nodejs
     # The CNI tests run a private containerd whose CRI plugin calls the chain.
@@ -27,6 +32,9 @@ if [[ $(id -u) -ne 0 ]]; then
     exit 2
 fi
 
+if [[ "${AZWI_WITH_TESTS:-0}" == 1 ]]; then
+    APT_PACKAGES+=("${TEST_APT_PACKAGES[@]}")
+fi
 missing=()
 for package in "${APT_PACKAGES[@]}" "$@"; do
     dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" || missing+=("$package")
@@ -46,7 +54,7 @@ fi
 # setuptools builds in the checkout's build/ and never empties it: a module moved or deleted
 # since the last install would come back into the venv from there.
 rm -rf "$REPO/build"
-"$VENV/bin/pip" install -q --upgrade "$REPO[test]"
+"$VENV/bin/pip" install -q --upgrade "$REPO[${AZWI_EXTRAS:-test}]"
 # Reinstall our package itself every time so the venv holds exactly this checkout.
 "$VENV/bin/pip" install -q --no-deps --force-reinstall "$REPO"
 # The proxy image runs with PYTHONOPTIMIZE=2; without level-2 bytecode next to the sources
@@ -54,7 +62,7 @@ rm -rf "$REPO/build"
 # packages ship deliberately broken .py files (test data): compileall's status is ignored.
 "$VENV/bin/python" -OO -m compileall -q "$VENV/lib" >/dev/null 2>&1 || true
 
-# For the tests (AZWI_WITH_NODE_SDK=1, set by scripts/test.sh), a JavaScript app as well:
+# For the tests (AZWI_WITH_TESTS=1, set by scripts/test.sh), a JavaScript app as well:
 # @azure/identity (msal-node under it), pinned, in the venv's folder for the pod tests. It
 # needs Node.js 20 or later; where neither this machine nor its Debian release has that
 # (Debian 12's nodejs is 18), those tests skip and say why.
@@ -78,7 +86,7 @@ install_node_sdk() {
         npm install --prefix "$sdk" --no-audit --no-fund --loglevel=error "$package" >/dev/null
     fi
 }
-if [[ "${AZWI_WITH_NODE_SDK:-0}" == 1 ]]; then
+if [[ "${AZWI_WITH_TESTS:-0}" == 1 ]]; then
     install_node_sdk
 fi
 chmod -R a+rX "$VENV"

@@ -17,6 +17,7 @@ spec's words on results and errors, never by the plugin's own code.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import subprocess
@@ -24,6 +25,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import ExitStack
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -269,6 +271,69 @@ def test_garbage_on_stdin_and_missing_variables(cni_node: Node, scratch_ns: str)
     config = runtime.plugin_config(cni_node.conflist(), _ours(cni_node.conflist()), None)
     _assert_error(runtime.call("ADD", "azwi-netproxy", config, netns=""), 4)
     _assert_error(runtime.call("ADD", "azwi-netproxy", config, netns="/run/netns/azcni-gone"), 3)
+
+
+# ---- installing fails: ADD fails closed (code 100) and changes nothing ----------------------
+
+# Holds table ip azwi_proxy as its owner (NFT_TABLE_F_OWNER): while its nft lives, the kernel
+# refuses every other process any change to that table (EPERM), root's included. nft dies with
+# this process (end of its stdin, and PR_SET_PDEATHSIG), and the table with nft.
+_TABLE_OWNER = r"""
+import ctypes, signal, subprocess, time
+nft = subprocess.Popen(["nft", "-i"], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL, text=True,
+                       preexec_fn=lambda: ctypes.CDLL(None).prctl(1, signal.SIGKILL))
+nft.stdin.write("add table ip azwi_proxy { flags owner; }\n")
+nft.stdin.flush()
+while subprocess.run(["nft", "list", "table", "ip", "azwi_proxy"], capture_output=True).returncode:
+    time.sleep(0.05)
+print("ready", flush=True)
+nft.wait()
+"""
+
+
+def test_add_fails_closed_when_the_kernel_refuses_the_rules(cni_node: Node, scratch_ns: str) -> None:
+    """Another program owns a table by our name: the kernel refuses our transaction."""
+    conflist = _with_ours(cni_node.conflist(), backend="nftables")
+    with netns.processes() as procs:
+        procs.start(scratch_ns, [netns.SYSTEM_PYTHON, "-c", _TABLE_OWNER], ready_line="ready")
+        before = netns.netfilter_snapshot(scratch_ns)
+        assert "flags owner" in before, before
+        body = _assert_error(_runtime(cni_node, scratch_ns, REDIRECT).add(conflist), 100)
+        assert "could not install" in body["msg"] and "not permitted" in body["details"], body
+        assert netns.netfilter_snapshot(scratch_ns) == before
+
+
+def _real_files(pattern: str) -> list[str]:
+    return sorted({str(Path(found).resolve()) for found in glob.glob(pattern)})
+
+
+# What the agent's container lacks, per backend (an image built without nft, or without the
+# C library python-iptables loads), and how the plugin's error names it.
+MISSING = {"nftables": ("/usr/sbin/nft", "the nft command is not installed"),
+           "iptables": ("/usr/lib/*/libip4tc.so*", "python-iptables cannot load libiptc")}
+
+
+@pytest.mark.parametrize("backend", list(MISSING))
+def test_add_fails_closed_when_the_agent_lacks_the_backends_tool(backend: str, scratch_ns: str) -> None:
+    """The node's config asks for a backend the agent's container cannot run: ADD fails."""
+    with node(cluster_conflist()) as made:
+        made.start_agent()
+        assert made.agent is not None
+        # Masked in the agent's own mount namespace only (the plugin runs there): /dev/null
+        # over the file is an empty, non-executable file.
+        pattern, detail = MISSING[backend]
+        paths = _real_files(pattern)
+        assert paths, f"nothing to take away: no {pattern} on this machine"
+        for path in paths:
+            masked = subprocess.run(["nsenter", f"--target={made.agent.pid}", "--mount", "--",
+                                     "mount", "--bind", "/dev/null", path], capture_output=True, text=True)
+            assert masked.returncode == 0, masked.stderr
+        conflist = _with_ours(made.conflist(), backend=backend)
+        before = netns.netfilter_snapshot(scratch_ns)
+        body = _assert_error(_runtime(made, scratch_ns, REDIRECT).add(conflist), 100)
+        assert "could not install" in body["msg"] and detail in body["details"], body
+        assert netns.netfilter_snapshot(scratch_ns) == before
 
 
 def test_versions_and_result_conversion(cni_node: Node, scratch_ns: str) -> None:

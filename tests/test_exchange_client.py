@@ -9,7 +9,9 @@ Depends: trustme; nothing leaves loopback.
 What is asserted (issue 16, hole 7, and the proxy rules in CONTRACT.md):
 - a pooled connection idle longer than the keep-alive expiry is not reused, so one that a
   NAT dropped silently (no reset; Azure's SNAT idles flows out after 4 minutes) cannot make
-  an exchange wait out its read timeout; the control shows what reuse would cost;
+  an exchange wait out its read timeout; the control shows what reuse would cost; the
+  expiry the proxy is configured with is 60 s (reused after 59 s idle, never after 61 s:
+  httpcore's clock moved forward, so no test waits a minute);
 - a request that fails on a connection before any byte of the answer is sent once more, at
   once, on another connection;
 - HTTPS_PROXY / NO_PROXY apply to Entra exchanges, never to identity binding's token proxy.
@@ -25,11 +27,11 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+import httpcore._async.http11 as httpcore_http11
 import pytest
 import trustme
 
 from azwi_netproxy.errors import UpstreamUnavailable
-from azwi_netproxy.proxy import outbound
 from azwi_netproxy.proxy.binding import BindingEndpoint
 from azwi_netproxy.proxy.config import IdentityBinding
 from azwi_netproxy.proxy.entra import AuthorityEndpoint, ExchangePolicy, Exchanger
@@ -135,9 +137,44 @@ def authority(ca: trustme.CA, tmp_path_factory: pytest.TempPathFactory, port: in
                              keepalive_expiry_s=keepalive_expiry_s, via_environment_proxy=via_proxy)
 
 
-def test_idle_connections_expire_well_before_a_nat_forgets_them() -> None:
-    # Azure's SNAT drops idle flows after 4 minutes without a reset.
-    assert outbound.KEEPALIVE_EXPIRY_S <= 120
+class IdleClock:
+    """time.monotonic as httpcore's HTTP/1.1 connections read it (`time.monotonic()` in
+    httpcore/_async/http11.py, both where an idle spell starts and where its expiry is
+    checked), moved forward at will. Only that module sees it: the event loop, the token
+    service and the timeouts keep the real clock. Should httpcore stop reading the clock
+    there, no idle connection would ever look expired, and the 61 s case fails."""
+
+    def __init__(self) -> None:
+        self.skipped_s = 0.0
+
+    def monotonic(self) -> float:
+        return time.monotonic() + self.skipped_s
+
+
+@pytest.mark.parametrize(("idle_s", "reused"), [(59.0, True), (61.0, False)], ids=["59s", "61s"])
+async def test_the_exchange_client_reuses_a_connection_idle_59_s_and_never_one_idle_61_s(
+        ca: trustme.CA, tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch,
+        idle_s: float, reused: bool) -> None:
+    """SECURITY.md: idle pooled connections are not reused after 60 s (Azure's SNAT forgets an
+    idle flow after 4 minutes, without a word). The endpoint as the proxy builds it, with its
+    configured expiry, judged by which connection the token service sees the second request on."""
+    clock = IdleClock()
+    monkeypatch.setattr(httpcore_http11, "time", clock)
+    async with serving(ca, TokenService()) as service:
+        endpoint = authority(ca, tmp_path_factory, service.port, timeout_s=10.0)
+        exchange = exchanger_for(endpoint, [], timeout_s=10.0)
+        try:
+            assert (await exchange(KEY)).access_token == "tok-1-1"
+            clock.skipped_s += idle_s
+            second = await exchange(KEY)
+        finally:
+            await endpoint.aclose()
+    if reused:
+        assert [c.requests for c in service.connections] == [2], "a connection idle 59 s was not reused"
+        assert second.access_token == "tok-1-2"
+    else:
+        assert [c.requests for c in service.connections] == [1, 1], "a connection idle 61 s was reused"
+        assert second.access_token == "tok-2-1"
 
 
 async def test_a_connection_idle_past_the_expiry_is_not_reused_so_a_silent_drop_costs_nothing(

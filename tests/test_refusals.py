@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -30,7 +31,14 @@ import pytest
 from support.fake_entra import FakeEntraClient
 from support.fake_imds import INSTANCE, FakeImdsClient
 from support.metrics import labelled, scrape
-from support.proxyproc import ProxyProcess, RawConnection, free_port, token_target, unique_resource
+from support.proxyproc import (
+    ImdsHandle,
+    ProxyProcess,
+    RawConnection,
+    free_port,
+    token_target,
+    unique_resource,
+)
 
 pytest_plugins = ["support.fixtures"]
 pytestmark = pytest.mark.timeout(60)
@@ -44,10 +52,22 @@ def metrics_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def refusing_proxy(module_proxy_factory: Callable[..., ProxyProcess], metrics_port: int) -> ProxyProcess:
+def refusing_proxy(module_proxy_factory: Callable[..., ProxyProcess], fake_imds_server: ImdsHandle,
+                   metrics_port: int) -> ProxyProcess:
     """Name: refusing_proxy. Scope: module. The pod's proxy (-OO, as the image runs it) with
     pass-through on (upstream's default) and metrics on `metrics_port`."""
-    return module_proxy_factory(args=[f"--metrics-port={metrics_port}"], PYTHONOPTIMIZE="2")
+    def checks() -> int:
+        return sum(r["path"] == "/metadata/versions" for r in fake_imds_server.client.records())
+
+    before = checks()
+    proxy = module_proxy_factory(args=[f"--metrics-port={metrics_port}"], PYTHONOPTIMIZE="2")
+    # Its start-up pass-through check reaches the fake IMDS in the background, after /readyz
+    # answers: waited for here, or it may land in the first test's record of IMDS.
+    deadline = time.monotonic() + 10
+    while checks() == before:
+        assert time.monotonic() < deadline, "the proxy's start-up check never reached the fake IMDS"
+        time.sleep(0.05)
+    return proxy
 
 
 def exchange(proxy: ProxyProcess, raw: bytes) -> tuple[Any, bool]:
@@ -98,6 +118,40 @@ def test_http_1_0_and_1_1_still_get_tokens(refusing_proxy: ProxyProcess, entra: 
         assert answer.status == 200, answer
         assert answer.json()["resource"] == resource
     assert len(entra.exchanges()) == 2
+
+
+# RFC 9112, section 3.2, as Go's server (upstream's) answers it: an HTTP/1.1 request needs
+# exactly one Host header, any request at most one. A request without its one Host is refused
+# like a request line IMDS would not answer: 400, closed, never a token, an exchange or a
+# pass-through.
+HOSTS = [
+    pytest.param(b" HTTP/1.1", b"", id="http-1.1-without-host"),
+    pytest.param(b" HTTP/1.1", b"Host: 169.254.169.254\r\nHost: 169.254.169.254\r\n", id="http-1.1-two-hosts"),
+    pytest.param(b" HTTP/1.0", b"Host: 169.254.169.254\r\nHost: 169.254.169.254\r\n", id="http-1.0-two-hosts"),
+]
+
+
+@pytest.mark.parametrize(("version", "hosts"), HOSTS)
+def test_a_request_without_exactly_one_host_gets_400_and_a_close(
+        refusing_proxy: ProxyProcess, entra: FakeEntraClient, imds: FakeImdsClient,
+        version: bytes, hosts: bytes) -> None:
+    for line in (_token_line(unique_resource("host")), b"GET /metadata/instance?api-version=2021-02-01"):
+        answer, closed = exchange(refusing_proxy, line + version + b"\r\nMetadata: true\r\n" + hosts + b"\r\n")
+        assert answer.status == 400, (line, answer)
+        assert answer.json()["error"] == "invalid_request", answer
+        assert "access_token" not in answer.body.decode()
+        assert closed, "the connection must be closed after the 400"
+    assert entra.exchanges() == [], "no exchange for a request without its one Host"
+    assert imds.records() == [], "no pass-through for a request without its one Host"
+
+
+def test_http_1_0_without_host_still_gets_its_token(refusing_proxy: ProxyProcess, entra: FakeEntraClient) -> None:
+    """The control: HTTP/1.0 has no Host requirement."""
+    resource = unique_resource("host")
+    answer, _ = exchange(refusing_proxy, _token_line(resource) + b" HTTP/1.0\r\nMetadata: true\r\n\r\n")
+    assert answer.status == 200, answer
+    assert answer.json()["resource"] == resource
+    assert len(entra.exchanges()) == 1
 
 
 # ---- 2. pass-through targets ---------------------------------------------------------------

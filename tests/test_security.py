@@ -18,13 +18,14 @@ import re
 import socket
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import pytest
 from support.fake_entra import FakeEntraClient
 from support.fake_imds import INSTANCE, NODE_TOKEN_MARK, FakeImdsClient
-from support.netns import SYSTEM_PYTHON, hits, start_responder
+from support.metrics import scrape
+from support.netns import hits, probe_many, start_responder
 from support.proxyproc import (
     Pod,
     ProxyProcess,
@@ -95,23 +96,73 @@ def test_the_token_port_listens_on_loopback_only(proxy: ProxyProcess) -> None:
     assert bound_sockets(proxy.proc.pid) == {"tcp": {("127.0.0.1", proxy.port)}}
 
 
+# Every label a sample may carry, and the fixed set its values come from (SECURITY.md: no
+# identities). A client ID, resource, path or anything else a client sends is in none of them.
+_LABEL_VALUES: dict[tuple[str, str], Callable[[str], bool]] = {
+    ("azwi_netproxy_requests_total", "route"):
+        {"token", "ready", "passthrough", "refused", "invalid"}.__contains__,
+    ("azwi_netproxy_requests_total", "status"): lambda value: re.fullmatch(r"[1-5][0-9][0-9]", value) is not None,
+    ("azwi_netproxy_exchanges_total", "outcome"):
+        {"success", "rejected", "throttled", "unavailable", "error"}.__contains__,
+    ("azwi_netproxy_cache_events_total", "event"):
+        {"hit", "miss", "refresh", "stale", "evict", "refresh_failed"}.__contains__,
+    ("azwi_netproxy_exchange_duration_seconds_bucket", "le"):
+        lambda value: re.fullmatch(r"\+Inf|[0-9]+(\.[0-9]+)?", value) is not None,
+}
+
+
+def labels_outside_the_fixed_sets(samples: Iterable[tuple[str, frozenset[tuple[str, str]]]]) -> list[str]:
+    """Every label of every sample (support.metrics.scrape's keys) that `_LABEL_VALUES` does
+    not allow, by name or by value."""
+    found = []
+    for name, labels in samples:
+        for key, value in sorted(labels):
+            allowed = _LABEL_VALUES.get((name, key))
+            if allowed is None or not allowed(value):
+                found.append(f"{name}{{{key}={value!r}}}")
+    return sorted(found)
+
+
 def test_the_metrics_port_serves_metrics_only_and_never_a_token(
-        proxy_factory: ProxyFactory, entra: FakeEntraClient, pod: Pod) -> None:
+        proxy_factory: ProxyFactory, entra: FakeEntraClient, pod: Pod,
+        new_app: Callable[..., str]) -> None:
     metrics_port = free_port()
     proxy = proxy_factory(args=[f"--metrics-port={metrics_port}"])
     # Prometheus scrapes it from outside the pod, so it is the one wildcard listener.
     assert bound_sockets(proxy.proc.pid) == {"tcp": {("127.0.0.1", proxy.port),
                                                      ("0.0.0.0", metrics_port)}}
-    token = proxy.token(unique_resource("metrics")).json()["access_token"]
-    for target in (token_target(unique_resource("via-metrics")), "/readyz",
-                   "/metadata/instance?api-version=2021-02-01"):
+    # Every route, with identities and resources a label could carry: the default client and
+    # another by client_id, a hit, a pass-through, a refusal, an error, readiness.
+    other_app = new_app()
+    resources = [unique_resource("metrics"), unique_resource("metrics-other")]
+    token = proxy.token(resources[0]).json()["access_token"]
+    assert proxy.token(resources[0]).status == 200
+    assert proxy.token(resources[1], other_app).status == 200
+    instance = "/metadata/instance?api-version=2021-02-01"
+    assert proxy.get(instance, {"Metadata": "true"}).status == 200
+    assert proxy.get("/metadata/%69dentity/oauth2/token?resource=x", {"Metadata": "true"}).status == 404
+    assert proxy.get(token_target(resources[0])).status == 400  # no Metadata: true
+    assert proxy.get("/readyz").status == 200
+    for target in (token_target(unique_resource("via-metrics")), "/readyz", instance):
         answer = http_request(metrics_port, target, headers={"Metadata": "true"})
         assert answer.status == 404, (target, answer)
+    samples = scrape(metrics_port)
+    outside = labels_outside_the_fixed_sets(samples)
+    assert outside == [], f"labels outside the fixed sets: {outside}"
+    # Not vacuous: the labelled families hold samples of what was asked.
+    seen = {(name, *label) for name, labels in samples for label in labels}
+    for route in ("token", "passthrough", "refused", "ready"):
+        assert ("azwi_netproxy_requests_total", "route", route) in seen, route
+    assert ("azwi_netproxy_requests_total", "status", "400") in seen
+    assert ("azwi_netproxy_exchanges_total", "outcome", "success") in seen
+    assert {("azwi_netproxy_cache_events_total", "event", e) for e in ("hit", "miss")} <= seen
     exposition = http_request(metrics_port, "/metrics").body.decode()
-    assert "azwi_netproxy_requests_total" in exposition
-    assert token not in exposition and pod.token.read() not in exposition
+    told = {"a token": token, "the service account token": pod.token.read(),
+            "the default client ID": pod.client_id, "another client ID": other_app,
+            "a resource": resources[0], "another resource": resources[1], "a path": "/metadata/"}
+    assert [what for what, value in told.items() if value.lower() in exposition.lower()] == []
     assert not re.search(r"fake\.[\w-]{20,}\.", exposition)
-    assert len(entra.exchanges()) == 1  # nothing asked on the metrics port was exchanged
+    assert len(entra.exchanges()) == 2  # nothing asked on the metrics port was exchanged
 
 
 def test_the_proxy_runs_unprivileged(proxy: ProxyProcess) -> None:
@@ -331,40 +382,6 @@ async def test_passthrough_refuses_an_oversized_answer() -> None:
 
 # ---- other uids in the pod cannot reach the metadata address ---------------------------------
 
-# Probes several destinations in one process; prints one JSON list of results.
-_MULTI_PROBE = r"""
-import errno, json, socket, sys
-results = []
-for host, port, proto in json.loads(sys.argv[1]):
-    try:
-        if proto == "tcp":
-            family = socket.AF_INET6 if ":" in host else socket.AF_INET
-            sock = socket.socket(family, socket.SOCK_STREAM)
-            sock.settimeout(2)
-            sock.connect((host, port))
-            results.append(sock.recv(64).decode() or "closed")
-        elif proto == "udp":
-            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-            sock.settimeout(2)
-            sock.connect((host, port))
-            sock.send(b"ping")
-            results.append(sock.recv(64).decode())
-        else:  # ICMP echo over a ping socket (net.ipv4.ping_group_range allows it here)
-            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM, socket.IPPROTO_ICMP)
-            sock.settimeout(2)
-            sock.sendto(b"\x08\x00\x00\x00\x00\x01\x00\x01ping", (host, 0))
-            sock.recv(64)
-            results.append("echo-reply")
-        sock.close()
-    except ConnectionRefusedError:
-        results.append("refused")
-    except (TimeoutError, socket.timeout):
-        results.append("timeout")
-    except OSError as exc:
-        results.append("error:" + errno.errorcode.get(exc.errno or 0, str(exc.errno)))
-print(json.dumps(results))
-"""
-
 OTHER_PORTS = [443, 8080, 22, 32526, 2375]
 
 
@@ -380,14 +397,6 @@ def procs() -> Iterator[Processes]:
     """Name: procs. Scope: function. Background processes, killed by PID at the end."""
     with processes() as registry:
         yield registry
-
-
-def probe_many(ns: str, uid: int, targets: list[tuple[str, int, str]]) -> list[str]:
-    done = run_in(ns, [SYSTEM_PYTHON, "-c", _MULTI_PROBE, json.dumps(targets)],
-                        uid=uid, timeout=60)
-    assert done.returncode == 0, done.stderr
-    results: list[str] = json.loads(done.stdout)
-    return results
 
 
 @pytest.mark.root
@@ -409,13 +418,13 @@ def test_other_uids_cannot_reach_the_metadata_address_on_any_port(
         (ip, 53, "udp"), (ip, 123, "udp"), (ip, 0, "icmp"),
         (f"::ffff:{ip}", 80, "tcp"), (f"::ffff:{ip}", 8080, "tcp"),
     ]
-    others = {uid: probe_many(topo.pod, uid, targets) for uid in (1000, 0, 65534, 1502, 1500)}
+    others = {uid: probe_many(topo.pod, targets, uid=uid) for uid in (1000, 0, 65534, 1502, 1500)}
     blocked = ["proxy", *(["refused"] * len(OTHER_PORTS)), "error:EPERM", "error:EPERM",
                "error:EPERM", "proxy", "refused"]
     assert others == dict.fromkeys(others, blocked)
     # The proxy's uid (and only it) reaches the real IMDS, and only where pass-through goes:
     # TCP to port 80. Every other port and protocol is closed to it too.
-    exempt = probe_many(topo.pod, 1501, targets[:-2])
+    exempt = probe_many(topo.pod, targets[:-2], uid=1501)
     assert exempt == ["imds-80", *(["refused"] * len(OTHER_PORTS)), "error:EPERM", "error:EPERM",
                       "error:EPERM"]
     assert hits(procs, responders.pop(80)) == [topo.pod_imds_addr]  # uid 1501's probe, nobody else's

@@ -15,14 +15,18 @@ it and adds what only tests need.
 
 Running code: `ns_argv(ns, argv, uid=...)` wraps argv in `ip netns exec` (and `setpriv` for
 another uid); `run_in` runs it to completion; `Processes` starts background ones.
-`start_responder` and `probe` are a tiny TCP/UDP server and client to see where traffic lands.
+`start_responder` and `probe` are a tiny TCP/UDP server and client to see where traffic lands
+(a responder on the metadata address is a tripwire: `hits` lists who reached it);
+`probe_many` tries many destinations (TCP, UDP, ICMP echo) from one process.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -44,7 +48,7 @@ from support.proxyproc import SUPPORT_DIR, ScriptProcess, start_script
 __all__ = [
     "METADATA_IP", "SYSTEM_PYTHON", "Processes", "Topology", "add_address", "add_route",
     "connect", "hits", "legacy_tables", "namespace", "netfilter_snapshot", "ns_argv", "probe",
-    "processes", "run_in", "start_fake_in", "start_responder", "topology",
+    "probe_many", "processes", "run_in", "start_fake_in", "start_responder", "topology",
 ]
 
 # Processes run under other uids need an interpreter they can read; Debian's is (STYLE 9).
@@ -139,6 +143,56 @@ def probe(
     if done.returncode != 0:
         raise RuntimeError(f"probe failed to run: {done.stderr.strip()}")
     return done.stdout.strip()
+
+
+# Probes several destinations in one process; prints one JSON list of results: the reply,
+# "refused", "timeout", "echo-reply" (ICMP) or error:<errno name>.
+_MULTI_PROBE = r"""
+import errno, json, socket, sys
+results = []
+for host, port, proto in json.loads(sys.argv[1]):
+    try:
+        if proto == "tcp":
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            sock.settimeout(2)
+            sock.connect((host, port))
+            results.append(sock.recv(64).decode() or "closed")
+        elif proto == "udp":
+            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            sock.settimeout(2)
+            sock.connect((host, port))
+            sock.send(b"ping")
+            results.append(sock.recv(64).decode())
+        else:  # ICMP echo over a ping socket (net.ipv4.ping_group_range must allow the gid)
+            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM, socket.IPPROTO_ICMP)
+            sock.settimeout(2)
+            sock.sendto(b"\x08\x00\x00\x00\x00\x01\x00\x01ping", (host, 0))
+            sock.recv(64)
+            results.append("echo-reply")
+        sock.close()
+    except ConnectionRefusedError:
+        results.append("refused")
+    except (TimeoutError, socket.timeout):
+        results.append("timeout")
+    except OSError as exc:
+        results.append("error:" + errno.errorcode.get(exc.errno or 0, str(exc.errno)))
+print(json.dumps(results))
+"""
+
+Target = tuple[str, int, str]  # host, port, "tcp" | "udp" | "icmp"
+
+
+def probe_many(ns: str, targets: Sequence[Target], *, uid: int | None = None,
+               via: Sequence[str] = ()) -> list[str]:
+    """`probe` for each target from one process in `ns` as `uid` (None: root), run through
+    `via` first if given (e.g. root's own `setpriv --reuid=1501`); one result per target."""
+    done = run_in(ns, [*via, SYSTEM_PYTHON, "-c", _MULTI_PROBE, json.dumps(list(targets))],
+                  uid=uid, timeout=60)
+    if done.returncode != 0:
+        raise RuntimeError(f"probe failed to run: {done.stderr.strip()}")
+    results: list[str] = json.loads(done.stdout)
+    return results
 
 
 # ---- what does the namespace's netfilter hold? ----------------------------------------

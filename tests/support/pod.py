@@ -12,12 +12,15 @@ Depends: root + netns + nft (the `root` marker's probe), conftest's `python_for_
     support.fake_entra, support.fake_imds, support.proxyproc.
 
 What is built (`build_pod`), on the topology of support.netns (POD, IMDS, STS, PEER):
-- IMDS: tests/support/fake_imds.py on 169.254.169.254:80, recording every request.
+- IMDS: tests/support/fake_imds.py on 169.254.169.254:80, recording every request; none in a
+  pod built with `passthrough="none"`, whose proxy never goes there: its tests put tripwires
+  (support.netns.start_responder) on that address instead.
 - STS: tests/support/fake_entra.py over HTTPS on 198.18.1.2:443, with a certificate for that
   address from a throwaway trustme CA; the pod's app trusts the pod's service account.
 - POD: the real `azwi-netproxy-init --backend B` as root, then the real proxy as uid 1501 on
   127.0.0.1:8000 with the webhook's environment (AZURE_AUTHORITY_HOST = the fake Entra,
-  SSL_CERT_FILE = the CA, no METADATA_* override: production defaults).
+  SSL_CERT_FILE = the CA, no METADATA_* override: production defaults). Both get
+  AZWI_PASSTHROUGH (`all` unless built otherwise), as one setting in a manifest serves both.
 
 The test runner itself lives in the root namespace and never sends anything there. To talk
 to a fake's control paths or the proxy's /readyz, `in_netns` runs a function in a short-lived
@@ -41,7 +44,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Generator, Iterator, Sequence
 from contextlib import ExitStack, suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -192,9 +195,10 @@ class Curl:
 
 
 def curl_in(ns: str, url: str, *headers: str, uid: int | None = CLIENT_UID,
-            max_time_s: float = 10.0) -> Curl:
-    """curl in namespace `ns` as `uid` (None: root), with `Metadata: true` and any extra headers."""
-    argv = ["curl", "-sS", "--max-time", str(max_time_s), "-H", "Metadata: true"]
+            max_time_s: float = 10.0, via: Sequence[str] = ()) -> Curl:
+    """curl in namespace `ns` as `uid` (None: root), with `Metadata: true` and any extra headers;
+    `via` runs it through a command first (e.g. root's own `setpriv --reuid=1501`)."""
+    argv = [*via, "curl", "-sS", "--max-time", str(max_time_s), "-H", "Metadata: true"]
     for header in headers:
         argv += ["-H", header]
     argv += ["-w", "\n%{http_code}", url]
@@ -214,8 +218,9 @@ class PodSandbox:
     work: Path
     identity: Identity
     entra_process: ScriptProcess
-    imds_process: ScriptProcess
+    imds_process: ScriptProcess | None
     ca_file: str
+    passthrough: str = "all"  # AZWI_PASSTHROUGH of the init and the proxy
     proxy: PodProxy | None = None
     pristine: str = ""  # `netfilter_snapshot` before the first init
     installed: str = ""  # ... and after it: what every test finds and leaves
@@ -247,6 +252,7 @@ class PodSandbox:
 
     def imds_records(self) -> list[dict[str, Any]]:
         """Every request the fake IMDS saw, oldest first."""
+        assert self.imds_process is not None, "this pod has no fake IMDS (passthrough none)"
         client = FakeImdsClient(f"http://{METADATA_IP}:{IMDS_PORT}")
         return in_netns(self.topo.imds, client.records)
 
@@ -259,7 +265,8 @@ class PodSandbox:
     def init(self, *args: str) -> subprocess.CompletedProcess[str]:
         """Run the real init as root in POD with `--backend B` and `args`."""
         argv = [self.python, "-m", "azwi_netproxy.init", "--backend", self.backend, *args]
-        env = {**base_env(self.pythonpath), "PROXY_PORT": str(PROXY_PORT)}
+        env = {**base_env(self.pythonpath), "PROXY_PORT": str(PROXY_PORT),
+               "AZWI_PASSTHROUGH": self.passthrough}
         done = netns.run_in(self.topo.pod, argv, env=env)
         self._log_file("init").write_text(
             f"$ {' '.join(argv[1:])}\nexit {done.returncode}\n--- stdout ---\n{done.stdout}"
@@ -286,6 +293,7 @@ class PodSandbox:
             "AZURE_FEDERATED_TOKEN_FILE": str(ident.token.path),
             "AZURE_AUTHORITY_HOST": f"https://{self.topo.sts_addr}/",
             "SSL_CERT_FILE": self.ca_file,
+            "AZWI_PASSTHROUGH": self.passthrough,
         }
 
     def readyz(self) -> int:
@@ -295,14 +303,15 @@ class PodSandbox:
     def start_proxy(self, uid: int = PROXY_UID, ready_timeout_s: float = 15.0) -> PodProxy:
         """Start the proxy in POD as `uid` and wait for /readyz.
 
-        As PROXY_UID its start-up pass-through check reaches the fake IMDS; this waits for
-        that request too, so no test sees it arrive late.
+        As PROXY_UID with pass-through on, its start-up pass-through check reaches the fake
+        IMDS; this waits for that request too, so no test sees it arrive late.
 
         Raises:
             RuntimeError: it exited or never became ready (its log is in the message).
         """
         assert self.proxy is None or not self.proxy.running(), "a proxy is already running"
-        checks_before = self._startup_checks() if uid == PROXY_UID else 0
+        checks = uid == PROXY_UID and self.passthrough == "all"
+        checks_before = self._startup_checks() if checks else 0
         log = self._log_file(f"proxy-uid{uid}")
         argv = netns.ns_argv(self.topo.pod, [self.python, "-m", "azwi_netproxy",
                                              f"--proxy-port={PROXY_PORT}"], uid=uid)
@@ -322,7 +331,7 @@ class PodSandbox:
                 raise RuntimeError(f"proxy (uid {uid}) not ready after {ready_timeout_s} s:\n"
                                    f"{log.read_text(errors='replace')}")
             time.sleep(0.05)
-        while uid == PROXY_UID and self._startup_checks() == checks_before:
+        while checks and self._startup_checks() == checks_before:
             if time.monotonic() > deadline:
                 raise RuntimeError("the proxy's start-up request never reached the fake IMDS:\n"
                                    f"{log.read_text(errors='replace')}")
@@ -348,10 +357,11 @@ class PodSandbox:
 
     # ---- clients in POD ----
 
-    def curl(self, url: str, *headers: str, uid: int = CLIENT_UID,
-             max_time_s: float = 10.0) -> Curl:
-        """curl as `uid` in POD, with `Metadata: true` and any extra headers."""
-        return curl_in(self.topo.pod, url, *headers, uid=uid, max_time_s=max_time_s)
+    def curl(self, url: str, *headers: str, uid: int | None = CLIENT_UID,
+             max_time_s: float = 10.0, via: Sequence[str] = ()) -> Curl:
+        """curl as `uid` (None: root) in POD, with `Metadata: true` and any extra headers;
+        `via` runs it through a command first (e.g. root's own `setpriv --reuid=1501`)."""
+        return curl_in(self.topo.pod, url, *headers, uid=uid, max_time_s=max_time_s, via=via)
 
     def sdk_token(self, scope: str, uid: int = CLIENT_UID) -> dict[str, Any]:
         """azure-identity's ManagedIdentityCredential().get_token(scope) as `uid` in POD.
@@ -434,10 +444,13 @@ class PodSandbox:
 
 
 def build_pod(stack: ExitStack, backend: str, python: str, pythonpath: str,
-              redirect: Callable[[PodSandbox], None] | None = None) -> PodSandbox:
+              redirect: Callable[[PodSandbox], None] | None = None,
+              passthrough: str = "all") -> PodSandbox:
     """Build the whole pod (module docstring); everything is undone when `stack` closes.
 
     `redirect` installs the rules instead of the init container (the CNI plugin's tests).
+    `passthrough` is AZWI_PASSTHROUGH of the init and the proxy; with "none" there is no
+    fake IMDS (nothing may reach that address: tests put tripwires there).
     """
     topo = stack.enter_context(netns.topology(with_peer=True))
     work = shared_tempdir("azwi-pod-")
@@ -451,9 +464,11 @@ def build_pod(stack: ExitStack, backend: str, python: str, pythonpath: str,
     cert_dir = work / "entra-cert"
     issue_server_cert(ca, cert_dir, topo.sts_addr)
 
-    imds = netns.start_fake_in(topo.imds, "fake_imds.py", f"{METADATA_IP}:{IMDS_PORT}",
-                       work / "logs" / "fake_imds.log")
-    stack.callback(stop_process, imds.proc)
+    imds = None
+    if passthrough == "all":
+        imds = netns.start_fake_in(topo.imds, "fake_imds.py", f"{METADATA_IP}:{IMDS_PORT}",
+                                   work / "logs" / "fake_imds.log")
+        stack.callback(stop_process, imds.proc)
     entra = netns.start_fake_in(topo.sts, "fake_entra.py", f"{topo.sts_addr}:{ENTRA_PORT}",
                         work / "logs" / "fake_entra.log", "--cert-dir", str(cert_dir))
     stack.callback(stop_process, entra.proc)
@@ -468,7 +483,7 @@ def build_pod(stack: ExitStack, backend: str, python: str, pythonpath: str,
                                                                      issuer=issuer)))
     sandbox = PodSandbox(topo=topo, backend=backend, python=python, pythonpath=pythonpath,
                          work=work, identity=identity, entra_process=entra, imds_process=imds,
-                         ca_file=str(ca_file))
+                         ca_file=str(ca_file), passthrough=passthrough)
     stack.callback(sandbox.close)
     in_netns(topo.sts, lambda: sandbox.entra().add_app(
         identity.tenant_id, identity.client_id, [identity.subject], issuer))
