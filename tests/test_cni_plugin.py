@@ -299,8 +299,14 @@ def test_add_fails_closed_when_the_kernel_refuses_the_rules(cni_node: Node, scra
         procs.start(scratch_ns, [netns.SYSTEM_PYTHON, "-c", _TABLE_OWNER], ready_line="ready")
         before = netns.netfilter_snapshot(scratch_ns)
         assert "flags owner" in before, before
-        body = _assert_error(_runtime(cni_node, scratch_ns, REDIRECT).add(conflist), 100)
+        runtime = _runtime(cni_node, scratch_ns, REDIRECT)
+        body = _assert_error(runtime.add(conflist), 100)
         assert "could not install" in body["msg"] and "not permitted" in body["details"], body
+        assert netns.netfilter_snapshot(scratch_ns) == before
+        # The runtime's DEL after the failed ADD succeeds (the sandbox must be removable),
+        # and touches nothing it does not own.
+        deleted = runtime.delete(conflist)
+        assert deleted.returncode == 0, str(deleted)
         assert netns.netfilter_snapshot(scratch_ns) == before
 
 
@@ -331,8 +337,12 @@ def test_add_fails_closed_when_the_agent_lacks_the_backends_tool(backend: str, s
             assert masked.returncode == 0, masked.stderr
         conflist = _with_ours(made.conflist(), backend=backend)
         before = netns.netfilter_snapshot(scratch_ns)
-        body = _assert_error(_runtime(made, scratch_ns, REDIRECT).add(conflist), 100)
+        runtime = _runtime(made, scratch_ns, REDIRECT)
+        body = _assert_error(runtime.add(conflist), 100)
         assert "could not install" in body["msg"] and detail in body["details"], body
+        assert netns.netfilter_snapshot(scratch_ns) == before
+        deleted = runtime.delete(conflist)
+        assert deleted.returncode == 0, str(deleted)
         assert netns.netfilter_snapshot(scratch_ns) == before
 
 

@@ -8,7 +8,8 @@ Rules:
    inherits it.
 2. ADD and CHECK for a pod that did not ask for the redirect touch nothing.
 3. DEL succeeds when the namespace, or our rules in it, are already gone (spec: DEL must
-   tolerate missing resources); it removes only ours.
+   tolerate missing resources), and when the kernel refuses to remove them (they go with
+   the namespace, which the runtime removes next); it removes only ours.
 4. The rules, backends and their logs are the init's (azwi_netproxy.init.run); this module
    adds the CNI codes: a failed install is code 100, rules not in place at CHECK 101.
 5. Node mode: ADD installs rules that exempt no uid, records the pod's enrolment under the
@@ -136,7 +137,15 @@ def run(invocation: Invocation, environ: Mapping[str, str]) -> dict[str, Any] | 
         try:
             init_run.remove_rules(invocation.cleanup)
         except RuleInstallError as exc:
-            raise CniError(spec.RULES_FAILED, "could not remove the redirect's rules", str(exc)) from None
+            # DEL must not fail where nothing can be done (spec: DEL tolerates what is not
+            # there): after a failed ADD our rules may never have been installed (a backend
+            # that cannot work here, a table another program owns), and whatever is left goes
+            # with the namespace the runtime removes next. A failed DEL would leave the
+            # runtime unable to remove the sandbox at all.
+            log.warning(
+                "could not remove the redirect's rules; they go with the pod's network namespace",
+                extra={**_context(invocation), "error": str(exc)},
+            )
         return None
     if invocation.rules is None:
         log.info("the pod did not ask for the redirect", extra=_context(invocation))

@@ -20,8 +20,9 @@ from azwi_netproxy.init.rules import Ruleset
 BackendName = Literal["nftables", "iptables"]
 
 NEEDS_CAP_NET_ADMIN: Final = (
-    "needs CAP_NET_ADMIN in the pod's network namespace "
-    "(run the init container as root with the NET_ADMIN capability)"
+    "needs CAP_NET_ADMIN in the pod's network namespace (the init container: root with the "
+    "NET_ADMIN capability; the CNI plugin: the agent's privileged container), and no other "
+    "program may own a table or chain by our name"
 )
 
 
