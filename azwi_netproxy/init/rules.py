@@ -107,23 +107,8 @@ class Ruleset:
     def rules(self) -> tuple[Rule, ...]:
         """The desired rules in evaluation order, nat hook first."""
         ip, port = self.metadata_ip, self.metadata_port
-        # Only what pass-through needs: TCP to IMDS's own port. The uid's other traffic to
-        # the address (other ports, UDP, ICMP) is redirected or rejected like anyone's.
-        exempt: tuple[Rule, ...] = ()
-        if self.exempt_uid is not None:
-            exempt = (
-                Rule(
-                    hook="nat",
-                    purpose="proxy-uid-bypass",
-                    uid=self.exempt_uid,
-                    daddr=ip,
-                    protocol="tcp",
-                    dport=port,
-                    verdict="return",
-                ),
-            )
         nat = (
-            *exempt,
+            *self._exemption("nat"),
             Rule(
                 hook="nat",
                 purpose="redirect-imds",
@@ -136,24 +121,15 @@ class Ruleset:
         )
         if not self.fail_closed:
             return nat
-        filter_exempt: tuple[Rule, ...] = ()
+        established: tuple[Rule, ...] = ()
         if self.exempt_uid is not None:
-            filter_exempt = (
-                Rule(
-                    hook="filter",
-                    purpose="proxy-uid-bypass",
-                    uid=self.exempt_uid,
-                    daddr=ip,
-                    protocol="tcp",
-                    dport=port,
-                    verdict="return",
-                ),
-                # The proxy's own connections to IMDS must be able to close: after close()
-                # the socket is orphaned, `meta skuid`/`-m owner` no longer match its FIN and
-                # RST, and the kernel's TIME_WAIT replies carry no socket at all. Conntrack
-                # still knows the flow. Nothing else can be established to that port, because
-                # the first packet of any other flow is rejected below (its conntrack entry is
-                # never confirmed). Without an exemption nothing is ever established there.
+            # The proxy's own connections to IMDS must be able to close: after close() the
+            # socket is orphaned, `meta skuid`/`-m owner` no longer match its FIN and RST, and
+            # the kernel's TIME_WAIT replies carry no socket at all. Conntrack still knows the
+            # flow. Nothing else can be established to that port, because the first packet of
+            # any other flow is rejected below (its conntrack entry is never confirmed).
+            # Without an exemption nothing is ever established there.
+            established = (
                 Rule(
                     hook="filter",
                     purpose="established",
@@ -166,11 +142,29 @@ class Ruleset:
             )
         return (
             *nat,
-            *filter_exempt,
+            *self._exemption("filter"),
+            *established,
             Rule(
                 hook="filter", purpose="fail-closed-tcp", daddr=ip, protocol="tcp", verdict="reject-tcp-reset"
             ),
             Rule(hook="filter", purpose="fail-closed", daddr=ip, verdict="reject"),
+        )
+
+    def _exemption(self, hook: Hook) -> tuple[Rule, ...]:
+        """Only what pass-through needs: the uid's TCP to IMDS's own port. Its other traffic to
+        the address (other ports, UDP, ICMP) is redirected or rejected like anyone's."""
+        if self.exempt_uid is None:
+            return ()
+        return (
+            Rule(
+                hook=hook,
+                purpose="proxy-uid-bypass",
+                uid=self.exempt_uid,
+                daddr=self.metadata_ip,
+                protocol="tcp",
+                dport=self.metadata_port,
+                verdict="return",
+            ),
         )
 
 
