@@ -44,6 +44,7 @@ from support.nodemode import (
     fds_naming,
     netns_link,
     node_mode,
+    seconds_until_served,
     sockets_of,
     tree,
 )
@@ -222,12 +223,7 @@ def test_a_restarted_node_process_serves_live_pods_again_and_not_deleted_ones() 
         assert mode.delete(b).returncode == 0
         started = time.monotonic()
         proc = mode.start_node()
-        served_after_s = None
-        while time.monotonic() - started < 10:
-            if a.curl(max_time_s=2).status == 200:
-                served_after_s = time.monotonic() - started
-                break
-            time.sleep(0.1)
+        served_after_s = seconds_until_served(a, started)
         assert served_after_s is not None and served_after_s < 5, mode.node_log()[-3000:]
         assert b.curl(max_time_s=5).exit_code == 7  # not served: its sandbox was deleted
         assert sockets_of(b.ns, proc.pid) == []

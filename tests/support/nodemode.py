@@ -112,6 +112,16 @@ class KubeletPod:
         return curl_in(self.ns, url, *headers, uid=uid, max_time_s=max_time_s)
 
 
+def seconds_until_served(pod: KubeletPod, started: float, limit_s: float = 10.0) -> float | None:
+    """Seconds from `started` (time.monotonic) until the pod's token request is answered 200,
+    or None if it is not within `limit_s`."""
+    while time.monotonic() - started < limit_s:
+        if pod.curl(max_time_s=2).status == 200:
+            return time.monotonic() - started
+        time.sleep(0.1)
+    return None
+
+
 def kubelet_dir(pods_dir: Path, uid: str) -> Path:
     """The kubelet's directory of pod `uid` (made here, before the sandbox, as the kubelet does)."""
     directory = pods_dir / uid
