@@ -31,18 +31,36 @@ if [[ "${AZWI_OFFLINE:-0}" == 1 ]]; then
         exit 2
     fi
     echo "provision: installing from the wheelhouse (offline)" >&2
-    # Debian's pip (its bytecode compiled by Debian), run for the venv, starts in seconds where
-    # the venv's own (ensurepip) or one run from its wheel would first compile itself under
-    # an emulated CPU; the venv's bytecode is compiled afterwards on every vCPU at once.
-    if [[ ! -x "$VENV/bin/python" ]]; then
-        mkdir -p "$(dirname "$VENV")"
-        /usr/bin/python3 -m venv --without-pip "$VENV"
-    fi
-    pip=(/usr/bin/python3 -m pip --python "$VENV/bin/python" install --quiet --no-compile --no-index
-         --find-links "$WHEELHOUSE")
-    "${pip[@]}" --requirement "$WHEELHOUSE/requirements.txt"
-    "${pip[@]}" --no-deps --force-reinstall "$WHEELHOUSE"/azwi_netproxy-*.whl
-    "$VENV/bin/python" -m compileall -q -j 0 "$VENV/lib" >/dev/null || true
+    # A fresh venv each time, filled by one pip run: under an emulated CPU each pip run costs
+    # about 25 s before it installs anything, and one that finds everything installed already
+    # is slower than one that installs it all again. Debian's pip (its bytecode compiled by
+    # Debian), run for the venv, starts faster than one the venv would first have to compile.
+    rm -rf "$VENV"
+    mkdir -p "$(dirname "$VENV")"
+    /usr/bin/python3 -m venv --without-pip "$VENV"
+    /usr/bin/python3 -m pip --python "$VENV/bin/python" install --quiet --no-compile --no-index \
+        --find-links "$WHEELHOUSE" --requirement "$WHEELHOUSE/requirements.txt" "$WHEELHOUSE"/azwi_netproxy-*.whl
+    # Bytecode for the package and what it needs at run time, which the tests run as other uids
+    # (the proxy as 1501) and so cannot cache; the test tools, imported as root, cache their own.
+    "$VENV/bin/python" - <<'PY' | "$VENV/bin/python" -m compileall -q -j 0 -i - >/dev/null || true
+import importlib.metadata as metadata
+import re
+
+todo, seen = ["azwi-netproxy"], set()
+while todo:
+    name = re.sub(r"[-_.]+", "-", todo.pop()).lower()
+    if name in seen:
+        continue
+    seen.add(name)
+    try:
+        dist = metadata.distribution(name)
+    except metadata.PackageNotFoundError:  # a requirement for other Pythons
+        continue
+    for path in dist.files or []:
+        if path.suffix == ".py":
+            print(dist.locate_file(path))
+    todo += [re.match(r"[A-Za-z0-9._-]+", req)[0] for req in dist.requires or [] if "extra ==" not in req]
+PY
     # The tests run the proxy as uid 1501 and clients as uid 1000 from this venv.
     chmod -R a+rX "$VENV"
 else

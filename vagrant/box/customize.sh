@@ -4,8 +4,8 @@
 set -euo pipefail
 root="$1"
 
-echo azwi-netproxy-vm >"$root/etc/hostname"
-printf '127.0.0.1\tlocalhost\n127.0.1.1\tazwi-netproxy-vm\n::1\tlocalhost ip6-localhost ip6-loopback\n' >"$root/etc/hosts"
+echo azwi-netproxy-test >"$root/etc/hostname"
+printf '127.0.0.1\tlocalhost\n127.0.1.1\tazwi-netproxy-test\n::1\tlocalhost ip6-localhost ip6-loopback\n' >"$root/etc/hosts"
 echo 'LABEL=azwi-root / ext4 defaults,errors=remount-ro 0 1' >"$root/etc/fstab"
 
 # The one NIC (QEMU user networking, or the provider's NAT) gets its address by DHCP.
@@ -20,7 +20,7 @@ chroot "$root" systemctl enable --quiet systemd-networkd
 # Nothing waits for a network the tests never use, and no timer competes with them for an
 # emulated CPU.
 chroot "$root" systemctl mask --quiet systemd-networkd-wait-online.service apt-daily.timer \
-    apt-daily-upgrade.timer e2scrub_all.timer fstrim.timer
+    apt-daily-upgrade.timer e2scrub_all.timer e2scrub_reap.service fstrim.timer
 
 # Vagrant's user: its insecure key (Vagrant swaps in a key of its own at the first `up`) and
 # sudo without a password, as every Vagrant box has.
@@ -33,22 +33,24 @@ chmod 440 "$root/etc/sudoers.d/vagrant"
 # The tests run clients as uid 1000: Debian's `useradd` gave it to vagrant, which is fine (the
 # tests only need a uid other than root's and the proxy's 1501).
 
-# Every VM made from the box gets host keys and a machine id of its own at its first boot.
+# Every VM made from the box gets a host key and a machine id of its own at its first boot: one
+# ed25519 key (RSA's would take about 20 s of an emulated CPU).
 rm -f "$root"/etc/ssh/ssh_host_*
-cat >"$root/etc/systemd/system/azwi-ssh-host-keys.service" <<'UNIT'
+echo 'HostKey /etc/ssh/ssh_host_ed25519_key' >"$root/etc/ssh/sshd_config.d/azwi-host-key.conf"
+cat >"$root/etc/systemd/system/azwi-ssh-host-key.service" <<'UNIT'
 [Unit]
-Description=Generate this VM's SSH host keys
+Description=Generate this VM's SSH host key
 Before=ssh.service
 ConditionPathExists=!/etc/ssh/ssh_host_ed25519_key
 
 [Service]
 Type=oneshot
-ExecStart=/usr/bin/ssh-keygen -A
+ExecStart=/usr/bin/ssh-keygen -q -t ed25519 -N "" -f /etc/ssh/ssh_host_ed25519_key
 
 [Install]
 WantedBy=ssh.service
 UNIT
-chroot "$root" systemctl enable --quiet azwi-ssh-host-keys.service
+chroot "$root" systemctl enable --quiet azwi-ssh-host-key.service
 : >"$root/etc/machine-id"
 rm -f "$root/var/lib/dbus/machine-id"
 
