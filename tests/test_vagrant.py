@@ -16,6 +16,7 @@ changed and that no bridge, tap or libvirt network appeared while it ran.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 import shutil
@@ -151,7 +152,7 @@ def summary_line(transcript: Transcript) -> str:
 
 @pytest.mark.root
 @pytest.mark.slow
-@pytest.mark.timeout(2700)
+@pytest.mark.timeout(1800)
 def test_the_local_box_boots_and_the_namespace_tests_pass_inside(capsys: pytest.CaptureFixture[str]) -> None:
     if shutil.which("qemu-system-x86_64") is None:
         pytest.skip("QEMU is not installed (scripts/bootstrap.sh installs qemu-system-x86 where Debian has it)")
@@ -178,10 +179,13 @@ def test_the_local_box_boots_and_the_namespace_tests_pass_inside(capsys: pytest.
         # The wheels, built by root from the user's copy (the checkout this runs from keeps no
         # build/), their dependencies kept in the cache between runs; the `vagrant up` trigger
         # then finds them current and rebuilds only the package's own wheel, offline.
-        _, timings["wheelhouse"] = timed(
-            [str(checkout / "vagrant" / "wheelhouse.sh")],
-            env={**os.environ, "AZWI_WHEELHOUSE": str(BOX_CACHE / "wheelhouse"), "AZWI_WHEELHOUSE_PYTHON": sys.executable})
-        shutil.copytree(BOX_CACHE / "wheelhouse", checkout / "vagrant" / "wheelhouse")
+        with (BOX_CACHE / ".wheelhouse.lock").open("w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # another run may be filling the same cache
+            _, timings["wheelhouse"] = timed(
+                [str(checkout / "vagrant" / "wheelhouse.sh")],
+                env={**os.environ, "AZWI_WHEELHOUSE": str(BOX_CACHE / "wheelhouse"),
+                     "AZWI_WHEELHOUSE_PYTHON": sys.executable})
+            shutil.copytree(BOX_CACHE / "wheelhouse", checkout / "vagrant" / "wheelhouse")
         box_copy = user.home / "azwi-netproxy-bookworm.box"
         shutil.copyfile(box_file, box_copy)
         chown_tree(user.home, user)
@@ -199,7 +203,7 @@ def test_the_local_box_boots_and_the_namespace_tests_pass_inside(capsys: pytest.
                 destroy = run_as(user, ["vagrant", "destroy", "-f"], cwd=vagrant_dir, timeout_s=600, env=env)
 
         stack.callback(destroy_vm)
-        up = run_as(user, ["vagrant", "up", "--no-color"], cwd=vagrant_dir, timeout_s=2100, env=env)
+        up = run_as(user, ["vagrant", "up", "--no-color"], cwd=vagrant_dir, timeout_s=1500, env=env)
         session_networks = run_as(user, ["virsh", "-c", "qemu:///session", "net-list", "--all", "--name"],
                                   cwd=user.home, timeout_s=60).text.strip()
         if up.returncode != 0:

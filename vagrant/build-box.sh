@@ -28,7 +28,8 @@ CA="${AZWI_BUILD_CA:-/etc/ssl/certs/ca-certificates.crt}"
 MIRROR="${AZWI_DEBIAN_MIRROR:-http://deb.debian.org/debian}"
 SECURITY_MIRROR="${AZWI_DEBIAN_SECURITY_MIRROR:-http://deb.debian.org/debian-security}"
 # Debian's vagrant package's insecure public key (the private half ships with Vagrant itself).
-VAGRANT_PUB="${AZWI_VAGRANT_PUB:-$(ls /usr/share/rubygems-integration/all/gems/vagrant-*/keys/vagrant.pub 2>/dev/null | tail -n 1)}"
+pubs=(/usr/share/rubygems-integration/all/gems/vagrant-*/keys/vagrant.pub)
+VAGRANT_PUB="${AZWI_VAGRANT_PUB:-${pubs[-1]}}"
 DISK_SIZE=6G
 PACKAGES=(
     # boot, log in, be driven by Vagrant (rsync for the synced folder)

@@ -284,6 +284,8 @@ def run_as(user: User, argv: Sequence[str], cwd: Path, timeout_s: float,
                 _end_session(process.pid)
                 process.wait()
             transcript.elapsed_s = time.monotonic() - started
+            if transcript.returncode is None:  # interrupted (the test's timeout): what it last said
+                print(f"{' '.join(argv)} interrupted after {transcript.elapsed_s:.0f} s:\n{transcript.tail(80)}")
     return transcript
 
 
