@@ -160,8 +160,9 @@ def test_the_local_box_boots_and_the_namespace_tests_pass_inside(capsys: pytest.
                                  "useradd", "setpriv")
                if shutil.which(tool) is None]
     assert not missing, f"missing {missing}: run scripts/bootstrap.sh"
-    plugins = subprocess.run(["vagrant", "plugin", "list"], capture_output=True, text=True, check=False,
-                             env={**os.environ, "VAGRANT_CHECKPOINT_DISABLE": "1"}).stdout
+    with tempfile.TemporaryDirectory(prefix="azwi-vagrant-") as scratch:  # no ~/.vagrant.d for root
+        plugins = subprocess.run(["vagrant", "plugin", "list"], capture_output=True, text=True, check=False,
+                                 env=vagrant_env(Path(scratch), "local")).stdout
     assert "vagrant-libvirt" in plugins, f"vagrant-libvirt is missing (apt-get install vagrant-libvirt): {plugins}"
 
     timings: dict[str, float] = {}

@@ -64,7 +64,7 @@ PY
     # The tests run the proxy as uid 1501 and clients as uid 1000 from this venv.
     chmod -R a+rX "$VENV"
 else
-    VENV="$(bash scripts/bootstrap.sh | tail -n 1)"
+    VENV="$(AZWI_WITH_TESTS=1 bash scripts/bootstrap.sh | tail -n 1)"
 fi
 echo "provision: installed in $((SECONDS - started)) s" >&2
 
