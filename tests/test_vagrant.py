@@ -33,6 +33,7 @@ from support.vagrant_vm import (
     HostNetworkWatch,
     Transcript,
     chown_tree,
+    command_of,
     copy_checkout,
     leftovers,
     libvirt_session,
@@ -49,9 +50,11 @@ PUBLIC_BOX = "debian/bookworm64"
 # pytest's closing line: "==== 9 passed, 1 skipped in 140.02s (0:02:20) ====".
 SUMMARY = re.compile(r"^=+ (?P<counts>\d+ \w+.*) in (?P<seconds>[\d.]+)s\b.*=+$")
 DEMO_OK = "demo: every step behaved as expected"
-# Lines of `vagrant up` whose times the test prints (the README's timings).
-MILESTONES = ("Successfully added box", "Starting domain", "Machine booted and ready", "Rsyncing folder",
-              "Running provisioner", "provision: installed", "provision: the demo exited", "=+ .* in [0-9.]+s")
+# Lines of `vagrant up` whose times the test prints (the README's timings): what, and the line.
+MILESTONES = (("box added", "Successfully added box"), ("domain started", "Starting domain"),
+              ("SSH answers", "Machine booted and ready"), ("rsync", "Rsyncing folder"),
+              ("provisioner", "Running provisioner"), ("installed", "provision: installed"),
+              ("demo done", "provision: the demo exited"), ("tests done", r"=+ .* in [0-9.]+s"))
 
 
 def vagrant_env(scratch: Path, box: str) -> dict[str, str]:
@@ -215,7 +218,7 @@ def test_the_local_box_boots_and_the_namespace_tests_pass_inside(capsys: pytest.
                     up.lines += [(up.elapsed_s, f"--- {name} ---"), *((up.elapsed_s, line) for line in tail)]
         # Destroy now, to time it and to see the VM gone (the callback then finds nothing).
         destroy_vm()
-        qemu_left = [pid for pid in user.pids() if b"qemu" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+        qemu_left = [pid for pid in user.pids() if "qemu" in command_of(pid)]
     left = leftovers(user)
     timings["vagrant up"] = up.elapsed_s
     timings["vagrant destroy"] = destroy.elapsed_s
@@ -228,9 +231,9 @@ def test_the_local_box_boots_and_the_namespace_tests_pass_inside(capsys: pytest.
         print("timings: " + ", ".join(f"{name} {seconds:.0f} s" for name, seconds in timings.items())
               + f"; tests inside {tests_s:.0f} s; boot to SSH "
               + f"{(up.when('Machine booted and ready') or 0) - (up.when('Starting domain') or 0):.0f} s")
-        for milestone in MILESTONES:
-            at = up.when(milestone)
-            print(f"  {'-' if at is None else f'{at:6.0f} s'}  {milestone}")
+        for label, pattern in MILESTONES:
+            at = up.when(pattern)
+            print(f"  {'-' if at is None else f'{at:4.0f} s'}  {label}")
 
     assert up.returncode == 0, f"vagrant up failed ({up.returncode}):\n{up.tail()}"
     assert summary, f"no pytest summary line:\n{up.tail()}"

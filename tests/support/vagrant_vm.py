@@ -125,6 +125,14 @@ class User:
         return found
 
 
+def command_of(pid: int) -> str:
+    """A process's command line ("" once it has ended)."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
 def end_process(pid: int, timeout_s: float = 10.0) -> None:
     """SIGTERM, then SIGKILL after `timeout_s`, one process by its PID."""
 
