@@ -202,8 +202,16 @@ def leftovers(user: User) -> list[str]:
 
 @contextlib.contextmanager
 def libvirt_session(user: User, log: Path) -> Iterator[int]:
-    """The user's own libvirtd (`qemu:///session`), started here and ended by its PID; yields it."""
+    """The user's own libvirtd (`qemu:///session`), started here and ended by its PID; yields it.
+
+    QEMU's output goes to a file (libvirt's stdio_handler), so that libvirtd starts no virtlogd,
+    a daemon of its own this module would otherwise have to find and end.
+    """
     socket = user.runtime_dir / "libvirt" / "libvirt-sock"
+    config = user.home / ".config" / "libvirt"
+    config.mkdir(parents=True, exist_ok=True)
+    (config / "qemu.conf").write_text('stdio_handler = "file"\n')
+    chown_tree(user.home / ".config", user)
     with log.open("wb") as out:
         daemon = subprocess.Popen(user.argv(["libvirtd"]), stdin=subprocess.DEVNULL, stdout=out,
                                   stderr=subprocess.STDOUT, cwd=user.home, start_new_session=True)
