@@ -10,6 +10,7 @@ Depends: azwi_netproxy.cli; a stdlib HTTP server on 127.0.0.1:0 for --probe. Not
 from __future__ import annotations
 
 import functools
+import gc
 import http.server
 import socket
 import subprocess
@@ -76,6 +77,53 @@ def test_proxy_valid_environment_starts(proxy_env: pytest.MonkeyPatch, started: 
     assert cli.proxy_main(["--proxy-port=9100", "--passthrough", "all"]) == 0
     [cfg] = started
     assert (cfg.proxy_port, cfg.tenant_id, cfg.passthrough) == (9100, TENANT, "all")
+
+
+def test_proxy_start_collects_no_garbage_until_it_listens(
+    proxy_env: pytest.MonkeyPatch, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    collecting: list[bool] = []
+
+    def fake_run(cfg: ProxyConfig, writer: object = None) -> int:
+        collecting.append(gc.isenabled())
+        return 0
+
+    monkeypatch.setattr(run, "run_proxy", fake_run)
+    monkeypatch.setattr(logs, "configure", lambda *a, **k: None)
+    assert cli.proxy_main(["--proxy-port=9100"]) == 0
+    # Off while the start imports and builds; run.serve turns it on once it listens, and
+    # proxy_main leaves it on whatever happened.
+    assert collecting == [False]
+    assert gc.isenabled()
+    assert _exit_code(cli.proxy_main, ["--proxy-port=0"]) == 2
+    assert gc.isenabled()
+
+
+@pytest.mark.parametrize(
+    ("module", "flags"),
+    [("httpx", []), ("anyio", []), ("prometheus_client", ["--metrics-port=9101"])],
+    ids=["httpx", "anyio", "prometheus_client-with-metrics-port"],
+)
+def test_proxy_a_module_it_imports_later_is_checked_at_start(
+    proxy_env: pytest.MonkeyPatch,
+    started: list[ProxyConfig],
+    capsys: pytest.CaptureFixture[str],
+    module: str,
+    flags: list[str],
+) -> None:
+    proxy_env.setitem(sys.modules, module, None)  # what import treats as not installed
+    assert cli.proxy_main(["--proxy-port=9100", *flags]) == 2
+    line = _one_error_line(capsys.readouterr().err, "azwi-netproxy")
+    assert repr(module) in line
+    assert started == []
+
+
+def test_proxy_without_a_metrics_port_needs_no_prometheus_client(
+    proxy_env: pytest.MonkeyPatch, started: list[ProxyConfig]
+) -> None:
+    proxy_env.setitem(sys.modules, "prometheus_client", None)
+    assert cli.proxy_main(["--proxy-port=9100"]) == 0
+    assert len(started) == 1
 
 
 PROXY_BAD = [
