@@ -15,11 +15,16 @@ from collections.abc import Sequence
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Final, NoReturn
 
-from azwi_netproxy import __version__, logs
+from azwi_netproxy import __version__
 from azwi_netproxy.errors import ConfigError
 
 if TYPE_CHECKING:
     import argparse
+
+    from azwi_netproxy import logs
+
+# logs (logging, json, ...) is imported by each program's main when it configures logging,
+# not here: `--probe`, the postStart hook's own process, writes no log line.
 
 
 def _parser(prog: str, description: str) -> argparse.ArgumentParser:
@@ -170,24 +175,39 @@ def proxy_main(argv: Sequence[str] | None = None) -> int:
 
 
 def _start_proxy(args: SimpleNamespace) -> int:
+    if args.probe:
+        return _probe(args)
     try:
         from azwi_netproxy.proxy import config, files
 
         cfg = files.with_files(config.load(vars(args), os.environ, _environment_proxies()))
-        if not cfg.probe:
-            from azwi_netproxy.proxy import run
+        from azwi_netproxy.proxy import run
 
-            run.check_modules(run.deferred_modules(cfg))
+        run.check_modules(run.deferred_modules(cfg))
     except ConfigError as exc:
         return _config_error("azwi-netproxy", exc)
-    if cfg.probe:
-        from azwi_netproxy.proxy.probe import probe, seconds_since_process_start
+    from azwi_netproxy import logs
 
-        return probe(cfg.proxy_port, elapsed_s=seconds_since_process_start())
     writer = logs.configure(cfg.log_level, logger_name="proxy")
     from azwi_netproxy.proxy.run import run_proxy
 
     return run_proxy(cfg, writer)
+
+
+def _probe(args: SimpleNamespace) -> int:
+    """--probe: the postStart hook's own process, which starts beside the sidecar and shares
+    its CPU while the sidecar starts. It checks its two values as config.load does for the
+    hook, without config.py and what that imports (ssl, dataclasses, ...: 30 ms of CPU)."""
+    from azwi_netproxy.settings import DEFAULT_PROXY_PORT, parse_log_level, parse_port
+
+    try:
+        parse_log_level(args.log_level)
+        port = parse_port(args.proxy_port or DEFAULT_PROXY_PORT, "--proxy-port")
+    except ConfigError as exc:
+        return _config_error("azwi-netproxy", exc)
+    from azwi_netproxy.proxy.probe import probe, seconds_since_process_start
+
+    return probe(port, elapsed_s=seconds_since_process_start())
 
 
 def init_parser() -> argparse.ArgumentParser:
@@ -243,6 +263,8 @@ def init_main(argv: Sequence[str] | None = None) -> int:
         cfg = config.load(vars(args), os.environ)
     except ConfigError as exc:
         return _config_error("azwi-netproxy-init", exc)
+    from azwi_netproxy import logs
+
     writer = logs.configure(cfg.log_level, logger_name="proxy-init")
     from azwi_netproxy.init.run import run_init
 
@@ -263,6 +285,7 @@ def _cni_answer(body: object) -> None:
 def cni_main() -> int:
     """The CNI plugin: CNI_ variables and the network configuration on stdin, as the spec
     has it (no flags). Exit 0 with the result on stdout, or 1 with the spec's error JSON."""
+    from azwi_netproxy import logs
     from azwi_netproxy.cni import plugin, spec
 
     version = spec.SUPPORTED_VERSIONS[-1]
@@ -316,6 +339,8 @@ def cni_agent_main(argv: Sequence[str] | None = None) -> int:
         return _config_error("azwi-netproxy-cni-agent", exc)
     if args.check:
         return agent.check(settings)
+    from azwi_netproxy import logs
+
     writer = logs.configure(settings.log_level, logger_name="cni-agent")
     try:
         return agent.run_agent(settings)
@@ -359,6 +384,8 @@ def node_main(argv: Sequence[str] | None = None) -> int:
             sys.stdout.write(f"{exc}\n")
             return 1
         return 0
+    from azwi_netproxy import logs
+
     writer = logs.configure(cfg.log_level, logger_name="node")
     from azwi_netproxy.proxy.node import run_node
 

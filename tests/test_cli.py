@@ -444,6 +444,64 @@ def test_probe_bad_port_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
     _one_error_line(capsys.readouterr().err, "azwi-netproxy")
 
 
+def test_probe_bad_log_level_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
+    # Checked as config.load checks it for the hook, which the probe no longer imports.
+    assert _exit_code(cli.proxy_main, ["--proxy-port=8000", "--log-level=loud", "--probe"]) == 2
+    assert "--log-level" in _one_error_line(capsys.readouterr().err, "azwi-netproxy")
+
+
+def _raw_server(answer: bytes, *, close: bool) -> tuple[int, Callable[[], None]]:
+    """A loopback server that sends `answer` to every connection, then closes it or not."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    held: list[socket.socket] = []
+    stopping = threading.Event()
+
+    def serve() -> None:
+        listener.settimeout(0.1)
+        while not stopping.is_set():
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                continue
+            conn.recv(65536)
+            conn.sendall(answer)
+            if close:
+                conn.close()
+            else:
+                held.append(conn)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+
+    def stop() -> None:
+        stopping.set()
+        thread.join(5)
+        listener.close()
+        for conn in held:
+            conn.close()
+
+    return listener.getsockname()[1], stop
+
+
+def test_probe_reads_the_status_even_from_a_server_that_keeps_the_connection(short_probe: None) -> None:
+    port, stop = _raw_server(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", close=False)
+    try:
+        assert cli.proxy_main([f"--proxy-port={port}", "--probe"]) == 0
+    finally:
+        stop()
+
+
+def test_probe_fails_on_an_answer_that_is_not_http(
+    short_probe: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    port, stop = _raw_server(b"SSH-2.0-OpenSSH_9.2\r\n", close=True)
+    try:
+        assert cli.proxy_main([f"--proxy-port={port}", "--probe"]) == 1
+    finally:
+        stop()
+    assert "not an HTTP answer" in capsys.readouterr().err
+
+
 # ---- init -------------------------------------------------------------------------------
 
 INIT_BAD = [
