@@ -3,8 +3,8 @@
 prometheus-client's own Counter takes a lock per increment, and a cache hit costs only a
 few microseconds in all, so the request path bumps dict entries here and a collector turns
 them into metric families when Prometheus scrapes. prometheus-client itself is imported
-by `prepare`, which the proxy calls once its listener is up and only with --metrics-port:
-pods without it never load it (about 1.4 MB), and /readyz does not wait for it.
+by `prepare`, which the proxy calls at start only with --metrics-port: pods without it
+never load it (about 1.4 MB of memory and 30 ms of CPU).
 """
 
 from __future__ import annotations

@@ -49,12 +49,13 @@ LISTEN_HOST: Final = "127.0.0.1"  # never another address: other pods must not r
 # Access lines are written in batches at most this late (see logs.AccessLog).
 ACCESS_LOG_FLUSH_S: Final = 0.05
 # warm_up runs this long after the listener is up, so that the first /readyz is answered
-# before it: it imports what exchanges (and --metrics-port) need, about 25 ms of CPU.
+# before it: it imports what exchanges need, about 25 ms of CPU.
 WARM_UP_DELAY_S: Final = 0.05
-# What warm_up imports, itself or under httpx: httpx's and httpcore's own requirements, and
-# prometheus_client with --metrics-port. check_modules finds them before anything listens,
-# so that a missing one is a start-up error (one line, exit 2), never an error answer;
-# httpcore looks for anyio only at its first request, so nothing else would find it at start.
+# What warm_up imports, itself or under httpx (httpx's and httpcore's own requirements),
+# and prometheus_client, which serve imports before it listens when --metrics-port asks for
+# it. check_modules finds them before anything listens, so that a missing one is a start-up
+# error (one line, exit 2), never an error answer; httpcore looks for anyio only at its
+# first request, so nothing else would find it missing at start.
 EXCHANGE_MODULES: Final = ("httpx", "httpcore", "h11", "anyio", "certifi", "idna")
 METRICS_MODULES: Final = ("prometheus_client",)
 
@@ -112,18 +113,14 @@ def warm_exchanges(endpoint: Endpoint) -> None:
         log.error("cannot prepare token exchanges: every exchange will fail", extra={"error": str(exc)})
 
 
-def warm_up(endpoint: Endpoint, metrics: Metrics | None, fail: Callable[[], None]) -> bool:
-    """Import what exchanges (and the metrics port) need, once, now that /readyz answers, then
-    warm_exchanges.
+def warm_up(endpoint: Endpoint, fail: Callable[[], None]) -> bool:
+    """Import what exchanges need, once, now that /readyz answers, then warm_exchanges.
 
     A module that cannot be imported stops the proxy (`fail`) and False is returned: a
     start-up error, not an error answer to every exchange later.
     """
     try:
         import httpx  # noqa: F401 - importing it is the point
-
-        if metrics is not None:
-            metrics.prepare()
     except Exception as exc:  # ImportError, or whatever a broken module raises at import
         log.error(
             "cannot import a module the proxy needs: stopping",
@@ -208,6 +205,18 @@ async def serve(cfg: ProxyConfig, started: float, writer: LineWriter | None = No
     try:
         # Metrics first: once the proxy port answers /readyz, everything is in place.
         if cfg.metrics_port is not None:
+            # prometheus-client is imported now, not at the first scrape or with warm_up's
+            # imports: a failure is a start-up error, and its 30 ms of CPU are not spent while the
+            # first token request may be waiting. Only this configuration pays them.
+            try:
+                metrics.prepare()
+            except Exception as exc:  # ImportError, or whatever a broken module raises
+                log.error(
+                    "cannot import a module the proxy needs: stopping",
+                    extra={"error": f"{type(exc).__name__}: {exc}"},
+                )
+                await endpoint.aclose()
+                return 1
             metrics_server = HttpServer(MetricsApp(metrics))
             # Prometheus scrapes from outside the pod; metrics carry no tokens or client secrets.
             await metrics_server.start("0.0.0.0", cfg.metrics_port)
@@ -253,8 +262,7 @@ async def serve(cfg: ProxyConfig, started: float, writer: LineWriter | None = No
     background: set[asyncio.Task[None]] = set()
 
     def after_listening() -> None:
-        warmed = warm_up(endpoint, metrics if cfg.metrics_port is not None else None, fail)
-        if warmed and passthrough is not None:
+        if warm_up(endpoint, fail) and passthrough is not None:
             # Started here, not with the listener: it imports httpx too, and held up the first
             # /readyz by that import when pass-through is on (the default).
             task = loop.create_task(check_passthrough_loop(passthrough))
