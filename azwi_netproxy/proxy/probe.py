@@ -45,7 +45,9 @@ def probe(port: int, *, deadline_s: float = PROBE_DEADLINE_S, elapsed_s: float =
     until = time.monotonic() + deadline_s - elapsed_s
     last = "no answer"
     while True:
-        remaining = max(until - time.monotonic(), 0.01)  # at least one attempt, however late
+        # At least one attempt, however late, and long enough for an answer: a last attempt cut
+        # to a few ms would report its own timeout instead of what the server last answered.
+        remaining = max(until - time.monotonic(), 0.1)
         try:
             status = _readyz_status(port, min(_ATTEMPT_TIMEOUT_S, remaining))
             if status == 200:
