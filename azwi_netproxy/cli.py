@@ -164,9 +164,9 @@ def proxy_parser() -> ProxyFlags:
 
 def proxy_main(argv: Sequence[str] | None = None) -> int:
     args = proxy_parser().parse_args(argv)
-    # What the start imports and builds (tens of thousands of objects) lives as long as the
-    # process: collecting while it is made cost 4 % of the instructions to the first /readyz.
-    # Once its listener is up the proxy freezes it and turns collection back on (run.serve).
+    # What the start imports (tens of thousands of objects) lives as long as the process:
+    # collecting while it is made cost 4 % of the instructions to the first /readyz. run.serve
+    # freezes it and turns collection back on before it builds anything else.
     gc.disable()
     try:
         return _start_proxy(args)

@@ -91,7 +91,7 @@ def test_proxy_start_collects_no_garbage_until_it_listens(
     monkeypatch.setattr(run, "run_proxy", fake_run)
     monkeypatch.setattr(logs, "configure", lambda *a, **k: None)
     assert cli.proxy_main(["--proxy-port=9100"]) == 0
-    # Off while the start imports and builds; run.serve turns it on once it listens, and
+    # Off while the start imports; run.serve turns it on before it builds and listens, and
     # proxy_main leaves it on whatever happened.
     assert collecting == [False]
     assert gc.isenabled()
