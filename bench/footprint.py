@@ -339,7 +339,7 @@ else:
     from importlib.machinery import PathFinder
 
     def patch(run):
-        for name in ("_warm_exchanges", "warm_up"):
+        for name in ("_warm_exchanges", "warm_exchanges", "warm_up"):
             if hasattr(run, name):
                 setattr(run, name, lambda *a, **k: None)
         app = sys.modules["azwi_netproxy.proxy.app"]
