@@ -55,6 +55,7 @@ def _report(signum, frame):
     import gc, json, os
     smaps = open("/proc/self/smaps").read()
     status = open("/proc/self/status").read()
+    gc.unfreeze()  # get_objects leaves out what gc.freeze moved to the permanent generation
     objects = gc.get_objects()
     seen = {id(objects)}
     kinds, packages = {}, {}
