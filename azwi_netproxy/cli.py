@@ -165,7 +165,7 @@ def proxy_parser() -> ProxyFlags:
 def proxy_main(argv: Sequence[str] | None = None) -> int:
     args = proxy_parser().parse_args(argv)
     # What the start imports (tens of thousands of objects) lives as long as the process:
-    # collecting while it is made cost 4 % of the instructions to the first /readyz. run.serve
+    # collecting while it is made cost 3 % of the instructions to the first /readyz. run.serve
     # freezes it and turns collection back on before it builds anything else.
     gc.disable()
     try:
