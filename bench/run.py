@@ -121,6 +121,19 @@ def wait_ready(port: int, path: str = "/readyz", timeout_s: float = 10.0) -> flo
     raise RuntimeError(f"nothing answered on 127.0.0.1:{port}{path}")
 
 
+def token_seconds(port: int) -> float:
+    """Seconds for one token request on a new connection (a miss on a new proxy: an exchange)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port)
+    asked = time.perf_counter()
+    conn.request("GET", TOKEN_PATH, headers={"Metadata": "true"})
+    answer = conn.getresponse()
+    answer.read()
+    took_s = time.perf_counter() - asked
+    conn.close()
+    assert answer.status == 200, answer.status
+    return took_s
+
+
 def pinned(cpu: str, argv: list[str]) -> list[str]:
     return ["taskset", "-c", cpu, *argv] if shutil.which("taskset") else argv
 
@@ -611,14 +624,7 @@ class Bench:
                         extra_env=options.get("extra_env"),
                     )
                     cpu_s = cpu_seconds(proc.pid)
-                    conn = http.client.HTTPConnection("127.0.0.1", port)
-                    asked = time.perf_counter()
-                    conn.request("GET", TOKEN_PATH, headers={"Metadata": "true"})
-                    answer = conn.getresponse()
-                    answer.read()
-                    first_token_s = time.perf_counter() - asked
-                    conn.close()
-                    assert answer.status == 200, answer.status
+                    first_token_s = token_seconds(port)
                     self.stop(proc)
                     starts.setdefault((config, build), []).append((ready_s, cpu_s, first_token_s))
                     if config not in BASES:
@@ -631,14 +637,7 @@ class Bench:
                         extra_env=options.get("extra_env"), probe=True,
                     )
                     time.sleep(APP_START_S)
-                    conn = http.client.HTTPConnection("127.0.0.1", port)
-                    asked = time.perf_counter()
-                    conn.request("GET", TOKEN_PATH, headers={"Metadata": "true"})
-                    answer = conn.getresponse()
-                    answer.read()
-                    later_token_s = time.perf_counter() - asked
-                    conn.close()
-                    assert answer.status == 200, answer.status
+                    later_token_s = token_seconds(port)
                     self.stop(proc)
                     gates.setdefault((config, build), []).append((gate_s, 0.0, later_token_s))
         floor_starts = [self.floor_start() for _ in range(self.args.starts)]
