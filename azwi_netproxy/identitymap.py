@@ -60,8 +60,13 @@ def parse_identity_map(text: str, *, source: str = "identity map", label: str | 
                 f"{label}: not valid JSON at line {exc.lineno}: {exc.msg}"
             ) from None
     else:
-        import yaml  # only pods with a map pay for PyYAML's import at start-up
-
+        try:
+            import yaml  # only pods with a YAML map pay for PyYAML's import, at start-up
+        except ImportError:
+            raise ConfigError(
+                f"AZWI_IDENTITY_MAP {source}: reading a YAML map needs PyYAML, which cannot be "
+                "imported: install it, or give the map as JSON"
+            ) from None
         try:
             doc = yaml.safe_load(text)
         except yaml.YAMLError as exc:

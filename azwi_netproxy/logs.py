@@ -10,10 +10,10 @@ assertions or access tokens (the URI logged is the request's, which carries neit
 
 from __future__ import annotations
 
-import datetime as dt
 import fcntl
 import json
 import logging
+import math
 import os
 import stat
 import struct
@@ -36,7 +36,15 @@ _LEVELS: Final = {
 
 def rfc3339(epoch_s: float) -> str:
     """RFC 3339 with microseconds in UTC, as the upstream logger writes it."""
-    return dt.datetime.fromtimestamp(epoch_s, dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    # datetime.fromtimestamp's text and rounding (half even), without importing datetime
+    # before the sidecar's listener is up.
+    fraction, whole = math.modf(epoch_s)
+    micros = round(fraction * 1e6)
+    if micros >= 1_000_000:
+        whole, micros = whole + 1, micros - 1_000_000
+    elif micros < 0:
+        whole, micros = whole - 1, micros + 1_000_000
+    return f"{time.strftime('%Y-%m-%dT%H:%M:%S', time.gmtime(whole))}.{micros:06d}Z"
 
 
 class JsonFormatter(logging.Formatter):
@@ -331,7 +339,7 @@ class AccessLog:
                 whole = millisecond // 1000
                 if whole != second:
                     second = whole
-                    date = dt.datetime.fromtimestamp(whole, dt.UTC).strftime("%Y-%m-%dT%H:%M:%S")
+                    date = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
                     prefix = f'{{"level":"info","timestamp":"{date}.'
                 stamp = prefix + digits[millisecond % 1000]
             if duration_us < 1000:

@@ -1,7 +1,7 @@
 """Benchmark of the real proxy against a floor server, with the issue's targets checked.
 
 Usage (as root, from the repository; bench/run.sh installs wrk and the venv first):
-    python bench/run.py [--duration 8] [--quick]
+    python bench/run.py [--duration 8] [--quick] [--readyz-baseline-python PYTHON]
 
 The proxy runs as a separate process against a local HTTPS stand-in token service, pinned
 to one core; wrk runs on the other. Every figure of the proxy is reported next to the
@@ -9,6 +9,14 @@ floor server's (a minimal uvloop + httptools server with a fixed body of the sam
 bench/floor_server.py) measured in the same run, so ratios hold on a noisy machine. The
 parse floor (bench/parse_floor.py: the floor handed each request's target and headers) is
 measured against the floor too: the ceiling of any design that parses every request.
+
+What each pod pays (memory after warm-up, exec to the first /readyz, the first token
+request) is measured in four configurations: no metrics port, no identity map and
+pass-through off (as the bench's other proxies run); the same with pass-through on (as the
+webhook injects the sidecar); with --metrics-port; with a YAML identity map. With
+--readyz-baseline-python (the python of a venv holding an earlier build) that build is
+measured in the same rounds: its starts alternate with this build's, and its processes
+join the c=16 rounds.
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 TENANT = "72f988bf-86f1-41af-91ab-2d7cd011db47"
@@ -47,6 +56,11 @@ CPUS = os.cpu_count() or 1
 SERVER_CPU = "1" if CPUS > 1 else "0"
 LOAD_CPU = "0"
 F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+# The configurations without --metrics-port or a map, whose starts are also measured as a
+# pod's postStart hook sees them; and how long after that hook returns the app asks for
+# its first token here (its container is started then, and the app itself starts).
+BASES = ("pass-through off", "pass-through on")
+APP_START_S = 0.2
 
 
 def free_port() -> int:
@@ -86,6 +100,11 @@ def anonymous_mb(pid: int) -> float:
     return float("nan")
 
 
+def cpu_seconds(pid: int) -> float:
+    """Time the process has spent on a CPU so far (the scheduler's nanoseconds, not ticks)."""
+    return int(Path(f"/proc/{pid}/schedstat").read_text().split()[0]) / 1e9
+
+
 def wait_ready(port: int, path: str = "/readyz", timeout_s: float = 10.0) -> float:
     """Seconds until `path` answers 200, polling every millisecond."""
     started = time.monotonic()
@@ -100,6 +119,19 @@ def wait_ready(port: int, path: str = "/readyz", timeout_s: float = 10.0) -> flo
         except OSError:
             time.sleep(0.001)
     raise RuntimeError(f"nothing answered on 127.0.0.1:{port}{path}")
+
+
+def token_seconds(port: int) -> float:
+    """Seconds for one token request on a new connection (a miss on a new proxy: an exchange)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port)
+    asked = time.perf_counter()
+    conn.request("GET", TOKEN_PATH, headers={"Metadata": "true"})
+    answer = conn.getresponse()
+    answer.read()
+    took_s = time.perf_counter() - asked
+    conn.close()
+    assert answer.status == 200, answer.status
+    return took_s
 
 
 def pinned(cpu: str, argv: list[str]) -> list[str]:
@@ -172,6 +204,7 @@ class Bench:
         self.rows: list[tuple[str, str, str, str]] = []
         self.checks: list[tuple[str, bool, str]] = []
         self.notes: list[str] = []
+        self.baseline_figures: dict[str, tuple[WrkResult, float]] = {}
 
     def start(
         self, argv: list[str], env: dict[str, str] | None = None, log: str = "proc.log", *, piped: bool = False
@@ -238,13 +271,26 @@ class Bench:
 
     def start_proxy(
         self, ca_file: str, sts_port: int, port: int, *, log_level: str = "info", log: str = "proxy.log",
-        python: str | None = None,
+        python: str | None = None, metrics: bool = True, identity_map: str | None = None,
+        program: tuple[str, ...] = ("-m", "azwi_netproxy"), extra_env: dict[str, str] | None = None,
+        probe: bool = False,
     ) -> tuple[subprocess.Popen[bytes], float]:
+        """Start a proxy and wait for its first 200 on /readyz: (process, seconds from exec).
+
+        `metrics` gives it --metrics-port (self.metrics_port), `identity_map` a map file.
+        With `probe`, it is not polled: the postStart hook (`--probe`, run as the kubelet
+        runs it, right after the container starts, on the same core, without the sidecar's
+        environment) waits for it instead, and the seconds are until that hook returned.
+        """
         token_file = self.tmp / "sa-token"
         token_file.write_text("eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJzeXN0ZW06c2VydmljZWFjY291bnQ6ZGVmYXVsdDpiZW5jaCJ9.c2ln")
         os.chmod(token_file, 0o644)
         env = {
             "PATH": "/usr/bin:/bin",
+            # As a container runtime sets it for a uid without a passwd entry. Without it,
+            # Python's site looks the user up (pwd), which on this machine loads
+            # libnss_systemd: 0.4 MB and a few ms that no pod of the image pays.
+            "HOME": "/",
             "AZURE_TENANT_ID": TENANT,
             "AZURE_CLIENT_ID": CLIENT,
             "AZURE_FEDERATED_TOKEN_FILE": str(token_file),
@@ -256,18 +302,28 @@ class Bench:
             # As the proxy image runs it (Dockerfile).
             "PYTHONOPTIMIZE": "2",
             "PYTHONNOUSERSITE": "1",
+            **(extra_env or {}),
         }
+        if identity_map is not None:
+            env["AZWI_IDENTITY_MAP"] = identity_map
         self.metrics_port = free_port()
-        argv = [
-            python or sys.executable, "-m", "azwi_netproxy", f"--proxy-port={port}", f"--log-level={log_level}",
-            f"--metrics-port={self.metrics_port}",
-        ]
+        argv = [python or sys.executable, *program, f"--proxy-port={port}", f"--log-level={log_level}"]
+        if metrics:
+            argv.append(f"--metrics-port={self.metrics_port}")
         if os.geteuid() == 0 and shutil.which("setpriv"):
             argv = ["setpriv", "--reuid=1501", "--regid=1501", "--clear-groups", *argv]
         started = time.monotonic()
         proc = self.start(pinned(SERVER_CPU, argv), env=env, log=log, piped=True)
-        ready = started + wait_ready(port) - started
-        return proc, ready
+        if not probe:
+            return proc, wait_ready(port)
+        hook = [python or sys.executable, "-m", "azwi_netproxy", f"--proxy-port={port}", "--probe"]
+        if os.geteuid() == 0 and shutil.which("setpriv"):
+            hook = ["setpriv", "--reuid=1501", "--regid=1501", "--clear-groups", *hook]
+        hook_env = {"PATH": "/usr/bin:/bin", "HOME": "/", "PYTHONOPTIMIZE": "2", "PYTHONNOUSERSITE": "1"}
+        done = subprocess.run(pinned(SERVER_CPU, hook), env=hook_env, capture_output=True, cwd="/", check=False)
+        if done.returncode != 0:
+            raise RuntimeError(f"the postStart probe failed: {done.stderr!r}")
+        return proc, time.monotonic() - started
 
     # ---- figures ----
     def add(self, name: str, proxy: str, floor: str, ratio: str) -> None:
@@ -277,11 +333,19 @@ class Bench:
         self.checks.append((name, ok, detail))
 
     def warm_proxy(
-        self, ca_file: str, sts_port: int, log: str = "proxy.log"
+        self, ca_file: str, sts_port: int, log: str = "proxy.log", *, python: str | None = None,
+        metrics: bool = True, identity_map: str | None = None, extra_env: dict[str, str] | None = None,
     ) -> tuple[subprocess.Popen[bytes], int, float, bytes]:
-        """A proxy with its token cached and 2 s of load behind it: (process, port, readiness, body)."""
+        """A proxy with its token cached and 2 s of load behind it: (process, port, readiness, body).
+
+        With `metrics`, Prometheus has scraped it once, as it would have by then.
+        """
         port = free_port()
-        proxy, ready_s = self.start_proxy(ca_file, sts_port, port, log=log)
+        proxy, ready_s = self.start_proxy(
+            ca_file, sts_port, port, log=log, python=python, metrics=metrics, identity_map=identity_map,
+            extra_env=extra_env,
+        )
+        metrics_port = self.metrics_port
         conn = http.client.HTTPConnection("127.0.0.1", port)
         conn.request("GET", TOKEN_PATH, headers={"Metadata": "true"})
         warm = conn.getresponse()
@@ -289,6 +353,14 @@ class Bench:
         assert warm.status == 200, body
         conn.close()
         wrk(f"http://127.0.0.1:{port}{TOKEN_PATH}", 16, 2)
+        if metrics:
+            scrape = http.client.HTTPConnection("127.0.0.1", metrics_port)
+            scrape.request("GET", "/metrics")
+            answer = scrape.getresponse()
+            assert answer.status == 200, answer.read()
+            answer.read()
+            scrape.close()
+        self.metrics_port = metrics_port
         return proxy, port, ready_s, body
 
     def warm_floor(
@@ -310,6 +382,7 @@ class Bench:
         floors: list[tuple[int, str]],
         *,
         count_errors: bool = True,
+        baselines: list[tuple[int, str]] | None = None,
     ) -> tuple[WrkResult, float, WrkResult, float]:
         """Each process's best run, and each side's median process.
 
@@ -317,9 +390,12 @@ class Bench:
         then slows one run of each, not one side of the ratio. Who goes first swaps every
         round, so neither side always follows the other. With several processes a side,
         the median process is reported: processes of the same program differ here too.
+        `baselines`, an earlier build's processes, join the same rounds; their median
+        process goes into self.baseline_figures[label].
         """
         duration = self.args.duration
-        order = [side for pair in zip(proxies, floors, strict=True) for side in pair]
+        sides = [proxies, floors] if baselines is None else [proxies, floors, baselines]
+        order = [side for group in zip(*sides, strict=True) for side in group]
         runs: dict[int, list[tuple[WrkResult, float]]] = {pid: [] for pid, _ in order}
         for round_ in range(self.args.rounds):
             for pid, target in order if round_ % 2 == 0 else reversed(order):
@@ -332,6 +408,21 @@ class Bench:
 
         (p, p_cpu), (f, f_cpu) = median_process(proxies), median_process(floors)
         self.add(f"{label}: requests/s", f"{p.rps:,.0f}", f"{f.rps:,.0f}", f"{p.rps / f.rps:.2f}x")
+        if baselines is not None:
+            b, b_cpu = median_process(baselines)
+            self.baseline_figures[label] = (b, b_cpu)
+            self.add(
+                f"{label}: the baseline build (proxy column), requests/s and CPU us/request",
+                f"{b.rps:,.0f} / {b_cpu:.1f}",
+                "",
+                f"this build {p.rps / b.rps:.2f}x",
+            )
+            self.add(
+                f"{label}: the baseline build's processes, best requests/s",
+                " / ".join(f"{best[pid][0].rps / 1000:.1f}k" for pid, _ in baselines),
+                "",
+                "",
+            )
         if len(proxies) > 1:
             self.add(
                 f"{label}: best of each process, requests/s",
@@ -376,12 +467,11 @@ class Bench:
 
     def run(self) -> int:
         ca_file, sts_port = self.token_service()
-        proxy, port, ready_s, body = self.warm_proxy(ca_file, sts_port)
+        baseline = self.args.readyz_baseline_python
+        proxy, port, _, body = self.warm_proxy(ca_file, sts_port)
         url = f"http://127.0.0.1:{port}{TOKEN_PATH}"
         metrics_port = self.metrics_port
-        rss_warm = rss_mb(proxy.pid)
-        anon_warm = anonymous_mb(proxy.pid)
-        floor, floor_url, floor_ready = self.warm_floor()
+        floor, floor_url, _ = self.warm_floor()
         floor_rss, floor_anon = rss_mb(floor.pid), anonymous_mb(floor.pid)
 
         results: dict[str, tuple[WrkResult, float, WrkResult, float]] = {}
@@ -392,65 +482,41 @@ class Bench:
             ("new connection per request c=16", 16, True),
         ):
             proxies, floors = [(proxy.pid, url)], [(floor.pid, floor_url)]
+            baselines: list[tuple[int, str]] | None = None
             extra: list[subprocess.Popen[bytes]] = []
             if label == "keep-alive c=16":
-                # The figure the main target is about: measured on several processes a side.
+                # The figure the guard is about: measured on several processes a side.
                 for n in range(1, self.args.processes):
                     other, other_port, _, _ = self.warm_proxy(ca_file, sts_port, log=f"proxy-{n}.log")
                     other_floor, other_floor_url, _ = self.warm_floor(log=f"floor-{n}.log")
                     proxies.append((other.pid, f"http://127.0.0.1:{other_port}{TOKEN_PATH}"))
                     floors.append((other_floor.pid, other_floor_url))
                     extra += [other, other_floor]
-            results[label] = self.figure(label, connections, close, proxies, floors)
+                if baseline is not None:
+                    baselines = []
+                    for n in range(self.args.processes):
+                        other, other_port, _, _ = self.warm_proxy(
+                            ca_file, sts_port, log=f"baseline-{n}.log", python=baseline
+                        )
+                        baselines.append((other.pid, f"http://127.0.0.1:{other_port}{TOKEN_PATH}"))
+                        extra.append(other)
+            results[label] = self.figure(label, connections, close, proxies, floors, baselines=baselines)
             for process in extra:
                 self.stop(process)
         ceiling = self.parse_ceiling(floor.pid, floor_url)
         self.stop(floor)
         self.add("body bytes", str(len(body)), "", "")
-        self.add("RSS after warm-up MB", f"{rss_warm:.1f}", f"{floor_rss:.1f}", "")
-        self.add("anonymous (unshared) memory after warm-up MB", f"{anon_warm:.1f}", f"{floor_anon:.1f}", "")
-        # One start is one sample of a noisy figure: four more, and the median of five.
-        # With --readyz-baseline-python, an earlier build's starts alternate with these, so
-        # that both medians come from the same minutes of a shared machine.
-        starts = [ready_s]
-        baseline_starts: list[float] = []
-        for _ in range(4 if self.args.readyz_baseline_python is None else 8):
-            started_proxy, started_ready = self.start_proxy(ca_file, sts_port, free_port(), log="proxy-start.log")
-            starts.append(started_ready)
-            self.stop(started_proxy)
-            if self.args.readyz_baseline_python is not None:
-                started_proxy, started_ready = self.start_proxy(
-                    ca_file, sts_port, free_port(), log="baseline-start.log", python=self.args.readyz_baseline_python
-                )
-                baseline_starts.append(started_ready)
-                self.stop(started_proxy)
-        ready_s = statistics.median(starts)
-        self.add(
-            f"exec to first 200 on /readyz ms (median of {len(starts)}, range)",
-            f"{ready_s * 1000:.0f} ({min(starts) * 1000:.0f}-{max(starts) * 1000:.0f})",
-            f"{floor_ready * 1000:.0f}",
-            "",
-        )
-        if baseline_starts:
-            baseline_ms = statistics.median(baseline_starts) * 1000
-            self.add(
-                f"  the baseline build, alternating (median of {len(baseline_starts)}, range)",
-                f"{baseline_ms:.0f} ({min(baseline_starts) * 1000:.0f}-{max(baseline_starts) * 1000:.0f})",
-                "",
-                f"{ready_s * 1000 / baseline_ms:.2f}x",
-            )
-            self.args.readyz_baseline_ms = baseline_ms
+        self.footprint(ca_file, sts_port, floor_rss, floor_anon)
 
         ka16 = results["keep-alive c=16"]
-        nc = results["new connection per request c=16"]
-        # Issue 18's guard rails, as ratios to the floor server in this run. Throughput is a
-        # guard rail, not a goal: IMDS itself allows a VM 20 identity requests a second.
-        self.check("cache hit c=16 >= 0.75x floor", ka16[0].rps >= 0.75 * ka16[2].rps,
-                   f"{ka16[0].rps / ka16[2].rps:.2f}x")
-        self.check("CPU per hit <= 1.4x the floor's (c=16)", ka16[1] <= 1.4 * ka16[3],
-                   f"{ka16[1]:.1f} us / {ka16[3]:.1f} us = {ka16[1] / ka16[3]:.2f}x")
-        self.check("a connection per request >= 0.8x floor", nc[0].rps >= 0.8 * nc[2].rps,
-                   f"{nc[0].rps / nc[2].rps:.2f}x")
+        # Issue 18's rails against the floor (c=16 >= 0.75x, CPU per hit <= 1.4x, a
+        # connection per request >= 0.8x) are retired (issue 25): the parse floor showed
+        # that parsing alone uses most of them. Their figures stay in the table above.
+        if "keep-alive c=16" in self.baseline_figures:
+            # The throughput guard: a cache hit at c=16 against the baseline build, same rounds.
+            base_rps = self.baseline_figures["keep-alive c=16"][0].rps
+            self.check("cache hit c=16 >= 0.9x the baseline build", ka16[0].rps >= 0.9 * base_rps,
+                       f"{ka16[0].rps:,.0f} / {base_rps:,.0f} = {ka16[0].rps / base_rps:.2f}x")
         # Not targets: what the floor that parses each request as the proxy must reaches
         # against the plain floor in this run, i.e. the best any such design can show.
         self.notes.append(
@@ -460,13 +526,6 @@ class Bench:
             f" CPU per hit {ceiling[0][1] / ceiling[0][3]:.2f}x,"
             f" a connection per request {ceiling[1][0].rps / ceiling[1][2].rps:.2f}x"
         )
-        self.check("RSS after warm-up <= 30 MB", rss_warm <= 30, f"{rss_warm:.1f} MB (anonymous {anon_warm:.1f} MB)")
-        baseline = self.args.readyz_baseline_ms
-        if baseline is not None:
-            self.check(f"exec to first 200 on /readyz no slower than {baseline:.0f} ms (the baseline's median)",
-                       ready_s * 1000 <= baseline, f"{ready_s * 1000:.0f} ms")
-        else:
-            self.check("exec to first 200 on /readyz < 200 ms (median of 5)", ready_s < 0.2, f"{ready_s * 1000:.0f} ms")
 
         self.cold_path(port, sts_port, ca_file)
         self.single_flight(port, sts_port, ca_file)
@@ -480,6 +539,192 @@ class Bench:
         self.add("access lines dropped (stderr reader behind)", f"{float(dropped.group(1)) if dropped else float('nan'):,.0f}", "", "")
         self.report()
         return 0 if all(ok for _, ok, _ in self.checks) else 1
+
+    def floor_start(self) -> tuple[float, float]:
+        """The floor server started as the proxy is (uid 1501, -OO, a pod's HOME): seconds to
+        its first answer and the CPU it took, the least any server on this stack needs."""
+        port = free_port()
+        argv = [sys.executable, str(HERE / "floor_server.py"), str(port)]
+        if os.geteuid() == 0 and shutil.which("setpriv"):
+            argv = ["setpriv", "--reuid=1501", "--regid=1501", "--clear-groups", *argv]
+        env = {"PATH": "/usr/bin:/bin", "HOME": "/", "PYTHONOPTIMIZE": "2", "PYTHONNOUSERSITE": "1"}
+        floor = self.start(pinned(SERVER_CPU, argv), env=env, log="floor-start.log")
+        ready_s = wait_ready(port, "/")
+        cpu_s = cpu_seconds(floor.pid)
+        self.stop(floor)
+        return ready_s, cpu_s
+
+    def module_cost(self, code: str) -> float:
+        """Anonymous MB that `code` (importing a module) adds to a process that has imported
+        what a warm proxy has: that module's own cost, for the configurations that need it."""
+        script = (
+            "import sys\n"
+            "def anon():\n"
+            "    for line in open('/proc/self/smaps_rollup'):\n"
+            "        if line.startswith('Anonymous:'):\n"
+            "            return int(line.split()[1]) / 1024\n"
+            "import azwi_netproxy.cli, azwi_netproxy.proxy.files, azwi_netproxy.proxy.run\n"
+            "import httpx, anyio._backends._asyncio\n"
+            "before = anon()\n"
+            "exec(sys.argv[1])\n"
+            "print(anon() - before)\n"
+        )
+        env = {"PATH": "/usr/bin:/bin", "HOME": "/", "PYTHONOPTIMIZE": "2", "PYTHONNOUSERSITE": "1"}
+        done = subprocess.run([sys.executable, "-c", script, code], env=env, capture_output=True, text=True,
+                              check=True, cwd="/")
+        return float(done.stdout.split()[-1])
+
+    def footprint(self, ca_file: str, sts_port: int, floor_rss: float, floor_anon: float) -> None:
+        """What each pod pays, in four configurations: memory after warm-up (its token cached,
+        2 s of hits behind it, scraped once with --metrics-port), exec to the first 200 on
+        /readyz and the CPU it took, and the first token request right after it (a miss:
+        the exchange, with what start-up left for later). The baseline build's starts
+        alternate with this build's; the floor is started as the proxy is."""
+        baseline = self.args.readyz_baseline_python
+        builds: list[tuple[str, str | None]] = [("this build", None)]
+        if baseline is not None:
+            builds.append(("baseline", baseline))
+        map_file = self.tmp / "identity-map.yaml"
+        map_file.write_text(
+            "onlyListed: false\nidentities:\n"
+            f"  - clientID: {CLIENT}\n    name: default\n"
+            "  - clientID: 22222222-2222-2222-2222-222222222222\n"
+            "    resourceID: /subscriptions/s/resourceGroups/g/providers/"
+            "Microsoft.ManagedIdentity/userAssignedIdentities/other\n"
+        )
+        os.chmod(map_file, 0o644)
+        # The bench's proxies run with pass-through off (none of its requests is passed
+        # through), and so do the --metrics-port and YAML map configurations. The webhook
+        # injects the sidecar with it on, which makes the start check for a pass-through
+        # loop through httpx's transport: measured as a configuration of its own.
+        configs: dict[str, dict[str, Any]] = {
+            "pass-through off": {},
+            "pass-through on": {"extra_env": {"AZWI_PASSTHROUGH": "all"}},
+            "--metrics-port": {"metrics": True},
+            "YAML identity map": {"identity_map": str(map_file)},
+        }
+        memory: dict[tuple[str, str], tuple[float, float]] = {}
+        starts: dict[tuple[str, str], list[tuple[float, float, float]]] = {}
+        gates: dict[tuple[str, str], list[tuple[float, float, float]]] = {}
+        for config, options in configs.items():
+            for build, python in builds:
+                proc, _, _, _ = self.warm_proxy(
+                    ca_file, sts_port, log="footprint.log", python=python,
+                    metrics=options.get("metrics", False), identity_map=options.get("identity_map"),
+                    extra_env=options.get("extra_env"),
+                )
+                memory[(config, build)] = (anonymous_mb(proc.pid), rss_mb(proc.pid))
+                self.stop(proc)
+            for round_ in range(self.args.starts):
+                for build, python in builds if round_ % 2 == 0 else list(reversed(builds)):
+                    port = free_port()
+                    proc, ready_s = self.start_proxy(
+                        ca_file, sts_port, port, log="start.log", python=python,
+                        metrics=options.get("metrics", False), identity_map=options.get("identity_map"),
+                        extra_env=options.get("extra_env"),
+                    )
+                    cpu_s = cpu_seconds(proc.pid)
+                    first_token_s = token_seconds(port)
+                    self.stop(proc)
+                    starts.setdefault((config, build), []).append((ready_s, cpu_s, first_token_s))
+                    if config not in BASES:
+                        continue
+                    # As in a pod: the postStart hook polls, the app's container starts when
+                    # it returns, and the app asks for its first token some time later.
+                    port = free_port()
+                    proc, gate_s = self.start_proxy(
+                        ca_file, sts_port, port, log="start.log", python=python, metrics=False,
+                        extra_env=options.get("extra_env"), probe=True,
+                    )
+                    time.sleep(APP_START_S)
+                    later_token_s = token_seconds(port)
+                    self.stop(proc)
+                    gates.setdefault((config, build), []).append((gate_s, 0.0, later_token_s))
+        floor_starts = [self.floor_start() for _ in range(self.args.starts)]
+        floor_ready_ms = statistics.median(r for r, _ in floor_starts) * 1000
+        floor_cpu_ms = statistics.median(c for _, c in floor_starts) * 1000
+        costs = {
+            "--metrics-port": self.module_cost(
+                "import prometheus_client, prometheus_client.exposition, prometheus_client.process_collector"
+            ),
+            "YAML identity map": self.module_cost(f"import yaml; yaml.safe_load(open({str(map_file)!r}).read())"),
+        }
+
+        def ms(samples: list[tuple[float, float, float]], index: int) -> tuple[float, float, float]:
+            values = [sample[index] * 1000 for sample in samples]
+            return statistics.median(values), min(values), max(values)
+
+        for config in configs:
+            anon, rss = memory[(config, "this build")]
+            self.add(f"[{config}] anonymous memory after warm-up MB", f"{anon:.1f}", f"{floor_anon:.1f}",
+                     f"{anon / floor_anon:.2f}x")
+            self.add(f"[{config}] RSS after warm-up MB", f"{rss:.1f}", f"{floor_rss:.1f}", f"{rss / floor_rss:.2f}x")
+            if config in costs:
+                base_anon = memory[("pass-through off", "this build")][0]
+                self.add(f"[{config}]   over pass-through off's / its module's own cost MB",
+                         f"+{anon - base_anon:.2f}", f"{costs[config]:.2f}", "")
+            ready, ready_min, ready_max = ms(starts[(config, "this build")], 0)
+            cpu = ms(starts[(config, "this build")], 1)[0]
+            token = ms(starts[(config, "this build")], 2)[0]
+            n = len(starts[(config, "this build")])
+            first = config in BASES
+            self.add(f"[{config}] exec to first 200 on /readyz ms (median of {n}, range)",
+                     f"{ready:.0f} ({ready_min:.0f}-{ready_max:.0f})", f"{floor_ready_ms:.0f}" if first else "", "")
+            self.add(f"[{config}] CPU to first /readyz ms (median)", f"{cpu:.1f}", f"{floor_cpu_ms:.1f}" if first else "",
+                     f"{cpu / floor_cpu_ms:.2f}x" if first else "")
+            self.add(f"[{config}] first token request right after /readyz ms (median)", f"{token:.1f}", "", "")
+            if config in BASES:
+                gate, gate_min, gate_max = ms(gates[(config, "this build")], 0)
+                later = ms(gates[(config, "this build")], 2)[0]
+                self.add(f"[{config}] exec to the postStart probe's return ms (median, range)",
+                         f"{gate:.0f} ({gate_min:.0f}-{gate_max:.0f})", "", "")
+                self.add(f"[{config}] first token request {APP_START_S:.1f} s after the probe returned ms (median)",
+                         f"{later:.1f}", "", "")
+            if baseline is not None:
+                b_anon, b_rss = memory[(config, "baseline")]
+                b_ready = ms(starts[(config, "baseline")], 0)
+                b_cpu = ms(starts[(config, "baseline")], 1)[0]
+                b_token = ms(starts[(config, "baseline")], 2)[0]
+                self.add(f"[{config}]   the baseline build: anonymous / RSS MB", f"{b_anon:.1f} / {b_rss:.1f}", "",
+                         f"this build {anon - b_anon:+.1f} / {rss - b_rss:+.1f}")
+                self.add(f"[{config}]   the baseline build: exec to first /readyz ms (median, range)",
+                         f"{b_ready[0]:.0f} ({b_ready[1]:.0f}-{b_ready[2]:.0f})", "", f"this build {ready / b_ready[0]:.2f}x")
+                self.add(f"[{config}]   the baseline build: CPU to first /readyz ms (median)", f"{b_cpu:.1f}", "",
+                         f"this build {cpu / b_cpu:.2f}x")
+                self.add(f"[{config}]   the baseline build: first token request ms (median)", f"{b_token:.1f}", "",
+                         f"this build {token - b_token:+.1f} ms")
+                if first:
+                    self.check(f"exec to first /readyz <= 0.6x the baseline's ({config}, medians)",
+                               ready <= 0.6 * b_ready[0], f"{ready:.0f} / {b_ready[0]:.0f} ms = {ready / b_ready[0]:.2f}x"
+                               f" (CPU {cpu:.1f} / {b_cpu:.1f} ms = {cpu / b_cpu:.2f}x; the floor's CPU"
+                               f" {floor_cpu_ms:.1f} ms = {floor_cpu_ms / b_cpu:.2f}x)")
+                self.check(f"first token request right after /readyz no more than 10 ms slower than the baseline's ({config})",
+                           token <= b_token + 10, f"{token:.1f} / {b_token:.1f} ms")
+                if config in BASES:
+                    b_gate = ms(gates[(config, "baseline")], 0)
+                    b_later = ms(gates[(config, "baseline")], 2)[0]
+                    self.add(f"[{config}]   the baseline build: exec to the probe's return ms (median, range)",
+                             f"{b_gate[0]:.0f} ({b_gate[1]:.0f}-{b_gate[2]:.0f})", "", f"this build {gate / b_gate[0]:.2f}x")
+                    self.add(f"[{config}]   the baseline build: first token {APP_START_S:.1f} s after the probe ms (median)",
+                             f"{b_later:.1f}", "", f"this build {later - b_later:+.1f} ms")
+                    self.check(f"first token request {APP_START_S:.1f} s after the probe returned no more than 10 ms"
+                               f" slower than the baseline's ({config})", later <= b_later + 10,
+                               f"{later:.1f} / {b_later:.1f} ms")
+            elif first:
+                self.check(f"exec to first 200 on /readyz < 200 ms ({config}, median)", ready < 200, f"{ready:.0f} ms")
+            if first:
+                self.check(f"anonymous memory after warm-up <= 1.1x the floor's ({config})",
+                           anon <= 1.1 * floor_anon, f"{anon:.1f} / {floor_anon:.1f} MB = {anon / floor_anon:.2f}x")
+                self.check(f"RSS after warm-up <= the floor's ({config})",
+                           rss <= floor_rss, f"{rss:.1f} / {floor_rss:.1f} MB = {rss / floor_rss:.2f}x")
+                self.check(f"RSS after warm-up <= 30 MB ({config})", rss <= 30,
+                           f"{rss:.1f} MB (anonymous {anon:.1f} MB)")
+            if config in costs:
+                over = anon - memory[("pass-through off", "this build")][0]
+                # The allowance: the module's own import, and 0.3 MB for what the proxy
+                # keeps of it (the registry and its collector, the parsed map).
+                self.check(f"{config} costs no more than its module (+0.3 MB)", over <= costs[config] + 0.3,
+                           f"+{over:.2f} MB, the module {costs[config]:.2f} MB")
 
     def cold_path(self, port: int, sts_port: int, ca_file: str) -> None:
         """Latency of a cache miss at the app, minus the token service's own latency.
@@ -581,14 +826,11 @@ def main() -> int:
         "--processes", type=int, default=3, help="proxy and floor processes for the c=16 figure (median reported)"
     )
     parser.add_argument("--quick", action="store_true", help="skip the million-request memory run")
-    parser.add_argument(
-        "--readyz-baseline-ms", type=float, default=None,
-        help="check start-up against this median (e.g. an earlier build's, measured on this machine)",
-    )
+    parser.add_argument("--starts", type=int, default=9, help="starts of each build in each configuration")
     parser.add_argument(
         "--readyz-baseline-python", default=None,
-        help="the python of a venv holding an earlier build: its starts alternate with this build's, "
-        "and the start-up check compares the two medians",
+        help="the python of a venv holding an earlier build: its starts alternate with this build's, its "
+        "memory is measured beside, and its processes join the c=16 rounds (the throughput guard)",
     )
     args = parser.parse_args()
     if shutil.which("wrk") is None:

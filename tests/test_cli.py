@@ -10,6 +10,7 @@ Depends: azwi_netproxy.cli; a stdlib HTTP server on 127.0.0.1:0 for --probe. Not
 from __future__ import annotations
 
 import functools
+import gc
 import http.server
 import socket
 import subprocess
@@ -76,6 +77,53 @@ def test_proxy_valid_environment_starts(proxy_env: pytest.MonkeyPatch, started: 
     assert cli.proxy_main(["--proxy-port=9100", "--passthrough", "all"]) == 0
     [cfg] = started
     assert (cfg.proxy_port, cfg.tenant_id, cfg.passthrough) == (9100, TENANT, "all")
+
+
+def test_proxy_start_collects_no_garbage_until_it_listens(
+    proxy_env: pytest.MonkeyPatch, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    collecting: list[bool] = []
+
+    def fake_run(cfg: ProxyConfig, writer: object = None) -> int:
+        collecting.append(gc.isenabled())
+        return 0
+
+    monkeypatch.setattr(run, "run_proxy", fake_run)
+    monkeypatch.setattr(logs, "configure", lambda *a, **k: None)
+    assert cli.proxy_main(["--proxy-port=9100"]) == 0
+    # Off while the start imports; run.serve turns it on before it builds and listens, and
+    # proxy_main leaves it on whatever happened.
+    assert collecting == [False]
+    assert gc.isenabled()
+    assert _exit_code(cli.proxy_main, ["--proxy-port=0"]) == 2
+    assert gc.isenabled()
+
+
+@pytest.mark.parametrize(
+    ("module", "flags"),
+    [("httpx", []), ("anyio", []), ("prometheus_client", ["--metrics-port=9101"])],
+    ids=["httpx", "anyio", "prometheus_client-with-metrics-port"],
+)
+def test_proxy_a_module_it_imports_later_is_checked_at_start(
+    proxy_env: pytest.MonkeyPatch,
+    started: list[ProxyConfig],
+    capsys: pytest.CaptureFixture[str],
+    module: str,
+    flags: list[str],
+) -> None:
+    proxy_env.setitem(sys.modules, module, None)  # what import treats as not installed
+    assert cli.proxy_main(["--proxy-port=9100", *flags]) == 2
+    line = _one_error_line(capsys.readouterr().err, "azwi-netproxy")
+    assert repr(module) in line
+    assert started == []
+
+
+def test_proxy_without_a_metrics_port_needs_no_prometheus_client(
+    proxy_env: pytest.MonkeyPatch, started: list[ProxyConfig]
+) -> None:
+    proxy_env.setitem(sys.modules, "prometheus_client", None)
+    assert cli.proxy_main(["--proxy-port=9100"]) == 0
+    assert len(started) == 1
 
 
 PROXY_BAD = [
@@ -394,6 +442,64 @@ def test_probe_fails_when_readyz_is_not_200(
 def test_probe_bad_port_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
     assert _exit_code(cli.proxy_main, ["--proxy-port", "0", "--probe"]) == 2
     _one_error_line(capsys.readouterr().err, "azwi-netproxy")
+
+
+def test_probe_bad_log_level_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
+    # Checked as config.load checks it for the hook, which the probe no longer imports.
+    assert _exit_code(cli.proxy_main, ["--proxy-port=8000", "--log-level=loud", "--probe"]) == 2
+    assert "--log-level" in _one_error_line(capsys.readouterr().err, "azwi-netproxy")
+
+
+def _raw_server(answer: bytes, *, close: bool) -> tuple[int, Callable[[], None]]:
+    """A loopback server that sends `answer` to every connection, then closes it or not."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    held: list[socket.socket] = []
+    stopping = threading.Event()
+
+    def serve() -> None:
+        listener.settimeout(0.1)
+        while not stopping.is_set():
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                continue
+            conn.recv(65536)
+            conn.sendall(answer)
+            if close:
+                conn.close()
+            else:
+                held.append(conn)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+
+    def stop() -> None:
+        stopping.set()
+        thread.join(5)
+        listener.close()
+        for conn in held:
+            conn.close()
+
+    return listener.getsockname()[1], stop
+
+
+def test_probe_reads_the_status_even_from_a_server_that_keeps_the_connection(short_probe: None) -> None:
+    port, stop = _raw_server(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", close=False)
+    try:
+        assert cli.proxy_main([f"--proxy-port={port}", "--probe"]) == 0
+    finally:
+        stop()
+
+
+def test_probe_fails_on_an_answer_that_is_not_http(
+    short_probe: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    port, stop = _raw_server(b"SSH-2.0-OpenSSH_9.2\r\n", close=True)
+    try:
+        assert cli.proxy_main([f"--proxy-port={port}", "--probe"]) == 1
+    finally:
+        stop()
+    assert "not an HTTP answer" in capsys.readouterr().err
 
 
 # ---- init -------------------------------------------------------------------------------

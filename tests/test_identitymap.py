@@ -8,6 +8,7 @@ Depends: azwi_netproxy.identitymap only.
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 
@@ -144,3 +145,11 @@ def test_multiline_bad_value_stays_on_one_line() -> None:
     with pytest.raises(ConfigError) as info:
         parse_identity_map(_entry(clientID="a\nb\nc"))
     assert "\n" not in str(info.value)
+
+
+def test_a_yaml_map_without_pyyaml_is_one_config_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "yaml", None)  # what import treats as not installed
+    with pytest.raises(ConfigError, match="PyYAML") as caught:
+        parse_identity_map("identities: []\n", source="/etc/map.yaml")
+    assert "\n" not in str(caught.value)
+    assert parse_identity_map('{"identities": []}') == IdentityMap()  # JSON needs no PyYAML

@@ -15,13 +15,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
-from typing import Any
-
-import httpx
+from typing import TYPE_CHECKING, Any
 
 from azwi_netproxy.errors import UpstreamUnavailable
 from azwi_netproxy.proxy.config import IdentityBinding
 from azwi_netproxy.proxy.entra import exchange_client
+
+if TYPE_CHECKING:
+    # Imported by exchange_client, once the listener is up (run.warm_up), as without binding.
+    import httpx
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +49,6 @@ class BindingEndpoint:
         self._ca_pem: str | None = None
         self._client: httpx.AsyncClient | None = None
         self._closing: set[asyncio.Task[None]] = set()
-        if binding.ca_data:
-            self._install(binding.ca_data)
 
     @property
     def endpoint_id(self) -> str:
@@ -65,6 +65,11 @@ class BindingEndpoint:
         """
         if self._binding.ca_file:
             self._reload(self._binding.ca_file)
+        elif self._client is None and self._binding.ca_data:
+            # Built at the first call (run.warm_up's), not with the endpoint: the client
+            # imports httpx, which waits until the listener is up. The data was checked
+            # at start (config.py).
+            self._install(self._binding.ca_data)
         if self._client is None:
             raise UpstreamUnavailable(
                 f"No usable CA for the identity-binding token proxy in {self._binding.ca_file}",

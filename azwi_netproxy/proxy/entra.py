@@ -14,7 +14,6 @@ import functools
 import json
 import logging
 import os
-import random
 import re
 import ssl
 import time
@@ -358,6 +357,10 @@ class Exchanger:
                 last = exc
             if attempt + 1 == policy.max_attempts:
                 break
+            # Not imported at the top: the start does not need it (httpx, loaded once the
+            # listener is up, has imported it by the time an exchange runs).
+            import random
+
             delay = _BACKOFF_BASE_S * (2**attempt) * (0.75 + random.random() / 2)  # noqa: S311
             if last.server_retry_after_s is not None:
                 delay = max(delay, float(last.server_retry_after_s))

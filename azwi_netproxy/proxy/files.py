@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Callable
-from pathlib import Path
 
 from azwi_netproxy.errors import ConfigError
 from azwi_netproxy.identitymap import parse_identity_map
@@ -21,7 +20,10 @@ from azwi_netproxy.proxy.config import ProxyConfig
 
 
 def _utf8(path: str) -> str:
-    return Path(path).read_text("utf-8")
+    # open(), not pathlib: pathlib would be imported before the listener is up only for this
+    # (2 ms of every start; httpx imports it later anyway).
+    with open(path, encoding="utf-8") as handle:
+        return handle.read()
 
 
 def with_files(cfg: ProxyConfig, read_text: Callable[[str], str] = _utf8) -> ProxyConfig:

@@ -3,8 +3,8 @@
 prometheus-client's own Counter takes a lock per increment, and a cache hit costs only a
 few microseconds in all, so the request path bumps dict entries here and a collector turns
 them into metric families when Prometheus scrapes. prometheus-client itself is imported
-on the first scrape only: pods without --metrics-port never load it, which keeps start-up
-fast and memory small.
+by `prepare`, which the proxy calls at start only with --metrics-port: pods without it
+never load it (about 1.4 MB of memory and 30 ms of CPU).
 """
 
 from __future__ import annotations
@@ -57,10 +57,12 @@ class Metrics:
         self.exchange_buckets[bisect.bisect_left(EXCHANGE_BUCKETS_S, seconds)] += 1
         self.exchange_seconds_sum += seconds
 
-    def render(self) -> tuple[bytes, bytes]:
-        """The exposition text and its content type."""
-        from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+    def prepare(self) -> CollectorRegistry:
+        """The registry scrapes read, made (and prometheus-client imported) at the first call.
 
+        Raises:
+            ImportError: prometheus-client cannot be imported.
+        """
         if self._registry is None:
             from prometheus_client import CollectorRegistry
             from prometheus_client.process_collector import ProcessCollector
@@ -69,7 +71,14 @@ class Metrics:
             registry.register(_Collector(self))
             ProcessCollector(namespace=NAMESPACE, registry=registry)
             self._registry = registry
-        return generate_latest(self._registry), CONTENT_TYPE_LATEST.encode()
+        return self._registry
+
+    def render(self) -> tuple[bytes, bytes]:
+        """The exposition text and its content type."""
+        registry = self.prepare()
+        from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+        return generate_latest(registry), CONTENT_TYPE_LATEST.encode()
 
 
 class _Collector:
