@@ -376,8 +376,12 @@ def node_main(argv: Sequence[str] | None = None) -> int:
         from azwi_netproxy.proxy import config, files
 
         cfg = config.load_node(vars(args), os.environ, _environment_proxies())
-        if cfg.identity_binding is None and not cfg.check:
-            files.check_trust_store(cfg.ssl_cert_file, cfg.ssl_cert_dir)
+        if not cfg.check:
+            if cfg.identity_binding is None:
+                files.check_trust_store(cfg.ssl_cert_file, cfg.ssl_cert_dir)
+            from azwi_netproxy.proxy import run
+
+            run.check_modules(run.deferred_modules(cfg))
     except ConfigError as exc:
         return _config_error("azwi-netproxy-node", exc)
     if cfg.check:

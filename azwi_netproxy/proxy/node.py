@@ -41,7 +41,7 @@ from azwi_netproxy.proxy.passthrough import Passthrough
 from azwi_netproxy.proxy.pods import PodApp, PodRefused, PodRegistry
 from azwi_netproxy.proxy.podtoken import find_token_file, pattern, token_reader
 from azwi_netproxy.proxy.router import Router
-from azwi_netproxy.proxy.run import ACCESS_LOG_FLUSH_S, MetricsApp, make_endpoint, warm_exchanges
+from azwi_netproxy.proxy.run import ACCESS_LOG_FLUSH_S, WARM_UP_DELAY_S, MetricsApp, make_endpoint, warm_up
 from azwi_netproxy.proxy.server import HttpServer
 from azwi_netproxy.settings import NODE_CLIENT_ID_ANNOTATION, NODE_TENANT_ID_ANNOTATION
 
@@ -228,10 +228,19 @@ async def serve_node(cfg: NodeConfig, started: float, writer: LineWriter | None 
             "metrics_port": cfg.metrics_port,
         },
     )
-    loop.call_later(0.05, warm_exchanges, endpoint)
+    stop = asyncio.Event()
+    exit_code = 0
+
+    def fail() -> None:
+        nonlocal exit_code
+        exit_code = 1
+        stop.set()
+
+    # As the sidecar: what exchanges import, once, a moment after the pods are served; a
+    # module that cannot be imported stops the process rather than fail every exchange.
+    loop.call_later(WARM_UP_DELAY_S, warm_up, endpoint, fail)
     reconciling = loop.create_task(_reconcile_every(registry, cfg.run_dir))
 
-    stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     await stop.wait()
@@ -250,7 +259,7 @@ async def serve_node(cfg: NodeConfig, started: float, writer: LineWriter | None 
         await passthrough.aclose()
     access_log.drain()
     log.info("stopped")
-    return 0
+    return exit_code
 
 
 def run_node(cfg: NodeConfig, writer: LineWriter | None = None) -> int:
