@@ -340,9 +340,14 @@ else:
     from importlib.machinery import PathFinder
 
     def patch(run):
-        for name in ("_warm_exchanges", "warm_exchanges", "warm_up"):
+        for name in ("_warm_exchanges", "warm_exchanges"):
             if hasattr(run, name):
                 setattr(run, name, lambda *a, **k: None)
+        if hasattr(run, "warm_up"):
+            async def no_warm_up(*a, **k):
+                return False
+
+            run.warm_up = no_warm_up
         app = sys.modules["azwi_netproxy.proxy.app"]
         dispatch = app.TokenApp.dispatch
 

@@ -41,7 +41,14 @@ from azwi_netproxy.proxy.passthrough import Passthrough
 from azwi_netproxy.proxy.pods import PodApp, PodRefused, PodRegistry
 from azwi_netproxy.proxy.podtoken import find_token_file, pattern, token_reader
 from azwi_netproxy.proxy.router import Router
-from azwi_netproxy.proxy.run import ACCESS_LOG_FLUSH_S, WARM_UP_DELAY_S, MetricsApp, make_endpoint, warm_up
+from azwi_netproxy.proxy.run import (
+    ACCESS_LOG_FLUSH_S,
+    WARM_UP_DELAY_S,
+    MetricsApp,
+    in_background,
+    make_endpoint,
+    warm_up,
+)
 from azwi_netproxy.proxy.server import HttpServer
 from azwi_netproxy.settings import NODE_CLIENT_ID_ANNOTATION, NODE_TENANT_ID_ANNOTATION
 
@@ -238,15 +245,17 @@ async def serve_node(cfg: NodeConfig, started: float, writer: LineWriter | None 
 
     # As the sidecar: what exchanges import, once, a moment after the pods are served; a
     # module that cannot be imported stops the process rather than fail every exchange.
-    loop.call_later(WARM_UP_DELAY_S, warm_up, endpoint, fail)
-    reconciling = loop.create_task(_reconcile_every(registry, cfg.run_dir))
+    background: set[asyncio.Task[Any]] = set()
+    in_background(background, warm_up(endpoint, fail, delay_s=WARM_UP_DELAY_S))
+    in_background(background, _reconcile_every(registry, cfg.run_dir))
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     await stop.wait()
 
     log.info("shutting down", extra={"pods": len(registry)})
-    reconciling.cancel()
+    for task in list(background):
+        task.cancel()
     await control.close()
     # The pods' listeners close with the server: their clients are refused until the next
     # node process serves them again (the records stay for it).

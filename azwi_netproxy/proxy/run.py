@@ -12,8 +12,8 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Callable, Iterable
-from typing import Final
+from collections.abc import Callable, Coroutine, Iterable
+from typing import Any, Final
 
 import uvloop
 
@@ -113,14 +113,22 @@ def warm_exchanges(endpoint: Endpoint) -> None:
         log.error("cannot prepare token exchanges: every exchange will fail", extra={"error": str(exc)})
 
 
-def warm_up(endpoint: Endpoint, fail: Callable[[], None]) -> bool:
-    """Import what exchanges need, once, now that /readyz answers, then warm_exchanges.
+async def warm_up(endpoint: Endpoint, fail: Callable[[], None], *, delay_s: float = 0.0) -> bool:
+    """Import what exchanges need, once, `delay_s` from now, then warm_exchanges.
 
     A module that cannot be imported stops the proxy (`fail`) and False is returned: a
     start-up error, not an error answer to every exchange later.
     """
+    if delay_s:
+        await asyncio.sleep(delay_s)
     try:
+        import anyio
         import httpx  # noqa: F401 - importing it is the point
+
+        # httpcore loads its async backend (anyio's: about 20 ms of imports) at its first
+        # connection, and so would the first exchange or pass-through's start-up check; the
+        # first call into anyio loads it here, before this step yields.
+        await anyio.sleep(0)
     except Exception as exc:  # ImportError, or whatever a broken module raises at import
         log.error(
             "cannot import a module the proxy needs: stopping",
@@ -130,6 +138,14 @@ def warm_up(endpoint: Endpoint, fail: Callable[[], None]) -> bool:
         return False
     warm_exchanges(endpoint)
     return True
+
+
+def in_background(background: set[asyncio.Task[Any]], coroutine: Coroutine[Any, Any, Any]) -> None:
+    """Run `coroutine` as a task that `background` holds until it ends (the loop holds tasks
+    weakly); whoever stops the loop cancels what is left."""
+    task = asyncio.get_running_loop().create_task(coroutine)
+    background.add(task)
+    task.add_done_callback(background.discard)
 
 
 def make_endpoint(cfg: ProxyConfig | NodeConfig) -> Endpoint:
@@ -266,22 +282,15 @@ async def serve(cfg: ProxyConfig, started: float, writer: LineWriter | None = No
         exit_code = 1
         stop.set()
 
-    background: set[asyncio.Task[None]] = set()
-
-    def after_listening() -> None:
-        if warm_up(endpoint, fail) and passthrough is not None:
-            task = loop.create_task(check_passthrough_loop(passthrough))
-            background.add(task)
-            task.add_done_callback(background.discard)
-
-    if passthrough is not None:
-        # Pass-through's start-up check needs httpx at once: imported before the first
-        # /readyz, as it always was. Deferring it past /readyz made /readyz 0.55x as late,
-        # but a token asked for the moment /readyz answered 69 ms slower (bench/README item
-        # 27), and what is deferred must never land on the token path.
-        loop.call_soon(after_listening)
-    else:
-        loop.call_later(WARM_UP_DELAY_S, after_listening)
+    background: set[asyncio.Task[Any]] = set()
+    if passthrough is None:
+        in_background(background, warm_up(endpoint, fail, delay_s=WARM_UP_DELAY_S))
+    # Pass-through's start-up check needs httpx and anyio's backend: both are imported now,
+    # before the first /readyz is answered, as they always were. Deferred past /readyz, they
+    # made /readyz 0.55x as late but a token asked for the moment /readyz answered 23 to 69
+    # ms slower (bench/README item 27), and what is deferred must never land on the token path.
+    elif await warm_up(endpoint, fail):
+        in_background(background, check_passthrough_loop(passthrough))
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
