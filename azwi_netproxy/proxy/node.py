@@ -19,7 +19,6 @@ import asyncio
 import functools
 import logging
 import os
-import signal
 import time
 from collections.abc import Callable
 from typing import Any, Final
@@ -44,8 +43,9 @@ from azwi_netproxy.proxy.router import Router
 from azwi_netproxy.proxy.run import (
     ACCESS_LOG_FLUSH_S,
     WARM_UP_DELAY_S,
+    Lifetime,
     MetricsApp,
-    in_background,
+    close_outbound,
     make_endpoint,
     warm_up,
 )
@@ -235,27 +235,15 @@ async def serve_node(cfg: NodeConfig, started: float, writer: LineWriter | None 
             "metrics_port": cfg.metrics_port,
         },
     )
-    stop = asyncio.Event()
-    exit_code = 0
-
-    def fail() -> None:
-        nonlocal exit_code
-        exit_code = 1
-        stop.set()
-
     # As the sidecar: what exchanges import, once, a moment after the pods are served; a
     # module that cannot be imported stops the process rather than fail every exchange.
-    background: set[asyncio.Task[Any]] = set()
-    in_background(background, warm_up(endpoint, fail, delay_s=WARM_UP_DELAY_S))
-    in_background(background, _reconcile_every(registry, cfg.run_dir))
-
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    await stop.wait()
+    lifetime = Lifetime()
+    lifetime.in_background(warm_up(endpoint, lifetime.fail, delay_s=WARM_UP_DELAY_S))
+    lifetime.in_background(_reconcile_every(registry, cfg.run_dir))
+    await lifetime.until_stopped()
 
     log.info("shutting down", extra={"pods": len(registry)})
-    for task in list(background):
-        task.cancel()
+    lifetime.cancel_background()
     await control.close()
     # The pods' listeners close with the server: their clients are refused until the next
     # node process serves them again (the records stay for it).
@@ -263,12 +251,8 @@ async def serve_node(cfg: NodeConfig, started: float, writer: LineWriter | None 
     await registry.aclose()
     if metrics_server is not None:
         await metrics_server.shutdown()
-    await endpoint.aclose()
-    if passthrough is not None:
-        await passthrough.aclose()
-    access_log.drain()
-    log.info("stopped")
-    return exit_code
+    await close_outbound(endpoint, passthrough, access_log)
+    return lifetime.exit_code
 
 
 def run_node(cfg: NodeConfig, writer: LineWriter | None = None) -> int:

@@ -140,12 +140,43 @@ async def warm_up(endpoint: Endpoint, fail: Callable[[], None], *, delay_s: floa
     return True
 
 
-def in_background(background: set[asyncio.Task[Any]], coroutine: Coroutine[Any, Any, Any]) -> None:
-    """Run `coroutine` as a task that `background` holds until it ends (the loop holds tasks
-    weakly); whoever stops the loop cancels what is left."""
-    task = asyncio.get_running_loop().create_task(coroutine)
-    background.add(task)
-    task.add_done_callback(background.discard)
+class Lifetime:
+    """Until SIGTERM or SIGINT, or a start-up failure (`fail`: exit 1), and the background
+    tasks that run meanwhile (held here: the loop holds tasks weakly)."""
+
+    def __init__(self) -> None:
+        self._stop = asyncio.Event()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.exit_code = 0
+
+    def fail(self) -> None:
+        self.exit_code = 1
+        self._stop.set()
+
+    def in_background(self, coroutine: Coroutine[Any, Any, Any]) -> None:
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def until_stopped(self) -> None:
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self._stop.set)
+        await self._stop.wait()
+
+    def cancel_background(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+
+
+async def close_outbound(endpoint: Endpoint, passthrough: Passthrough | None, access_log: AccessLog) -> None:
+    """The end of a shutdown, once nothing listens: the clients to Entra and IMDS, then the
+    access lines still held."""
+    await endpoint.aclose()
+    if passthrough is not None:
+        await passthrough.aclose()
+    access_log.drain()
+    log.info("stopped")
 
 
 def make_endpoint(cfg: ProxyConfig | NodeConfig) -> Endpoint:
@@ -274,42 +305,26 @@ async def serve(cfg: ProxyConfig, started: float, writer: LineWriter | None = No
             "cannot read the federated token file yet: token requests fail until it can be read",
             extra={"path": cfg.federated_token_file},
         )
-    stop = asyncio.Event()
-    exit_code = 0
-
-    def fail() -> None:
-        nonlocal exit_code
-        exit_code = 1
-        stop.set()
-
-    background: set[asyncio.Task[Any]] = set()
+    lifetime = Lifetime()
     if passthrough is None:
-        in_background(background, warm_up(endpoint, fail, delay_s=WARM_UP_DELAY_S))
+        lifetime.in_background(warm_up(endpoint, lifetime.fail, delay_s=WARM_UP_DELAY_S))
     # Pass-through's start-up check needs httpx and anyio's backend: both are imported now,
     # before the first /readyz is answered, as they always were. Deferred past /readyz, they
     # made /readyz 0.55x as late but a token asked for the moment /readyz answered 23 to 69
     # ms slower (bench/README item 27), and what is deferred must never land on the token path.
-    elif await warm_up(endpoint, fail):
-        in_background(background, check_passthrough_loop(passthrough))
-
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    await stop.wait()
+    elif await warm_up(endpoint, lifetime.fail):
+        lifetime.in_background(check_passthrough_loop(passthrough))
+    await lifetime.until_stopped()
 
     log.info("shutting down", extra={"grace_s": server.state.limits.shutdown_grace_s})
     app.ready = False
     await server.shutdown()
     if metrics_server is not None:
         await metrics_server.shutdown()
-    for task in list(background):
-        task.cancel()
+    lifetime.cancel_background()
     await cache.aclose()
-    await endpoint.aclose()
-    if passthrough is not None:
-        await passthrough.aclose()
-    access_log.drain()
-    log.info("stopped")
-    return exit_code
+    await close_outbound(endpoint, passthrough, access_log)
+    return lifetime.exit_code
 
 
 def run_proxy(cfg: ProxyConfig, writer: LineWriter | None = None) -> int:
