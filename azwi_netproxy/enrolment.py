@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any, Final
 
 from azwi_netproxy.errors import ConfigError
@@ -34,19 +34,6 @@ _POD_UID: Final = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-
 _CONTAINER_ID: Final = re.compile(r"^[0-9A-Za-z][0-9A-Za-z_.-]{0,253}$")
 # An annotation holds at most 256 KiB in all; a map this size is already far past any pod's.
 MAX_IDENTITY_MAP_BYTES: Final = 64 * 1024
-_FIELDS: Final = frozenset(
-    {
-        "container_id",
-        "pod_uid",
-        "pod",
-        "netns",
-        "netns_cookie",
-        "proxy_port",
-        "client_id",
-        "tenant_id",
-        "identity_map",
-    }
-)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -74,6 +61,10 @@ class Enrolment:
         if self.identity_map is None:
             return IdentityMap()
         return parse_identity_map(self.identity_map, label=NODE_IDENTITY_MAP_ANNOTATION)
+
+
+# A record's keys: exactly the fields, no more, no fewer.
+_FIELDS: Final = frozenset(field.name for field in fields(Enrolment))
 
 
 def check_pod_uid(value: str) -> str:

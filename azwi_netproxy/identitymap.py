@@ -64,7 +64,7 @@ def parse_identity_map(text: str, *, source: str = "identity map", label: str | 
             import yaml  # only pods with a YAML map pay for PyYAML's import, at start-up
         except ImportError:
             raise ConfigError(
-                f"AZWI_IDENTITY_MAP {source}: reading a YAML map needs PyYAML, which cannot be "
+                f"{label}: reading a YAML map needs PyYAML, which cannot be "
                 "imported: install it, or give the map as JSON"
             ) from None
         try:

@@ -65,6 +65,10 @@ def records_dir(run_dir: str | Path) -> Path:
     return Path(run_dir) / RECORDS_DIR_NAME
 
 
+def record_path(run_dir: str | Path, container_id: str) -> Path:
+    return records_dir(run_dir) / f"{container_id}.json"
+
+
 def netns_cookie(sock: socket.socket) -> int:
     """The cookie of the network namespace `sock` was made in.
 
@@ -90,7 +94,7 @@ def current_netns_cookie() -> int:
 def write_record(run_dir: str | Path, enrolment: Enrolment) -> Path:
     directory = records_dir(run_dir)
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-    path = directory / f"{enrolment.container_id}.json"
+    path = record_path(run_dir, enrolment.container_id)
     staged = directory / f".{enrolment.container_id}.tmp"
     fd = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     try:
@@ -106,7 +110,7 @@ def write_record(run_dir: str | Path, enrolment: Enrolment) -> Path:
 
 
 def has_record(run_dir: str | Path, container_id: str) -> bool:
-    return (records_dir(run_dir) / f"{container_id}.json").exists()
+    return record_path(run_dir, container_id).exists()
 
 
 def remove_record(run_dir: str | Path, container_id: str) -> bool:
@@ -116,7 +120,7 @@ def remove_record(run_dir: str | Path, container_id: str) -> bool:
     except ConfigError:
         return False
     try:
-        (records_dir(run_dir) / f"{container_id}.json").unlink()
+        record_path(run_dir, container_id).unlink()
     except FileNotFoundError:
         return False
     return True
@@ -140,7 +144,7 @@ def read_records(run_dir: str | Path) -> dict[str, Enrolment]:
         except (OSError, ConfigError) as exc:
             log.warning("cannot read an enrolment record", extra={"file": str(path), "error": str(exc)})
             continue
-        if f"{record.container_id}.json" != name:
+        if record_path(run_dir, record.container_id) != path:
             log.warning("an enrolment record names another sandbox", extra={"file": str(path)})
             continue
         found[record.container_id] = record

@@ -116,6 +116,19 @@ def flag_or_env(flag: object, environ: Mapping[str, str], env_name: str, default
     return default
 
 
+def parse_passthrough(value: str, name: str) -> str:
+    """A pass-through policy (PASSTHROUGH_POLICIES): the sidecar's, the init's and the node
+    process's setting, read alike so that one value in a manifest means one thing.
+
+    Raises:
+        ConfigError: anything else.
+    """
+    text = value.strip()
+    if text not in PASSTHROUGH_POLICIES:
+        raise ConfigError(f"{name}: {text!r} is not one of {', '.join(PASSTHROUGH_POLICIES)}")
+    return text
+
+
 def parse_client_id(value: str, name: str) -> str:
     """A client ID (a GUID), lower-cased.
 

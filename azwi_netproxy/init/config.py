@@ -17,10 +17,10 @@ from azwi_netproxy.settings import (
     DEFAULT_METADATA_PORT,
     DEFAULT_PROXY_PORT,
     DEFAULT_PROXY_UID,
-    PASSTHROUGH_POLICIES,
     flag_or_env,
     parse_ipv4,
     parse_log_level,
+    parse_passthrough,
     parse_port,
     parse_uid,
 )
@@ -76,10 +76,10 @@ def load(flags: Mapping[str, object], environ: Mapping[str, str]) -> InitConfig:
         flag_or_env(flags.get("metadata_port"), environ, "METADATA_PORT", DEFAULT_METADATA_PORT),  # type: ignore[arg-type]
         "METADATA_PORT" if flags.get("metadata_port") is None else "--metadata-port",
     )
-    passthrough = str(flag_or_env(flags.get("passthrough"), environ, "AZWI_PASSTHROUGH", "all")).strip()
-    if passthrough not in PASSTHROUGH_POLICIES:
-        name = "AZWI_PASSTHROUGH" if flags.get("passthrough") is None else "--passthrough"
-        raise ConfigError(f"{name}: {passthrough!r} is not one of {', '.join(PASSTHROUGH_POLICIES)}")
+    passthrough = parse_passthrough(
+        str(flag_or_env(flags.get("passthrough"), environ, "AZWI_PASSTHROUGH", "all")),
+        "AZWI_PASSTHROUGH" if flags.get("passthrough") is None else "--passthrough",
+    )
     return InitConfig(
         proxy_port=proxy_port,
         proxy_uid=proxy_uid,

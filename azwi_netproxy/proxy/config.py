@@ -27,9 +27,10 @@ from azwi_netproxy.settings import (
     DEFAULT_PROXY_PORT,
     DEFAULT_RUN_DIR,
     GUID,
-    TENANT,
+    flag_or_env,
     parse_ipv4,
     parse_log_level,
+    parse_passthrough,
     parse_port,
     parse_tenant_id,
 )
@@ -207,8 +208,7 @@ def load(
     tenant_id = environ.get("AZURE_TENANT_ID", "").strip()
     if not tenant_id:
         raise ConfigError("AZURE_TENANT_ID is not set (the workload identity webhook injects it)")
-    if not TENANT.match(tenant_id):
-        raise ConfigError(f"AZURE_TENANT_ID: {tenant_id!r} is not a tenant ID (a GUID or a domain name)")
+    tenant_id = parse_tenant_id(tenant_id, "AZURE_TENANT_ID")
     token_file = environ.get("AZURE_FEDERATED_TOKEN_FILE", "").strip()
     if not token_file:
         raise ConfigError("AZURE_FEDERATED_TOKEN_FILE is not set (the workload identity webhook injects it)")
@@ -216,9 +216,10 @@ def load(
     metadata_ip = parse_ipv4(environ.get("METADATA_IP") or DEFAULT_METADATA_IP, "METADATA_IP")
     metadata_port = parse_port(environ.get("METADATA_PORT") or DEFAULT_METADATA_PORT, "METADATA_PORT")
 
-    passthrough = str(flags.get("passthrough") or environ.get("AZWI_PASSTHROUGH") or "all")
-    if passthrough not in ("all", "none"):
-        raise ConfigError(f"--passthrough: {passthrough!r} is not one of all, none")
+    passthrough = parse_passthrough(
+        str(flag_or_env(flags.get("passthrough"), environ, "AZWI_PASSTHROUGH", "all")),
+        "AZWI_PASSTHROUGH" if flags.get("passthrough") is None else "--passthrough",
+    )
 
     metrics_port: int | None = None
     if flags.get("metrics_port") is not None:
@@ -322,9 +323,9 @@ def load_node(
     # Everything is checked for --check too (the readiness probe runs with the container's
     # environment): a setting the node process would refuse is never reported as ready.
     tenant_text = environ.get("AZURE_TENANT_ID", "").strip()
-    passthrough = environ.get("AZWI_NODE_PASSTHROUGH", "").strip() or "none"
-    if passthrough not in ("all", "none"):
-        raise ConfigError(f"AZWI_NODE_PASSTHROUGH: {passthrough!r} is not one of all, none")
+    passthrough = parse_passthrough(
+        str(flag_or_env(None, environ, "AZWI_NODE_PASSTHROUGH", "none")), "AZWI_NODE_PASSTHROUGH"
+    )
     metrics_port = None
     if flags.get("metrics_port") is not None:
         metrics_port = parse_port(flags["metrics_port"], "--metrics-port")  # type: ignore[arg-type]

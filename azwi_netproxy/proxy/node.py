@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import os
 import time
 from collections.abc import Callable
 from typing import Any, Final
@@ -41,12 +40,13 @@ from azwi_netproxy.proxy.pods import PodApp, PodRefused, PodRegistry
 from azwi_netproxy.proxy.podtoken import find_token_file, pattern, token_reader
 from azwi_netproxy.proxy.router import Router
 from azwi_netproxy.proxy.run import (
-    ACCESS_LOG_FLUSH_S,
     WARM_UP_DELAY_S,
     Lifetime,
     MetricsApp,
     close_outbound,
+    make_access_log,
     make_endpoint,
+    make_passthrough,
     warm_up,
 )
 from azwi_netproxy.proxy.server import HttpServer
@@ -181,19 +181,10 @@ async def _reconcile_every(registry: PodRegistry, run_dir: str) -> None:
 
 
 async def serve_node(cfg: NodeConfig, started: float, writer: LineWriter | None = None) -> int:
-    loop = asyncio.get_running_loop()
     metrics = Metrics()
     endpoint = make_endpoint(cfg)
-    passthrough = (
-        Passthrough(cfg.metadata_ip, cfg.metadata_port, run_as_uid=os.getuid())
-        if cfg.passthrough == "all"
-        else None
-    )
-    access_log = AccessLog(
-        enabled=logging.getLogger("azwi_netproxy").isEnabledFor(logging.INFO),
-        schedule_flush=lambda flush: loop.call_later(ACCESS_LOG_FLUSH_S, flush),
-        writer=writer,
-    )
+    passthrough = make_passthrough(cfg)
+    access_log = make_access_log(writer)
     server = HttpServer()
     apps = PodApps(cfg, endpoint=endpoint, passthrough=passthrough, metrics=metrics, access_log=access_log)
     registry = PodRegistry(server=server, build=apps.build)

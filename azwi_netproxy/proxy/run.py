@@ -193,6 +193,22 @@ def make_endpoint(cfg: ProxyConfig | NodeConfig) -> Endpoint:
     )
 
 
+def make_passthrough(cfg: ProxyConfig | NodeConfig) -> Passthrough | None:
+    if cfg.passthrough != "all":
+        return None
+    return Passthrough(cfg.metadata_ip, cfg.metadata_port, run_as_uid=os.getuid())
+
+
+def make_access_log(writer: LineWriter | None) -> AccessLog:
+    """The access log, its lines written in batches (see logs.AccessLog) on the running loop."""
+    loop = asyncio.get_running_loop()
+    return AccessLog(
+        enabled=logging.getLogger("azwi_netproxy").isEnabledFor(logging.INFO),
+        schedule_flush=lambda flush: loop.call_later(ACCESS_LOG_FLUSH_S, flush),
+        writer=writer,
+    )
+
+
 async def check_passthrough_loop(passthrough: Passthrough) -> None:
     """Start-up check: does our own request to IMDS come back to us?"""
     request = Request(
@@ -210,7 +226,6 @@ async def check_passthrough_loop(passthrough: Passthrough) -> None:
 
 
 async def serve(cfg: ProxyConfig, started: float, writer: LineWriter | None = None) -> int:
-    loop = asyncio.get_running_loop()
     # The modules imported so far live as long as the process (cli.proxy_main turned
     # collection off while they were imported: 3 % of the instructions to the first /readyz):
     # kept out of every later collection, and collection back on for the rest, whose garbage
@@ -230,21 +245,13 @@ async def serve(cfg: ProxyConfig, started: float, writer: LineWriter | None = No
     metrics.earliest_expiry = cache.earliest_expiry
     metrics.cached_tokens = lambda: len(cache)
     metrics.cache_hits = lambda: cache.hits
-    passthrough = (
-        Passthrough(cfg.metadata_ip, cfg.metadata_port, run_as_uid=os.getuid())
-        if cfg.passthrough == "all"
-        else None
-    )
+    passthrough = make_passthrough(cfg)
     router = Router(
         default_client_id=cfg.default_client_id,
         tenant_id=cfg.tenant_id,
         identity_map=cfg.identity_map,
     )
-    access_log = AccessLog(
-        enabled=logging.getLogger("azwi_netproxy").isEnabledFor(logging.INFO),
-        schedule_flush=lambda flush: loop.call_later(ACCESS_LOG_FLUSH_S, flush),
-        writer=writer,
-    )
+    access_log = make_access_log(writer)
     metrics.log_lines_dropped = lambda: access_log.dropped_lines
     app = TokenApp(
         router=router,
