@@ -25,8 +25,9 @@ TEST_APT_PACKAGES=(
     # The image tests build both images with podman (runc and conmon come with it) on a base
     # that mmdebstrap makes from Debian's packages, and run them as a pod.
     podman mmdebstrap
-    # The test VM (tests/test_vagrant.py): Vagrant with libvirt in a user's session, and QEMU.
-    vagrant vagrant-libvirt libvirt-daemon libvirt-clients qemu-system-x86 qemu-utils
+    # The test VM (tests/test_vagrant.py): Vagrant with libvirt in a user's session, and QEMU;
+    # the box's file system (mkfs.ext4 -d) and the list of the checkout's files (git).
+    vagrant vagrant-libvirt libvirt-daemon libvirt-clients qemu-system-x86 qemu-utils e2fsprogs git
 )
 
 if [[ $(id -u) -ne 0 ]]; then
