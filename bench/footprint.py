@@ -41,10 +41,17 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from run import TOKEN_PATH, Bench, anonymous_mb, free_port, rss_mb, wait_ready  # noqa: E402
-
-ENV = {"PATH": "/usr/bin:/bin", "HOME": "/", "PYTHONOPTIMIZE": "2", "PYTHONNOUSERSITE": "1"}
-AS_PROXY = ["setpriv", "--reuid=1501", "--regid=1501", "--clear-groups"] if os.geteuid() == 0 else []
+from run import (  # noqa: E402
+    AS_PROXY,
+    POD_ENV,
+    TENANT,
+    Bench,
+    anonymous_mb,
+    free_port,
+    proxy_configs,
+    rss_mb,
+    wait_ready,
+)
 
 # Runs the proxy as its console script does, after installing the report handler. The
 # handler reads /proc first, before it allocates anything itself.
@@ -188,27 +195,12 @@ def live(bench: Bench, args: argparse.Namespace) -> None:
     os.chmod(bootstrap, 0o644)
     report = bench.tmp / "report"
     os.chmod(bench.tmp, 0o777)  # the proxy (uid 1501) writes its report there
-    options = config_options(bench, args.config)
-    port = free_port()
-    proxy, _ = bench.start_proxy(
-        ca_file, sts_port, port, python=args.python, program=(str(bootstrap),),
+    options = proxy_configs(bench.tmp)[args.config]
+    proxy, _, _, _ = bench.warm_proxy(
+        ca_file, sts_port, python=args.python, program=(str(bootstrap),),
         metrics=options.get("metrics", False), identity_map=options.get("identity_map"),
         extra_env={**options.get("extra_env", {}), "FOOTPRINT_REPORT": str(report)},
     )
-    metrics_port = bench.metrics_port
-    import http.client
-
-    conn = http.client.HTTPConnection("127.0.0.1", port)
-    conn.request("GET", TOKEN_PATH, headers={"Metadata": "true"})
-    assert conn.getresponse().read()
-    conn.close()
-    from run import wrk
-
-    wrk(f"http://127.0.0.1:{port}{TOKEN_PATH}", 16, 2)
-    if options.get("metrics"):
-        scrape = http.client.HTTPConnection("127.0.0.1", metrics_port)
-        scrape.request("GET", "/metrics")
-        scrape.getresponse().read()
     anon, rss = anonymous_mb(proxy.pid), rss_mb(proxy.pid)
     os.kill(proxy.pid, signal.SIGUSR1)
     deadline = time.monotonic() + 30
@@ -243,23 +235,20 @@ def live(bench: Bench, args: argparse.Namespace) -> None:
             print("    " + line)
 
 
-def config_options(bench: Bench, config: str) -> dict:
-    if config == "pass-through on":
-        return {"extra_env": {"AZWI_PASSTHROUGH": "all"}}
-    if config == "--metrics-port":
-        return {"metrics": True}
-    if config == "YAML identity map":
-        path = bench.tmp / "map.yaml"
-        path.write_text("identities:\n  - clientID: 11111111-1111-1111-1111-111111111111\n")
-        os.chmod(path, 0o644)
-        return {"identity_map": str(path)}
-    return {}
+def token_env(directory: Path) -> dict[str, str]:
+    """A pod's environment for a proxy that only starts: a token file (written into
+    `directory`) but no token service, pass-through off."""
+    token = directory / "token"
+    token.write_text("x.y.z")
+    token.chmod(0o644)
+    return {**POD_ENV, "AZURE_TENANT_ID": TENANT, "AZURE_FEDERATED_TOKEN_FILE": str(token),
+            "AZWI_PASSTHROUGH": "none", "METADATA_IP": "127.0.0.1", "METADATA_PORT": "9"}
 
 
 def imports(args: argparse.Namespace) -> None:
     done = subprocess.run(
         [*AS_PROXY, args.python, "-c", IMPORTS_BOOTSTRAP, "\x1e".join(f"{label}\x1f{code}" for label, code in GROUPS)],
-        env=ENV, capture_output=True, text=True, check=True, cwd="/",
+        env=POD_ENV, capture_output=True, text=True, check=True, cwd="/",
     )
     rows = [
         dict(zip(("group", "modules", "Anonymous", "Rss"), line.split("\t"), strict=True))
@@ -284,19 +273,16 @@ def start(args: argparse.Namespace) -> None:
     port = free_port()
     floor = subprocess.Popen(
         [*AS_PROXY, args.python, "-X", "importtime", str(HERE / "floor_server.py"), str(port)],
-        env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd="/",
+        env=POD_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd="/",
     )
     wait_ready(port, "/")
     floor.terminate()
     for line in floor.communicate()[1].splitlines():
         if line.startswith("import time:") and "|" in line:
             floor_modules.add(line.split("|")[2].strip())
-    token = Path(tempfile.mkdtemp(prefix="azwi-footprint-")) / "token"
-    token.write_text("x.y.z")
-    token.parent.chmod(0o755)
-    token.chmod(0o644)
-    env = {**ENV, "AZURE_TENANT_ID": "72f988bf-86f1-41af-91ab-2d7cd011db47", "AZURE_FEDERATED_TOKEN_FILE": str(token),
-           "AZWI_PASSTHROUGH": "none", "METADATA_IP": "127.0.0.1", "METADATA_PORT": "9"}
+    work = Path(tempfile.mkdtemp(prefix="azwi-footprint-"))
+    work.chmod(0o755)
+    env = token_env(work)
     port = free_port()
     proxy = subprocess.Popen(
         [*AS_PROXY, args.python, "-X", "importtime", "-m", "azwi_netproxy", f"--proxy-port={port}"],
@@ -316,7 +302,7 @@ def start(args: argparse.Namespace) -> None:
                      else "the sidecar's own" if name.startswith("azwi_netproxy")
                      else "others (stdlib the sidecar imports first, runpy for -m)")
             groups[group].append((int(self_us), name))
-    shutil.rmtree(token.parent)
+    shutil.rmtree(work)
     print(f"\n## start: modules imported before the listener is up ({args.python}; -X importtime, self times)\n")
     print("| group | modules | ms | the largest |\n| --- | --- | --- | --- |")
     for group, entries in sorted(groups.items(), key=lambda kv: -sum(us for us, _ in kv[1])):
@@ -389,11 +375,7 @@ def instructions(args: argparse.Namespace) -> None:
     bootstrap = work / "bootstrap.py"
     bootstrap.write_text(CALLGRIND_BOOTSTRAP)
     bootstrap.chmod(0o644)
-    token = work / "token"
-    token.write_text("x.y.z")
-    token.chmod(0o644)
-    env = {**ENV, "AZURE_TENANT_ID": "72f988bf-86f1-41af-91ab-2d7cd011db47", "AZURE_FEDERATED_TOKEN_FILE": str(token),
-           "AZWI_PASSTHROUGH": "none", "METADATA_IP": "127.0.0.1", "METADATA_PORT": "9"}
+    env = token_env(work)
     print("\n## instructions from exec to the first /readyz (callgrind)\n")
     print("| program | python | instructions |\n| --- | --- | --- |")
     pythons = [args.python, *([args.baseline] if args.baseline else [])]

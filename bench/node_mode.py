@@ -203,7 +203,7 @@ class NodeBench:
             "PYTHONOPTIMIZE": "2",
             "PYTHONNOUSERSITE": "1",
         }
-        argv = ["ip", "netns", "exec", pod.ns, "setpriv", "--reuid=1501", "--regid=1501", "--clear-groups",
+        argv = ["ip", "netns", "exec", pod.ns, *base.AS_PROXY,
                 sys.executable, "-m", "azwi_netproxy", f"--proxy-port={POD_PORT}", "--log-level=info"]
         proc = self.bench.start(base.pinned(base.SERVER_CPU, argv), env=env, log="sidecar.log", piped=True)
         deadline = time.monotonic() + 20
@@ -340,7 +340,8 @@ def main() -> int:
     if os.geteuid() != 0:
         print("bench/node_mode.py: needs root (network namespaces, setns)", file=sys.stderr)
         return 2
-    for tool in ("wrk", "curl", "ip", "nft"):
+    # setpriv too: without it base.AS_PROXY is empty and the sidecar would run as root.
+    for tool in ("wrk", "curl", "ip", "nft", "setpriv"):
         if shutil.which(tool) is None:
             print(f"bench/node_mode.py: {tool} is not installed (bench/run.sh installs wrk)", file=sys.stderr)
             return 2

@@ -61,6 +61,16 @@ F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 # its first token here (its container is started then, and the app itself starts).
 BASES = ("pass-through off", "pass-through on")
 APP_START_S = 0.2
+# The proxy image's uid. Without root (or setpriv) the bench cannot switch to it and runs
+# everything as itself.
+AS_PROXY = (
+    ["setpriv", "--reuid=1501", "--regid=1501", "--clear-groups"] if os.geteuid() == 0 and shutil.which("setpriv") else []
+)
+# What a pod's container starts with. HOME: as a container runtime sets it for a uid
+# without a passwd entry; without it, Python's site looks the user up (pwd), which on this
+# machine loads libnss_systemd: 0.4 MB and a few ms that no pod of the image pays.
+# PYTHONOPTIMIZE and PYTHONNOUSERSITE: as the proxy image runs it (Dockerfile).
+POD_ENV = {"PATH": "/usr/bin:/bin", "HOME": "/", "PYTHONOPTIMIZE": "2", "PYTHONNOUSERSITE": "1"}
 
 
 def free_port() -> int:
@@ -136,6 +146,30 @@ def token_seconds(port: int) -> float:
 
 def pinned(cpu: str, argv: list[str]) -> list[str]:
     return ["taskset", "-c", cpu, *argv] if shutil.which("taskset") else argv
+
+
+def proxy_configs(tmp: Path) -> dict[str, dict[str, Any]]:
+    """The configurations whose footprint is measured, by name: the start_proxy arguments
+    each sets (metrics, identity_map, extra_env; one not set is off). The map file goes into `tmp`."""
+    map_file = tmp / "identity-map.yaml"
+    map_file.write_text(
+        "onlyListed: false\nidentities:\n"
+        f"  - clientID: {CLIENT}\n    name: default\n"
+        "  - clientID: 22222222-2222-2222-2222-222222222222\n"
+        "    resourceID: /subscriptions/s/resourceGroups/g/providers/"
+        "Microsoft.ManagedIdentity/userAssignedIdentities/other\n"
+    )
+    os.chmod(map_file, 0o644)
+    # The bench's proxies run with pass-through off (none of its requests is passed
+    # through), and so do the --metrics-port and YAML map configurations. The webhook
+    # injects the sidecar with it on, which makes the start check for a pass-through
+    # loop through httpx's transport: measured as a configuration of its own.
+    return {
+        "pass-through off": {},
+        "pass-through on": {"extra_env": {"AZWI_PASSTHROUGH": "all"}},
+        "--metrics-port": {"metrics": True},
+        "YAML identity map": {"identity_map": str(map_file)},
+    }
 
 
 @dataclass
@@ -286,11 +320,7 @@ class Bench:
         token_file.write_text("eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJzeXN0ZW06c2VydmljZWFjY291bnQ6ZGVmYXVsdDpiZW5jaCJ9.c2ln")
         os.chmod(token_file, 0o644)
         env = {
-            "PATH": "/usr/bin:/bin",
-            # As a container runtime sets it for a uid without a passwd entry. Without it,
-            # Python's site looks the user up (pwd), which on this machine loads
-            # libnss_systemd: 0.4 MB and a few ms that no pod of the image pays.
-            "HOME": "/",
+            **POD_ENV,
             "AZURE_TENANT_ID": TENANT,
             "AZURE_CLIENT_ID": CLIENT,
             "AZURE_FEDERATED_TOKEN_FILE": str(token_file),
@@ -299,9 +329,6 @@ class Bench:
             "METADATA_IP": "127.0.0.1",
             "METADATA_PORT": str(free_port()),
             "AZWI_PASSTHROUGH": "none",
-            # As the proxy image runs it (Dockerfile).
-            "PYTHONOPTIMIZE": "2",
-            "PYTHONNOUSERSITE": "1",
             **(extra_env or {}),
         }
         if identity_map is not None:
@@ -310,17 +337,12 @@ class Bench:
         argv = [python or sys.executable, *program, f"--proxy-port={port}", f"--log-level={log_level}"]
         if metrics:
             argv.append(f"--metrics-port={self.metrics_port}")
-        if os.geteuid() == 0 and shutil.which("setpriv"):
-            argv = ["setpriv", "--reuid=1501", "--regid=1501", "--clear-groups", *argv]
         started = time.monotonic()
-        proc = self.start(pinned(SERVER_CPU, argv), env=env, log=log, piped=True)
+        proc = self.start(pinned(SERVER_CPU, [*AS_PROXY, *argv]), env=env, log=log, piped=True)
         if not probe:
             return proc, wait_ready(port)
-        hook = [python or sys.executable, "-m", "azwi_netproxy", f"--proxy-port={port}", "--probe"]
-        if os.geteuid() == 0 and shutil.which("setpriv"):
-            hook = ["setpriv", "--reuid=1501", "--regid=1501", "--clear-groups", *hook]
-        hook_env = {"PATH": "/usr/bin:/bin", "HOME": "/", "PYTHONOPTIMIZE": "2", "PYTHONNOUSERSITE": "1"}
-        done = subprocess.run(pinned(SERVER_CPU, hook), env=hook_env, capture_output=True, cwd="/", check=False)
+        hook = [*AS_PROXY, python or sys.executable, "-m", "azwi_netproxy", f"--proxy-port={port}", "--probe"]
+        done = subprocess.run(pinned(SERVER_CPU, hook), env=POD_ENV, capture_output=True, cwd="/", check=False)
         if done.returncode != 0:
             raise RuntimeError(f"the postStart probe failed: {done.stderr!r}")
         return proc, time.monotonic() - started
@@ -335,6 +357,7 @@ class Bench:
     def warm_proxy(
         self, ca_file: str, sts_port: int, log: str = "proxy.log", *, python: str | None = None,
         metrics: bool = True, identity_map: str | None = None, extra_env: dict[str, str] | None = None,
+        program: tuple[str, ...] = ("-m", "azwi_netproxy"),
     ) -> tuple[subprocess.Popen[bytes], int, float, bytes]:
         """A proxy with its token cached and 2 s of load behind it: (process, port, readiness, body).
 
@@ -343,7 +366,7 @@ class Bench:
         port = free_port()
         proxy, ready_s = self.start_proxy(
             ca_file, sts_port, port, log=log, python=python, metrics=metrics, identity_map=identity_map,
-            extra_env=extra_env,
+            extra_env=extra_env, program=program,
         )
         metrics_port = self.metrics_port
         conn = http.client.HTTPConnection("127.0.0.1", port)
@@ -544,11 +567,8 @@ class Bench:
         """The floor server started as the proxy is (uid 1501, -OO, a pod's HOME): seconds to
         its first answer and the CPU it took, the least any server on this stack needs."""
         port = free_port()
-        argv = [sys.executable, str(HERE / "floor_server.py"), str(port)]
-        if os.geteuid() == 0 and shutil.which("setpriv"):
-            argv = ["setpriv", "--reuid=1501", "--regid=1501", "--clear-groups", *argv]
-        env = {"PATH": "/usr/bin:/bin", "HOME": "/", "PYTHONOPTIMIZE": "2", "PYTHONNOUSERSITE": "1"}
-        floor = self.start(pinned(SERVER_CPU, argv), env=env, log="floor-start.log")
+        argv = [*AS_PROXY, sys.executable, str(HERE / "floor_server.py"), str(port)]
+        floor = self.start(pinned(SERVER_CPU, argv), env=POD_ENV, log="floor-start.log")
         ready_s = wait_ready(port, "/")
         cpu_s = cpu_seconds(floor.pid)
         self.stop(floor)
@@ -569,8 +589,7 @@ class Bench:
             "exec(sys.argv[1])\n"
             "print(anon() - before)\n"
         )
-        env = {"PATH": "/usr/bin:/bin", "HOME": "/", "PYTHONOPTIMIZE": "2", "PYTHONNOUSERSITE": "1"}
-        done = subprocess.run([sys.executable, "-c", script, code], env=env, capture_output=True, text=True,
+        done = subprocess.run([sys.executable, "-c", script, code], env=POD_ENV, capture_output=True, text=True,
                               check=True, cwd="/")
         return float(done.stdout.split()[-1])
 
@@ -584,25 +603,8 @@ class Bench:
         builds: list[tuple[str, str | None]] = [("this build", None)]
         if baseline is not None:
             builds.append(("baseline", baseline))
-        map_file = self.tmp / "identity-map.yaml"
-        map_file.write_text(
-            "onlyListed: false\nidentities:\n"
-            f"  - clientID: {CLIENT}\n    name: default\n"
-            "  - clientID: 22222222-2222-2222-2222-222222222222\n"
-            "    resourceID: /subscriptions/s/resourceGroups/g/providers/"
-            "Microsoft.ManagedIdentity/userAssignedIdentities/other\n"
-        )
-        os.chmod(map_file, 0o644)
-        # The bench's proxies run with pass-through off (none of its requests is passed
-        # through), and so do the --metrics-port and YAML map configurations. The webhook
-        # injects the sidecar with it on, which makes the start check for a pass-through
-        # loop through httpx's transport: measured as a configuration of its own.
-        configs: dict[str, dict[str, Any]] = {
-            "pass-through off": {},
-            "pass-through on": {"extra_env": {"AZWI_PASSTHROUGH": "all"}},
-            "--metrics-port": {"metrics": True},
-            "YAML identity map": {"identity_map": str(map_file)},
-        }
+        configs = proxy_configs(self.tmp)
+        map_file = configs["YAML identity map"]["identity_map"]
         memory: dict[tuple[str, str], tuple[float, float]] = {}
         starts: dict[tuple[str, str], list[tuple[float, float, float]]] = {}
         gates: dict[tuple[str, str], list[tuple[float, float, float]]] = {}
@@ -647,7 +649,7 @@ class Bench:
             "--metrics-port": self.module_cost(
                 "import prometheus_client, prometheus_client.exposition, prometheus_client.process_collector"
             ),
-            "YAML identity map": self.module_cost(f"import yaml; yaml.safe_load(open({str(map_file)!r}).read())"),
+            "YAML identity map": self.module_cost(f"import yaml; yaml.safe_load(open({map_file!r}).read())"),
         }
 
         def ms(samples: list[tuple[float, float, float]], index: int) -> tuple[float, float, float]:
