@@ -197,7 +197,7 @@ def wrk(
     netns: str | None = None,
 ) -> WrkResult:
     """wrk against `url`; from inside the network namespace `netns` (`ip netns` name) if given."""
-    argv = ["wrk", "-t1", f"-c{connections}", f"-d{int(duration_s)}s", "--latency", "-H", "Metadata: true"]
+    argv = ["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(duration_s))}s", "--latency", "-H", "Metadata: true"]
     if close:
         argv += ["-H", "Connection: close"]
     if script:
