@@ -525,6 +525,8 @@ class Inventory:
     exceptions: list[PodIdentityException] = field(default_factory=list)
     workloads: list[Workload] = field(default_factory=list)
     service_accounts: dict[tuple[str, str], Document] = field(default_factory=dict)
+    # (namespace, name) → data: what pods take as env or files may be where they name IMDS.
+    config_maps: dict[tuple[str, str], Mapping[str, Any]] = field(default_factory=dict)
     # Pod identity's own resources (AzureIdentity, …): replaced by the migration, never copied.
     pod_identity_docs: list[Document] = field(default_factory=list)
     # Every document, in input order: the planner decides which ones go to unchanged/.
@@ -537,7 +539,7 @@ def is_workload(data: Mapping[str, Any]) -> bool:
 
 
 def classify(documents: list[Document]) -> Inventory:
-    """Sort documents into pod identity resources, workloads, service accounts and the rest.
+    """Sort documents into pod identity resources, workloads, service accounts, ConfigMaps and the rest.
 
     Raises:
         ConfigError: a workload or AzurePodIdentityException that Kubernetes would not accept.
@@ -560,4 +562,6 @@ def classify(documents: list[Document]) -> Inventory:
             inventory.workloads.append(parse_workload(doc))
         elif kind == "ServiceAccount" and api_group(data) == "" and name_of(data):
             inventory.service_accounts.setdefault((namespace_of(data), name_of(data)), doc)
+        elif kind == "ConfigMap" and api_group(data) == "" and isinstance(data.get("data"), dict):
+            inventory.config_maps.setdefault((namespace_of(data), name_of(data)), data["data"])
     return inventory

@@ -34,8 +34,15 @@ from azwi_netproxy.migrate.model import (
     PodIdentityException,
     Workload,
 )
-from azwi_netproxy.migrate.signs import ConfigMaps, Passthrough, explicit_choice, metadata_use
-from azwi_netproxy.settings import CNI_PASSTHROUGH_ANNOTATION, PASSTHROUGH_POLICIES
+from azwi_netproxy.migrate.signs import (
+    OUR_CONTAINERS,
+    ConfigMaps,
+    Passthrough,
+    explicit_choice,
+    explicit_policy,
+    metadata_use,
+)
+from azwi_netproxy.settings import CNI_PASSTHROUGH_ANNOTATION
 
 FIC_LIMIT: Final = 20  # federated identity credentials per managed identity (Entra limit)
 FIC_AUDIENCE: Final = "api://AzureADTokenExchange"
@@ -51,7 +58,6 @@ _UAMI_ID: Final = re.compile(
     re.I,
 )
 _OS_KEYS: Final = ("kubernetes.io/os", "beta.kubernetes.io/os")
-_OUR_CONTAINERS: Final = ("azwi-proxy", "azwi-proxy-init")  # upstream's container names
 _FIC_NAME_MAX: Final = 120
 _DNS_SUBDOMAIN_MAX: Final = 253
 # Labels the Job controller adds to a Job's pod template; they carry the old Job's UID.
@@ -376,7 +382,7 @@ def is_windows(spec: Mapping[str, Any]) -> str | None:
 def _declared_tcp_ports(workload: Workload) -> set[int]:
     ports: set[int] = set()
     for container in workload.containers():
-        if container.get("name") in _OUR_CONTAINERS:
+        if container.get("name") in OUR_CONTAINERS:
             continue  # a previous migration's (or the webhook's) proxy: replaced, not in the way
         for port in container.get("ports") or []:
             if not isinstance(port, dict):
@@ -467,7 +473,6 @@ class ClusterObjects:
     owned: tuple[Workload, ...]  # created by a controller (ownerReferences), sorted likewise
     keys: frozenset[tuple[str, str, str]]  # (namespace, kind, name) of every workload exported
     exceptions: Mapping[str, tuple[PodIdentityException, ...]]  # by namespace, sorted by name
-    config_maps: ConfigMaps  # (namespace, name) → data, for the signs of choose_mode
     not_copied: tuple[Document, ...]  # pod identity's own resources and second definitions
     warnings: tuple[Finding, ...]
 
@@ -518,18 +523,11 @@ def read_objects(inventory: Inventory, cluster: str) -> ClusterObjects:
     exceptions: dict[str, list[PodIdentityException]] = defaultdict(list)
     for exception in sorted(inventory.exceptions, key=lambda e: (e.namespace, e.name)):
         exceptions[exception.namespace].append(exception)
-    config_maps: dict[tuple[str, str], Mapping[str, Any]] = {}
-    for doc in inventory.documents:
-        data = doc.data.get("data")
-        is_config_map = model.kind_of(doc.data) == "ConfigMap" and model.api_group(doc.data) == ""
-        if is_config_map and isinstance(data, dict):
-            config_maps.setdefault((model.namespace_of(doc.data), model.name_of(doc.data)), data)
     return ClusterObjects(
         workloads=tuple(workloads),
         owned=tuple(owned),
         keys=frozenset((w.namespace, w.kind, w.name) for w in inventory.workloads),
         exceptions={ns: tuple(found) for ns, found in exceptions.items()},
-        config_maps=config_maps,
         not_copied=tuple(not_copied),
         warnings=tuple(warnings),
     )
@@ -724,7 +722,7 @@ def blockers(workload: Workload, mode: Mode) -> list[str]:
             f"there; use the Azure Identity SDK's workload identity credential instead"
         )
     choice = explicit_choice(workload)
-    if choice is not None and choice.strip().lower() not in PASSTHROUGH_POLICIES:
+    if choice is not None and explicit_policy(choice) is None:
         reasons.append(
             f"pod annotation {CNI_PASSTHROUGH_ANNOTATION}: {choice!r} is neither all nor none (the "
             f"CNI plugin refuses such a pod): set the pass-through this workload needs"
@@ -1080,7 +1078,7 @@ def _plan_cluster(
             continue  # not a pod identity workload: unchanged
         identities = workload_identities(workload, resolved)
         bindings_used.update(identities.bindings_used)
-        choice = choose_mode(workload, options, objects.config_maps)
+        choice = choose_mode(workload, options, inventory.config_maps)
         reasons = [*blockers(workload, choice.mode), *identities.problems]
         if reasons:
             plan.not_migrated.append(Finding(cluster, workload.ref, workload.doc.where, "; ".join(reasons)))
@@ -1115,7 +1113,8 @@ def _plan_cluster(
                 mode=choice.mode,
                 passthrough=choice.passthrough,
                 passthrough_because=choice.because,
-                mode_because=choice.because if options.node and choice.mode != "node" else (),
+                # Node mode's choice has no `because`: under --node, one says why it was not taken.
+                mode_because=choice.because if options.node else (),
                 tenant_id=account.tenant_id,
                 notes=[*account.notes, *port_notes, *_kind_notes(workload)],
             )

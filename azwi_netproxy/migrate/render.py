@@ -224,16 +224,15 @@ def _workload_manifest(plan: Plan, wp: WorkloadPlan) -> tuple[dict[str, Any], li
         )
     if not wp.node:
         changes.append(_passthrough_change(wp))
-    if not wp.cni and not wp.node:
-        # A re-export of a CNI-mode migration: the plugin must no longer redirect these pods.
-        stale = [
-            key
-            for key in (REDIRECT_ANNOTATION, CNI_PORT_ANNOTATION)
-            if annotations.pop(key, None) is not None
-        ]
-        if stale:
-            changes.append(f"pod annotations {', '.join(stale)} removed (not CNI mode)")
-    if not wp.node:
+        if not wp.cni:
+            # A re-export of a CNI-mode migration: the plugin must no longer redirect these pods.
+            stale = [
+                key
+                for key in (REDIRECT_ANNOTATION, CNI_PORT_ANNOTATION)
+                if annotations.pop(key, None) is not None
+            ]
+            if stale:
+                changes.append(f"pod annotations {', '.join(stale)} removed (not CNI mode)")
         # A re-export of a node-mode migration: the node process must no longer serve these pods.
         stale = [key for key in NODE_ANNOTATIONS if annotations.pop(key, None) is not None]
         if stale:

@@ -79,7 +79,7 @@ _MODE_NAMES = {"sidecar": "sidecar", "cni": "CNI", "node": "node"}
 
 def _fallback(plan: Plan) -> str:
     """The name of the mode that --node leaves workloads in."""
-    return "CNI" if plan.options.cni else "sidecar"
+    return _MODE_NAMES[plan.options.fallback_mode]
 
 
 def _summary(plan: Plan, files: Mapping[str, OutputFile]) -> list[str]:
@@ -142,8 +142,10 @@ def _summary(plan: Plan, files: Mapping[str, OutputFile]) -> list[str]:
 
 def _pod_templates(plan: Plan) -> list[str]:
     """The "What was generated" lines about pod templates, one per mode the run can write."""
-    other = (
-        f'  - Pod template (CNI mode): label `{USE_LABEL}: "true"`, annotation '
+    # The heading apart from the body: under --node the body goes under another heading.
+    heading = "Pod template (CNI mode)" if plan.options.cni else "Pod template"
+    body = (
+        f'label `{USE_LABEL}: "true"`, annotation '
         f'`{REDIRECT_ANNOTATION}: "true"` (and `{CNI_PORT_ANNOTATION}` where the proxy cannot '
         f'listen on {CNI_DEFAULT_PORT}, `{CNI_PASSTHROUGH_ANNOTATION}: "none"` and '
         f"`{PASSTHROUGH_VARIABLE}=none` on the proxy where the pod does without pass-through), "
@@ -152,7 +154,7 @@ def _pod_templates(plan: Plan) -> list[str]:
         f'`serviceAccountName`; `{IDENTITY_BINDING_ANNOTATION}: "true"` where the FIC budget '
         f"calls for identity binding."
         if plan.options.cni
-        else f'  - Pod template: label `{USE_LABEL}: "true"`, annotations '
+        else f'label `{USE_LABEL}: "true"`, annotations '
         f'`{INJECT_PROXY_ANNOTATION}: "true"` and `{PROXY_PORT_ANNOTATION}` where the pod keeps '
         f"pass-through and has one identity; otherwise our two containers declared instead, with "
         f'`{PASSTHROUGH_VARIABLE}=none` on both (see "Pass-through") or the identity map (see '
@@ -160,7 +162,7 @@ def _pod_templates(plan: Plan) -> list[str]:
         f"the FIC budget calls for identity binding."
     )
     if not plan.options.node:
-        return [other]
+        return [f"  - {heading}: {body}"]
     node = (
         f'  - Pod template (node mode): label `{USE_LABEL}: "true"` (the webhook still projects '
         f'the token), annotations `{NODE_PROXY_ANNOTATION}: "true"`, `{NODE_CLIENT_ID_ANNOTATION}` '
@@ -169,8 +171,7 @@ def _pod_templates(plan: Plan) -> list[str]:
         f"identities, `{CNI_PORT_ANNOTATION}` where the port is not {CNI_DEFAULT_PORT}, "
         f"`serviceAccountName`; no proxy, no init container, no `{INJECT_PROXY_ANNOTATION}`."
     )
-    rest = other.split(":", 1)[1]
-    return [node, f'  - Pod template of workloads kept in {_fallback(plan)} mode (see "Node mode"):{rest}']
+    return [node, f'  - Pod template of workloads kept in {_fallback(plan)} mode (see "Node mode"): {body}']
 
 
 def _passthrough_summary(plan: Plan) -> list[str]:

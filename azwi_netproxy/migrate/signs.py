@@ -40,10 +40,13 @@ from typing import Any, Final, Literal
 from azwi_netproxy.migrate.model import Workload, dig
 from azwi_netproxy.settings import CNI_PASSTHROUGH_ANNOTATION, DEFAULT_METADATA_IP, PASSTHROUGH_POLICIES
 
+# init.config's Passthrough, spelt again: one program never imports another's package
+# (tests/test_layout.py).
 Passthrough = Literal["all", "none"]
 
-# Upstream's container names: a re-exported migrated pod's proxy mentions IMDS by design.
-_OUR_CONTAINERS: Final = ("azwi-proxy", "azwi-proxy-init")
+# Upstream's container names. Signs skip them (a re-exported migrated pod's proxy mentions IMDS
+# by design) and so does plan.py's port check; plan imports this module, so they live here.
+OUR_CONTAINERS: Final = ("azwi-proxy", "azwi-proxy-init")
 # Container fields that say which program runs, not how it talks: an image named
 # ".../metadata/..." is no sign.
 _NOT_SCANNED: Final = ("name", "image", "imagePullPolicy")
@@ -89,6 +92,14 @@ def explicit_choice(workload: Workload) -> str | None:
     annotations = dig(workload.pod, "metadata", "annotations")
     found = annotations.get(CNI_PASSTHROUGH_ANNOTATION) if isinstance(annotations, dict) else None
     return found if isinstance(found, str) else None
+
+
+def explicit_policy(choice: str) -> Passthrough | None:
+    """The policy an annotation value names (None: neither), read as the CNI plugin reads it."""
+    text = choice.strip().lower()
+    if text not in PASSTHROUGH_POLICIES:
+        return None
+    return "all" if text == "all" else "none"
 
 
 def _named(text: str) -> str | None:
@@ -139,13 +150,11 @@ def _config_map_refs(workload: Workload, container: Mapping[str, Any]) -> Iterat
 def metadata_use(workload: Workload, config_maps: ConfigMaps) -> MetadataUse:
     """The explicit choice and the signs of the workload's pods (see the module's rules)."""
     choice = explicit_choice(workload)
-    explicit: Passthrough | None = None
-    if choice is not None and choice.strip().lower() in PASSTHROUGH_POLICIES:
-        explicit = "all" if choice.strip().lower() == "all" else "none"
+    explicit = explicit_policy(choice) if choice is not None else None
     signs: list[str] = []
     for container in workload.containers():
         name = container.get("name")
-        if name in _OUR_CONTAINERS:
+        if name in OUR_CONTAINERS:
             continue
         scanned = {k: v for k, v in container.items() if k not in _NOT_SCANNED}
         for path, text in _strings(scanned, ""):
