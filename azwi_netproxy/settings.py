@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from typing import Final
+from typing import Final, Literal, cast
 
 from azwi_netproxy.errors import ConfigError
 
@@ -31,7 +31,9 @@ NODE_PROXY_ANNOTATION: Final = "azwi-netproxy.io/node-proxy"
 NODE_CLIENT_ID_ANNOTATION: Final = "azwi-netproxy.io/client-id"
 NODE_TENANT_ID_ANNOTATION: Final = "azwi-netproxy.io/tenant-id"
 NODE_IDENTITY_MAP_ANNOTATION: Final = "azwi-netproxy.io/identity-map"
-# The sidecar's and the init's pass-through policy (--passthrough, AZWI_PASSTHROUGH).
+# The sidecar's and the init's pass-through policy (--passthrough, AZWI_PASSTHROUGH), the
+# node process's (AZWI_NODE_PASSTHROUGH) and the CNI annotation's.
+PassthroughPolicy = Literal["all", "none"]
 PASSTHROUGH_POLICIES: Final = ("all", "none")
 
 # Entra client, object and tenant IDs are GUIDs; a tenant may also be named by its domain,
@@ -116,7 +118,7 @@ def flag_or_env(flag: object, environ: Mapping[str, str], env_name: str, default
     return default
 
 
-def parse_passthrough(value: str, name: str) -> str:
+def parse_passthrough(value: str, name: str) -> PassthroughPolicy:
     """A pass-through policy (PASSTHROUGH_POLICIES): the sidecar's, the init's and the node
     process's setting, read alike so that one value in a manifest means one thing.
 
@@ -126,7 +128,7 @@ def parse_passthrough(value: str, name: str) -> str:
     text = value.strip()
     if text not in PASSTHROUGH_POLICIES:
         raise ConfigError(f"{name}: {text!r} is not one of {', '.join(PASSTHROUGH_POLICIES)}")
-    return text
+    return cast(PassthroughPolicy, text)
 
 
 def parse_client_id(value: str, name: str) -> str:

@@ -17,6 +17,7 @@ from azwi_netproxy.settings import (
     DEFAULT_METADATA_PORT,
     DEFAULT_PROXY_PORT,
     DEFAULT_PROXY_UID,
+    PassthroughPolicy,
     flag_or_env,
     parse_ipv4,
     parse_log_level,
@@ -29,7 +30,7 @@ Backend = Literal["auto", "nftables", "iptables"]
 InitAction = Literal["install", "dry-run", "check", "cleanup"]
 # The sidecar's pass-through policy (its --passthrough / AZWI_PASSTHROUGH): only "all" needs
 # the proxy's uid exempted from the redirect.
-Passthrough = Literal["all", "none"]
+Passthrough = PassthroughPolicy
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -88,6 +89,6 @@ def load(flags: Mapping[str, object], environ: Mapping[str, str]) -> InitConfig:
         backend=backend,  # type: ignore[arg-type]
         action=action,  # type: ignore[arg-type]
         fail_closed=not bool(flags.get("allow_other_metadata_traffic")),
-        passthrough=passthrough,  # type: ignore[arg-type]
+        passthrough=passthrough,
         log_level=log_level,
     )

@@ -37,12 +37,12 @@ from azwi_netproxy.migrate.model import (
 from azwi_netproxy.migrate.signs import (
     OUR_CONTAINERS,
     ConfigMaps,
-    Passthrough,
     explicit_choice,
     explicit_policy,
     metadata_use,
 )
 from azwi_netproxy.settings import CNI_PASSTHROUGH_ANNOTATION
+from azwi_netproxy.settings import PassthroughPolicy as Passthrough
 
 FIC_LIMIT: Final = 20  # federated identity credentials per managed identity (Entra limit)
 FIC_AUDIENCE: Final = "api://AzureADTokenExchange"

@@ -35,14 +35,11 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Final, Literal
+from typing import Any, Final
 
 from azwi_netproxy.migrate.model import Workload, dig
 from azwi_netproxy.settings import CNI_PASSTHROUGH_ANNOTATION, DEFAULT_METADATA_IP, PASSTHROUGH_POLICIES
-
-# init.config's Passthrough, spelt again: one program never imports another's package
-# (tests/test_layout.py).
-Passthrough = Literal["all", "none"]
+from azwi_netproxy.settings import PassthroughPolicy as Passthrough
 
 # Upstream's container names. Signs skip them (a re-exported migrated pod's proxy mentions IMDS
 # by design) and so does plan.py's port check; plan imports this module, so they live here.

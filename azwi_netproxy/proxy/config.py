@@ -17,7 +17,7 @@ import ssl
 import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Final, Literal
+from typing import Any, Final
 
 from azwi_netproxy.errors import ConfigError
 from azwi_netproxy.identitymap import IdentityMap
@@ -27,6 +27,7 @@ from azwi_netproxy.settings import (
     DEFAULT_PROXY_PORT,
     DEFAULT_RUN_DIR,
     GUID,
+    PassthroughPolicy,
     flag_or_env,
     parse_ipv4,
     parse_log_level,
@@ -34,8 +35,6 @@ from azwi_netproxy.settings import (
     parse_port,
     parse_tenant_id,
 )
-
-PassthroughPolicy = Literal["all", "none"]
 
 DEFAULT_AUTHORITY_HOST: Final = "https://login.microsoftonline.com/"
 DEFAULT_KUBELET_PODS_DIR: Final = "/var/lib/kubelet/pods"
@@ -243,7 +242,7 @@ def load(
         identity_map_path=map_path,
         metadata_ip=metadata_ip,
         metadata_port=metadata_port,
-        passthrough=passthrough,  # type: ignore[arg-type]
+        passthrough=passthrough,
         metrics_port=metrics_port,
         **exchange,
     )
@@ -335,7 +334,7 @@ def load_node(
         tenant_id=parse_tenant_id(tenant_text, "AZURE_TENANT_ID") if tenant_text else None,
         metadata_ip=parse_ipv4(environ.get("METADATA_IP") or DEFAULT_METADATA_IP, "METADATA_IP"),
         metadata_port=parse_port(environ.get("METADATA_PORT") or DEFAULT_METADATA_PORT, "METADATA_PORT"),
-        passthrough=passthrough,  # type: ignore[arg-type]
+        passthrough=passthrough,
         metrics_port=metrics_port,
         kubelet_pods_dir=_absolute_path(environ, "AZWI_KUBELET_PODS_DIR", DEFAULT_KUBELET_PODS_DIR),
         run_dir=run_dir,
