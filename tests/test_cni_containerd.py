@@ -18,8 +18,6 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import time
-import uuid
 from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
@@ -40,11 +38,7 @@ pytestmark = [pytest.mark.root, pytest.mark.timeout(240)]
 _SKIP = cri.skip_reason() or ("" if CAN_NETNS else NETNS_SKIP_REASON)
 SUPPORT = Path(__file__).resolve().parent / "support"
 REDIRECT = {"azwi-netproxy.io/redirect": "true"}
-
-
-def _loaded_plugins(ctrd: cri.Containerd) -> list[list[str]]:
-    info = json.loads(dict(ctrd.cri.status(verbose=True).info)["cniconfig"])
-    return [[p["Network"]["type"] for p in net["Config"]["Plugins"]] for net in info["Networks"]]
+NETNS_PREFIX = "azcripod"
 
 
 @pytest.fixture(scope="module")
@@ -59,25 +53,11 @@ def ctrd_node() -> Iterator[tuple[cri.Containerd, Node]]:
                     agent_log=ctrd.dir / "agent.log")
         node.start_agent()
         try:
-            deadline = time.monotonic() + 20
-            while _loaded_plugins(ctrd)[-1][-1] != "azwi-netproxy":
-                assert time.monotonic() < deadline, f"CRI never loaded the chained conflist: {_loaded_plugins(ctrd)}"
-                time.sleep(0.1)
+            ctrd.wait_chained()
             yield ctrd, node
         finally:
             node.stop_agent()
             print("--- the agent's log", node.agent_log.read_text(errors="replace")[-4000:], sep="\n")
-
-
-def _attach(pod: cri.Pod) -> str:
-    """An `ip netns` name for the pod's namespace, so the netns helpers can reach it."""
-    name = f"azcripod-{uuid.uuid4().hex[:8]}"
-    subprocess.run(["ip", "netns", "attach", name, str(pod.pid)], check=True, capture_output=True)
-    return name
-
-
-def _detach(name: str) -> None:
-    subprocess.run(["ip", "netns", "delete", name], check=False, capture_output=True)
 
 
 def _rules(ns: str) -> subprocess.CompletedProcess[str]:
@@ -89,7 +69,7 @@ def test_containerd_chains_our_plugin_with_the_annotations_capability(
     ctrd_node: tuple[cri.Containerd, Node],
 ) -> None:
     ctrd, _node = ctrd_node
-    assert _loaded_plugins(ctrd)[-1] == ["loopback", "azwi-test-podnet", "azwi-netproxy"]
+    assert ctrd.loaded_plugins()[-1] == ["loopback", "azwi-test-podnet", "azwi-netproxy"]
     info = json.loads(dict(ctrd.cri.status(verbose=True).info)["cniconfig"])
     ours = info["Networks"][-1]["Config"]["Plugins"][-1]["Network"]
     assert ours["capabilities"] == {"io.kubernetes.cri.pod-annotations": True}
@@ -100,20 +80,20 @@ def test_a_pod_that_asks_gets_the_rules_before_it_runs_and_others_do_not(
 ) -> None:
     ctrd, _node = ctrd_node
     with ctrd.pod("plain") as plain:
-        name = _attach(plain)
+        name = cri.attach_netns(plain, NETNS_PREFIX)
         try:
             assert _rules(name).returncode != 0, "a pod that did not ask got our table"
         finally:
-            _detach(name)
+            cri.detach_netns(name)
     offset = ctrd.log_size()
     with ctrd.pod("asks", annotations={**REDIRECT, "azwi-netproxy.io/proxy-port": "8123"}) as asks:
-        name = _attach(asks)
+        name = cri.attach_netns(asks, NETNS_PREFIX)
         try:
             listed = _rules(name)
             assert listed.returncode == 0, listed.stderr
             assert "8123" in listed.stdout, listed.stdout
         finally:
-            _detach(name)
+            cri.detach_netns(name)
     # The plugin's JSON log lines end up in the runtime's log, naming the pod.
     lines = [json.loads(line) for line in ctrd.log_since(offset).splitlines() if line.startswith("{")]
     installed = [line for line in lines if line.get("message") == "redirect installed"]
@@ -158,8 +138,8 @@ def test_a_whole_pod_run_through_the_plugin(ctrd_node: tuple[cri.Containerd, Nod
     ctrd, _node = ctrd_node
     node_ns = ctrd.node_netns
     with ExitStack() as stack, ctrd.pod("app", annotations=REDIRECT) as pod:
-        name = _attach(pod)
-        stack.callback(_detach, name)
+        name = cri.attach_netns(pod, NETNS_PREFIX)
+        stack.callback(cri.detach_netns, name)
         work = shared_tempdir("azwi-cri-pod-")
         stack.callback(shutil.rmtree, work, True)
         (work / "logs").mkdir()

@@ -30,9 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shutil
-import subprocess
 import time
 import uuid
 from collections.abc import Iterator, Mapping
@@ -45,7 +43,6 @@ import pytest
 from support import cri, netns
 from support.caps import CAN_NETNS, NETNS_SKIP_REASON
 from support.cni_node import Node, Runtime
-from support.fake_entra import decode_fake_token
 from support.nodemode import (
     LAYOUT_OLD,
     LAYOUT_V16,
@@ -56,10 +53,12 @@ from support.nodemode import (
     NodeProcess,
     fds_naming,
     kubelet_dir,
+    netns_link,
     node_env,
     seconds_until_served,
     sockets_of,
     start_sts,
+    token_claims,
 )
 from support.proxyproc import new_guid, shared_tempdir
 
@@ -76,10 +75,6 @@ class CriPod(KubeletPod):
     """A pod containerd made: its kubelet identity, its sandbox, its `ip netns` name (`ns`)."""
 
     sandbox: cri.Pod
-
-    @property
-    def netns_link(self) -> str:
-        return f"net:[{os.stat(self.sandbox.netns_proc).st_ino}]"
 
 
 @dataclass
@@ -112,10 +107,10 @@ class CriNode:
         if layout is not None:
             identity.project_token(layout)
         attached: list[str] = []
-        (ns_stack or stack).callback(lambda: [_detach(n) for n in attached])
+        (ns_stack or stack).callback(lambda: [cri.detach_netns(n) for n in attached])
         sandbox = stack.enter_context(self.ctrd.pod(name, annotations={**NODE_PROXY, **annotations},
                                                     namespace=namespace, uid=uid))
-        attached.append(_attach(sandbox))
+        attached.append(cri.attach_netns(sandbox, "azcrinode"))
         fields = {k: getattr(identity, k) for k in
                   ("uid", "namespace", "name", "service_account", "issuer", "kubelet_dir", "token")}
         return CriPod(ns=attached[0], sandbox=sandbox, **fields)
@@ -128,22 +123,6 @@ class CriNode:
 
     def records(self) -> list[str]:
         return sorted(p.name for p in (self.agent.run_dir / "node-pods").glob("*.json"))
-
-
-def _attach(pod: cri.Pod) -> str:
-    """An `ip netns` name for the pod's namespace, so that the netns helpers can reach it."""
-    name = f"azcrinode-{uuid.uuid4().hex[:8]}"
-    subprocess.run(["ip", "netns", "attach", name, str(pod.pid)], check=True, capture_output=True)
-    return name
-
-
-def _detach(name: str) -> None:
-    subprocess.run(["ip", "netns", "delete", name], check=False, capture_output=True)
-
-
-def _loaded_plugins(ctrd: cri.Containerd) -> list[list[str]]:
-    info = json.loads(dict(ctrd.cri.status(verbose=True).info)["cniconfig"])
-    return [[p["Network"]["type"] for p in net["Config"]["Plugins"]] for net in info["Networks"]]
 
 
 @pytest.fixture(scope="module")
@@ -164,10 +143,7 @@ def cri_node() -> Iterator[CriNode]:
         stack.callback(lambda: print("--- the agent's log", agent.agent_log.read_text(errors="replace")[-3000:],
                                      sep="\n"))
         stack.callback(agent.stop_agent)
-        deadline = time.monotonic() + 20
-        while _loaded_plugins(ctrd)[-1][-1] != "azwi-netproxy":
-            assert time.monotonic() < deadline, f"CRI never loaded the chained conflist: {_loaded_plugins(ctrd)}"
-            time.sleep(0.1)
+        ctrd.wait_chained()
         base = shared_tempdir("azwi-node-cri-")
         stack.callback(shutil.rmtree, base, True)
         sts_ns = stack.enter_context(netns.namespace("azncsts"))
@@ -208,10 +184,6 @@ def two_pods(cri_node: CriNode) -> Iterator[TwoPods]:
         yield TwoPods(cri_node, a, b, c1, c2)
 
 
-def _claims(got: Any) -> dict[str, Any]:
-    return decode_fake_token(json.loads(got.body)["access_token"])
-
-
 def test_containerd_passes_the_pod_uid_and_each_pod_gets_the_token_of_its_own_account(two_pods: TwoPods) -> None:
     t = two_pods
     for pod in (t.a, t.b):
@@ -222,7 +194,7 @@ def test_containerd_passes_the_pod_uid_and_each_pod_gets_the_token_of_its_own_ac
     got_a, got_b = t.a.curl(), t.b.curl()
     assert got_a.status == 200, f"{got_a}\n{t.node.process.log()[-3000:]}"
     assert got_b.status == 200, got_b
-    claims_a, claims_b = _claims(got_a), _claims(got_b)
+    claims_a, claims_b = token_claims(got_a), token_claims(got_b)
     assert (claims_a["appid"], claims_a["sub"]) == (t.c1, t.a.subject), claims_a
     assert (claims_b["appid"], claims_b["sub"]) == (t.c2, t.b.subject), claims_b
     served = {e["pod"]: e["pod_uid"] for e in t.node.process.log_entries() if e.get("message") == "serving pod"}
@@ -270,7 +242,7 @@ def test_no_door_and_refused_with_the_node_process_stopped(two_pods: TwoPods) ->
         try:
             for uid in (1000, 1501, None):
                 got = t.a.curl(uid=uid)
-                assert got.status == 200 and _claims(got)["appid"] == t.c1, (uid, got)
+                assert got.status == 200 and token_claims(got)["appid"] == t.c1, (uid, got)
                 for port in TRIPWIRE_TCP[1:]:
                     assert netns.probe(t.a.ns, METADATA_IP, port, uid=uid) == "refused", (uid, port)
             assert t.node.process.stop() == 0
@@ -299,7 +271,7 @@ def test_remove_pod_sandbox_releases_the_pod(cri_node: CriNode) -> None:
             held = sockets_of(pod.ns, pid)
             assert any("LISTEN" in line and "127.0.0.1:8000" in line for line in held), held
             assert f"{pod.sandbox.id}.json" in cri_node.records()
-            link = pod.netns_link
+            link = netns_link(pod.ns)
         # RemovePodSandbox is done; the namespace lives on through our `ip netns` name only.
         assert cri_node.cni_args(pod.sandbox.id, "DEL"), "containerd never called DEL"
         assert sockets_of(pod.ns, pid) == []

@@ -30,7 +30,6 @@ import pytest
 from support import netns
 from support.caps import CAN_NETNS, NETNS_SKIP_REASON
 from support.cni_node import REFERENCE_PLUGINS
-from support.fake_entra import decode_fake_token
 from support.fake_imds import FakeImdsClient
 from support.nodemode import (
     INSTANCE_URL,
@@ -46,6 +45,7 @@ from support.nodemode import (
     node_mode,
     seconds_until_served,
     sockets_of,
+    token_claims,
     tree,
 )
 from support.pod import in_netns
@@ -89,10 +89,6 @@ def two_pods(python_for_other_uids: str) -> Iterator[TwoPods]:
         yield TwoPods(mode, a, b, c1, c2)
 
 
-def _token_of(got: Any) -> dict[str, Any]:
-    return decode_fake_token(json.loads(got.body)["access_token"])
-
-
 @dataclass
 class Answer:
     status: int
@@ -119,7 +115,7 @@ def test_each_pod_gets_the_token_of_its_own_service_account(two_pods: TwoPods) -
     assert got_a.status == 200, f"{got_a}\n{t.mode.node_log()[-3000:]}"
     assert got_b.status == 200, got_b
     # Entra minted each token for the assertion it was shown: A's for C1, B's for C2.
-    claims_a, claims_b = _token_of(got_a), _token_of(got_b)
+    claims_a, claims_b = token_claims(got_a), token_claims(got_b)
     assert (claims_a["appid"], claims_a["sub"]) == (t.c1, t.a.subject), claims_a
     assert (claims_b["appid"], claims_b["sub"]) == (t.c2, t.b.subject), claims_b
     # The answers are the sidecar's: IMDS's eight string fields.
@@ -183,7 +179,7 @@ def test_nothing_in_a_node_mode_pod_reaches_the_metadata_address(two_pods: TwoPo
         try:
             for uid in (1000, 1501, 0, None):  # None: root as the runtime starts it
                 got = t.a.curl(uid=uid)
-                assert got.status == 200 and _token_of(got)["appid"] == t.c1, (uid, got)
+                assert got.status == 200 and token_claims(got)["appid"] == t.c1, (uid, got)
                 # Pass-through is off in node mode: other paths are refused, never forwarded.
                 other = t.a.curl(INSTANCE_URL, uid=uid)
                 assert other.status == 403 and other.json()["error"] == "forbidden", (uid, other)
@@ -465,9 +461,6 @@ def test_a_pod_whose_port_was_taken_during_a_restart_is_served_once_it_is_free()
         time.sleep(0.5)
         assert pod.curl(max_time_s=5).status == 0  # the squatter's bytes are no HTTP answer
         procs.stop(squatter)
-        deadline = time.monotonic() + 15
-        while pod.curl(max_time_s=2).status != 200:
-            assert time.monotonic() < deadline, mode.node_log()[-3000:]
-            time.sleep(0.5)
+        assert seconds_until_served(pod, time.monotonic(), limit_s=15) is not None, mode.node_log()[-3000:]
         warnings = [e for e in mode.node_log_entries() if e.get("message") == "cannot serve a pod again"]
         assert len(warnings) == 1 and "Address already in use" in warnings[0]["error"], warnings

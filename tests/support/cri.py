@@ -33,9 +33,11 @@ Driving it from a test (the lead's CNI tests build on this):
     with cri.containerd() as ctrd:                      # module scope: ~0.2 s to start
         ctrd.install_plugin("azwi-netproxy", path)      # an executable copied into bin_dir
         ctrd.set_conflist([cri.loopback(), ctrd.podnet(), {"type": "azwi-netproxy", ...}])
+        ctrd.wait_chained()                             # or, with an agent that chains it: its rewrite
         with ctrd.pod("web", annotations={...}) as pod: # RunPodSandbox ... Stop + Remove
             pod.id, pod.pid, pod.netns_path, pod.ip
             ctrd.netns_run(pod, ["nft", "list", "ruleset"])  # a command in the pod's netns
+            name = cri.attach_netns(pod, "azcripod")    # an `ip netns` name, until detach_netns
         ctrd.cri.run_pod_sandbox(...)                   # the raw calls, for failure cases
     ctrd.node_netns                                     # `ip netns exec` name of the node side
 
@@ -563,6 +565,24 @@ class Containerd:
         names = [net.get("Config", {}).get("Name", "") for net in cniconfig.get("Networks") or []]
         return [n for n in names if n != "cni-loopback"]
 
+    def loaded_plugins(self) -> list[list[str]]:
+        """The plugin types of each network CRI has loaded, in order (its built-in
+        cni-loopback first)."""
+        info = json.loads(dict(self.cri.status(verbose=True).info)["cniconfig"])
+        return [[p["Network"]["type"] for p in net["Config"]["Plugins"]] for net in info["Networks"]]
+
+    def wait_chained(self, plugin_type: str = "azwi-netproxy", *, timeout_s: float = 20.0) -> None:
+        """Wait until CRI's live network ends with `plugin_type`.
+
+        An agent chains by rewriting the conflist on its own schedule, so `set_conflist`'s
+        wait cannot cover it.
+        """
+        deadline = time.monotonic() + timeout_s
+        while (loaded := self.loaded_plugins())[-1][-1] != plugin_type:
+            if time.monotonic() >= deadline:
+                raise ContainerdError(f"CRI never loaded the chained conflist: {loaded}\n{self.log_tail()}")
+            time.sleep(0.1)
+
     def network_ready(self) -> bool:
         conditions = self.cri.status().status.conditions
         return any(c.type == "NetworkReady" and c.status for c in conditions)
@@ -832,6 +852,19 @@ def containerd(parent: Path | None = None, *, snapshotter: str = "overlayfs",
         raise ContainerdError("cleanup: " + "; ".join(problems))
 
 
+def attach_netns(pod: Pod, prefix: str) -> str:
+    """An `ip netns` name (`prefix`-<random>) for the pod's namespace, so that the netns
+    helpers can reach it; it keeps the namespace alive until `detach_netns`."""
+    name = f"{prefix}-{uuid.uuid4().hex[:8]}"
+    _run(["ip", "netns", "attach", name, str(pod.pid)], 10, True)
+    return name
+
+
+def detach_netns(name: str) -> None:
+    """Drop an `attach_netns` name (no error if it is gone already)."""
+    _run(["ip", "netns", "delete", name], 10, False)
+
+
 def read_records(path: Path) -> list[dict[str, Any]]:
     """The JSON lines a recording stand-in wrote (none yet: an empty list)."""
     if not path.exists():
@@ -849,9 +882,11 @@ __all__ = [
     "ContainerdError",
     "CriClient",
     "Pod",
+    "attach_netns",
     "build_pause_image",
     "containerd",
     "cri_api",
+    "detach_netns",
     "embedded_cri_descriptor",
     "loopback",
     "proto_file_descriptor",

@@ -755,21 +755,30 @@ class _Redirect(NamedTuple):
     passthrough: str = "all"
 
 
+def _port_annotation(pod: _Pod) -> int | None:
+    """The proxy port the plugin and the node process use (DEFAULT_PORT when none is asked for),
+    or None, the problem reported, when the annotation is no port."""
+    port = pod.annotations.get(CNI_PORT_ANNOTATION, str(DEFAULT_PORT))
+    if not isinstance(port, str) or not port.isdigit() or not 1 <= int(port) <= 65535:
+        pod.problem(f"{CNI_PORT_ANNOTATION} {port!r} is not a port (1-65535, quoted)")
+        return None
+    return int(port)
+
+
 def _cni_redirect(pod: _Pod) -> _Redirect | None:
     """The CNI plugin's redirect this pod asks for (CONTRACT.md), or None if its annotations are bad."""
     value = pod.annotations.get(REDIRECT_ANNOTATION)
     if value != "true":
         pod.problem(f'{REDIRECT_ANNOTATION} {value!r}: only "true" asks the plugin for the redirect')
         return None
-    port = pod.annotations.get(CNI_PORT_ANNOTATION, str(DEFAULT_PORT))
-    if not isinstance(port, str) or not port.isdigit() or not 1 <= int(port) <= 65535:
-        pod.problem(f"{CNI_PORT_ANNOTATION} {port!r} is not a port (1-65535, quoted)")
+    port = _port_annotation(pod)
+    if port is None:
         return None
     passthrough = pod.annotations.get(PASSTHROUGH_ANNOTATION, "all")
     if passthrough not in ("all", "none"):
         pod.problem(f'{PASSTHROUGH_ANNOTATION} {passthrough!r}: the plugin knows "all" and "none"')
         return None
-    return _Redirect(int(port), CNI_PROXY_UID, "the CNI plugin", str(passthrough))
+    return _Redirect(port, CNI_PROXY_UID, "the CNI plugin", str(passthrough))
 
 
 def _check_cni_pod(pod: _Pod, inits: list[tuple[str, int, dict[str, Any]]],
@@ -808,9 +817,7 @@ def _check_node_pod(pod: _Pod, ours: list[tuple[str, int, dict[str, Any], str | 
         pod.problem(f'{NODE_PROXY_ANNOTATION} {value!r}: only "true" asks for node mode')
     client_id = _guid_annotation(pod, NODE_CLIENT_ID_ANNOTATION)
     _guid_annotation(pod, NODE_TENANT_ID_ANNOTATION)
-    port = pod.annotations.get(CNI_PORT_ANNOTATION, str(DEFAULT_PORT))
-    if not isinstance(port, str) or not port.isdigit() or not 1 <= int(port) <= 65535:
-        pod.problem(f"{CNI_PORT_ANNOTATION} {port!r} is not a port (1-65535, quoted)")
+    _port_annotation(pod)
     text = pod.annotations.get(NODE_IDENTITY_MAP_ANNOTATION)
     if text is not None:
         try:

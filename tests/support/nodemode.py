@@ -48,7 +48,7 @@ import trustme
 
 from support import netns
 from support.cni_node import REFERENCE_PLUGINS, Node, Outcome, Runtime, cluster_conflist, node
-from support.fake_entra import FakeEntraClient, issue_server_cert
+from support.fake_entra import FakeEntraClient, decode_fake_token, issue_server_cert
 from support.pod import Curl, curl_in, in_netns
 from support.proxyproc import (
     ProjectedToken,
@@ -120,6 +120,12 @@ def seconds_until_served(pod: KubeletPod, started: float, limit_s: float = 10.0)
             return time.monotonic() - started
         time.sleep(0.1)
     return None
+
+
+def token_claims(got: Curl) -> dict[str, Any]:
+    """The claims of the access token in a 200 answer (the fake Entra's, so they say whom
+    Entra minted it for)."""
+    return decode_fake_token(json.loads(got.body)["access_token"])
 
 
 def kubelet_dir(pods_dir: Path, uid: str) -> Path:
@@ -281,22 +287,7 @@ class NodeMode:
     stack: contextlib.ExitStack
     pods: list[NodePod] = field(default_factory=list)
 
-    @property
-    def sts_ns(self) -> str:
-        return self.sts.ns
-
-    @property
-    def tenant_id(self) -> str:
-        return self.sts.tenant_id
-
-    @property
-    def ca_file(self) -> str:
-        return self.sts.ca_file
-
     # ---- the fake Entra ----
-
-    def entra(self) -> FakeEntraClient:
-        return self.sts.client()
 
     def add_app(self, client_id: str, *pods: NodePod) -> None:
         self.sts.add_app(client_id, *pods)
@@ -345,17 +336,10 @@ class NodeMode:
     def node_proc(self) -> subprocess.Popen[bytes] | None:
         return self.process.proc
 
-    @property
-    def node_env(self) -> dict[str, str]:
-        return self.process.env
-
     def start_node(self, *args: str, ready_timeout_s: float = 20.0, **env: str) -> subprocess.Popen[bytes]:
         """Start the node process in NODE (root, as the DaemonSet's container) with `args`
         and wait until its control socket answers (`azwi-netproxy-node --check`)."""
         return self.process.start(*args, ready_timeout_s=ready_timeout_s, **env)
-
-    def check_node(self) -> int:
-        return self.process.check()
 
     def stop_node(self, *, kill: bool = False) -> None:
         self.process.stop(kill=kill)

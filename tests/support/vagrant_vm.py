@@ -7,7 +7,7 @@ Scope: every helper removes what it made when its `with` block ends, even when t
     running as that user (all started by this module, ended by PID), and the files it left
     elsewhere.
 Depends: root, useradd/userdel, util-linux `setpriv`, libvirtd, vagrant with vagrant-libvirt,
-    QEMU, git (to list the checkout's files).
+    QEMU, git (to list the checkout's files), support.proxyproc (`stop_process`).
 
 Safety (issue 24): nothing here creates a network object on the host. The VM's only network is
 QEMU's user-mode one (restrict=on, SSH forwarded to 127.0.0.1), in the user's session libvirt,
@@ -30,6 +30,8 @@ import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from support.proxyproc import stop_process
 
 IP_FORWARD = Path("/proc/sys/net/ipv4/ip_forward")
 SYS_NET = Path("/sys/class/net")
@@ -171,15 +173,23 @@ def throwaway_user() -> Iterator[User]:
                 end_process(pid)
         subprocess.run(["userdel", "--remove", name], capture_output=True, check=False)
         shutil.rmtree(user.home, ignore_errors=True)
-        for scratch in SCRATCH_DIRS:
-            left = subprocess.run(["find", scratch, "-xdev", "-uid", str(user.uid), "-prune", "-print0"],
-                                  capture_output=True, check=False).stdout
-            for path in filter(None, left.split(b"\0")):
-                with contextlib.suppress(OSError):
-                    if os.path.isdir(path) and not os.path.islink(path):
-                        shutil.rmtree(path)
-                    else:
-                        os.unlink(path)
+        for path in _scratch_files(user):
+            with contextlib.suppress(OSError):
+                if os.path.isdir(path) and not os.path.islink(path):
+                    shutil.rmtree(path)
+                else:
+                    os.unlink(path)
+
+
+def _scratch_files(user: User) -> list[str]:
+    """What `user` owns in the scratch directories: the topmost such paths only (`-prune`)."""
+    found: list[str] = []
+    for scratch in SCRATCH_DIRS:
+        # NUL-separated: a name may hold any other byte, newlines and spaces included.
+        left = subprocess.run(["find", scratch, "-xdev", "-uid", str(user.uid), "-prune", "-print0"],
+                              capture_output=True, check=False).stdout
+        found += [os.fsdecode(path) for path in left.split(b"\0") if path]
+    return found
 
 
 def leftovers(user: User) -> list[str]:
@@ -190,11 +200,7 @@ def leftovers(user: User) -> list[str]:
         found.append(f"user {user.name}")
     if user.home.exists():
         found.append(str(user.home))
-    for scratch in SCRATCH_DIRS:
-        left = subprocess.run(["find", scratch, "-xdev", "-uid", str(user.uid), "-prune", "-print"],
-                              capture_output=True, text=True, check=False).stdout
-        found += left.split()
-    return found
+    return found + _scratch_files(user)
 
 
 # ---- the user's libvirt --------------------------------------------------------------------
@@ -223,13 +229,7 @@ def libvirt_session(user: User, log: Path) -> Iterator[int]:
             time.sleep(0.2)
         yield daemon.pid
     finally:
-        if daemon.poll() is None:
-            daemon.terminate()
-            try:
-                daemon.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                daemon.kill()
-                daemon.wait()
+        stop_process(daemon, timeout_s=20)
 
 
 # ---- the checkout, and commands as the user --------------------------------------------------
